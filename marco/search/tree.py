@@ -45,6 +45,7 @@ class Node:
     round: int = 0
     index: int = 0  # sibling index under the parent
     finish_reason: str | None = None
+    seq: int = 0  # creation ordinal within the search: parents always come before their children
     children: list["Node"] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -78,6 +79,7 @@ class Tree:
     def add(self, node: Node) -> Node:
         if node.id in self.nodes:
             return self.nodes[node.id]
+        node.seq = len(self.order)
         self.nodes[node.id] = node
         self.order.append(node.id)
         if node.parent_id is not None:

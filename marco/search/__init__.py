@@ -1,0 +1,1 @@
+"""Search strategies over LLM generations and the lockstep driver that batches them."""
