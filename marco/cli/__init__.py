@@ -1,0 +1,21 @@
+"""The ``marco`` command line. Each command group lives in its own module and registers on ``app``."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="marco",
+    help="Marco-o1 style reasoning search at batch scale: MCTS over LLM generations, scored by token confidence.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Command modules register themselves on `app` when imported (keep one import per module).
+from marco.cli import solve as _solve  # noqa: E402,F401
+from marco.cli import run as _run  # noqa: E402,F401
+
+
+def main() -> None:
+    app()
