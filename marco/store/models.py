@@ -1,0 +1,205 @@
+"""The store's tables as SQLAlchemy 2 typed ORM models.
+
+Every table has a client-generated ``id`` and a ``created_at``. Columns are named plainly because users
+query them directly (see ``docs/schema.md``). Changing anything here needs an Alembic migration:
+``marco db check`` fails while models and migrations disagree.
+
+Issue 5 (synthesis/SFT) adds ``cot_examples`` and ``training_runs`` in a migration of its own; ``models``
+already carries the lineage columns (``parent_id``, ``path``) a trained checkpoint needs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    text,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from marco.store.types import FloatArray, IdType, IntArray, JsonDoc
+
+# Deterministic constraint names, so migrations can drop/alter them on every backend (SQLite batch mode).
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+BATCH_KINDS = ("reason", "synthesize", "train")
+BATCH_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+SEARCH_STATUSES = ("pending", "running", "done", "failed", "cancelled")
+NODE_KINDS = ("root", "step", "ministep", "rollout", "reflection", "answer")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class _Row:
+    """Columns every table has."""
+
+    id: Mapped[str] = mapped_column(IdType, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP"))
+
+
+class Model(_Row, Base):
+    """A base model or a trained checkpoint (``parent_id`` is the model it was trained from)."""
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[str] = mapped_column(String(500), unique=True)  # what `load_backend` takes
+    kind: Mapped[str] = mapped_column(String(16), default="base")  # base | checkpoint
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"))
+    path: Mapped[str | None] = mapped_column(Text)  # checkpoint directory
+    meta: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+
+
+class Batch(_Row, Base):
+    """One unit of submitted work: a `marco run`/`submit` (reason), a synthesis or a training stage."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", BATCH_KINDS), name="kind"),
+        CheckConstraint(_one_of("status", BATCH_STATUSES), name="status"),
+        Index(None, "status", "priority"),
+    )
+
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16), default="reason")
+    dataset: Mapped[str | None] = mapped_column(String(100), index=True)
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"), index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    n_problems: Mapped[int] = mapped_column(Integer, default=0)
+    n_jobs: Mapped[int] = mapped_column(Integer, default=0)
+    n_searches: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Job(_Row, Base):
+    """A chunk of a batch that one worker executes under a lease (``lease_until``)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", JOB_STATUSES), name="status"),
+        UniqueConstraint("batch_id", "seq"),
+        Index(None, "status", "lease_until"),
+    )
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # position within the batch
+    kind: Mapped[str] = mapped_column(String(16), default="reason")
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)  # {"problem_ids": [...]}
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ProblemRow(_Row, Base):
+    """One dataset item as a batch saw it (malformed rows keep their ``error``)."""
+
+    __tablename__ = "problems"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "dataset", "lang", "index"),
+        Index(None, "dataset", "lang", "index"),
+    )
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    dataset: Mapped[str] = mapped_column(String(100))
+    lang: Mapped[str] = mapped_column(String(32))
+    index: Mapped[int] = mapped_column(Integer)
+    question: Mapped[str] = mapped_column(Text)
+    reference: Mapped[list[str]] = mapped_column(JsonDoc, default=list)  # every accepted reference
+    error: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+
+
+class Search(_Row, Base):
+    """One search of one problem with one configuration, and its outcome."""
+
+    __tablename__ = "searches"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", SEARCH_STATUSES), name="status"),
+        Index(None, "dataset", "lang", "strategy"),
+        Index(None, "batch_id", "label", "lang"),
+        Index(None, "strategy", "correct"),
+    )
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    problem_id: Mapped[str] = mapped_column(ForeignKey("problems.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"))
+    dataset: Mapped[str] = mapped_column(String(100))
+    lang: Mapped[str] = mapped_column(String(32))
+    strategy: Mapped[str] = mapped_column(String(16))  # greedy | sc | bon | mcts
+    action: Mapped[str] = mapped_column(String(32))  # step | ministep:N
+    label: Mapped[str] = mapped_column(String(100))  # e.g. mcts/ministep:32+reflect
+    config: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)  # the full SearchConfig
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    final_answer: Mapped[str | None] = mapped_column(Text)
+    final_node_id: Mapped[str | None] = mapped_column(IdType)
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+    score: Mapped[float | None] = mapped_column(Float)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    rounds: Mapped[int] = mapped_column(Integer, default=0)
+    elapsed_s: Mapped[float] = mapped_column(Float, default=0.0)
+    chosen_path: Mapped[list[str]] = mapped_column(JsonDoc, default=list)  # node ids root → final
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class NodeRow(_Row, Base):
+    """One node of a search tree. Only ``visits``/``value_sum`` change after it is written."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", NODE_KINDS), name="kind"),
+        Index(None, "search_id", "seq"),
+    )
+
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"))
+    parent_id: Mapped[str | None] = mapped_column(IdType, index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # creation order within the search
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    sibling_index: Mapped[int] = mapped_column(Integer, default=0)
+    depth: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text, default="")
+    token_ids: Mapped[list[int]] = mapped_column(IntArray, default=list)
+    confidences: Mapped[list[float]] = mapped_column(FloatArray, default=list)
+    num_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    mean_confidence: Mapped[float | None] = mapped_column(Float)
+    value: Mapped[float | None] = mapped_column(Float)
+    value_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    visits: Mapped[int] = mapped_column(Integer, default=0)
+    terminal: Mapped[bool] = mapped_column(Boolean, default=False)
+    answer: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
