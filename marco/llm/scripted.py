@@ -1,0 +1,102 @@
+"""A deterministic backend for unit tests of search logic.
+
+Tokens are characters (id = code point + 1; id 0 is end-of-sequence). A *responder* maps a prefix text
+and a random generator to the continuation the "model" would write; log-probabilities come from a
+*scorer*. Both are plain functions, so tests state exactly what the model does. A sample depends only on
+(prefix, seed, sample index), never on batching, as with the real backends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Callable, Sequence
+
+from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
+
+EOS = 0
+Responder = Callable[[str, random.Random], str]
+Scorer = Callable[[str, int], float]  # (text generated so far incl. this token, position) -> chosen logprob
+
+
+def _stable_rng(*parts: object) -> random.Random:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def default_responder(prefix: str, rng: random.Random) -> str:
+    """Writes 1-3 short steps, closes the thought and answers 41 or 42 (42 more often)."""
+    if "</Thought>" in prefix:
+        return "\n<Output>42</Output>" if "<Output>" not in prefix else ""
+    done = prefix.count("\n\n")
+    steps = [f"Step {done + k + 1}: work on the numbers.\n\n" for k in range(rng.randint(0, 2))]
+    answer = "42" if rng.random() < 0.7 else "41"
+    return "".join(steps) + f"So the answer is {answer}.\n</Thought>\n<Output>{answer}</Output>"
+
+
+def default_scorer(text: str, position: int) -> float:
+    """Confident on the digit 2, less on the digit 1, mildly varied elsewhere."""
+    ch = text[-1] if text else ""
+    if ch == "2":
+        return -0.05
+    if ch == "1":
+        return -1.5
+    return -0.1 - (hash(ch) % 7) / 20.0
+
+
+class ScriptedBackend:
+    """A :class:`~marco.llm.base.Backend` whose outputs are fixed by a responder function."""
+
+    def __init__(
+        self, responder: Responder = default_responder, scorer: Scorer = default_scorer, name: str = "scripted"
+    ) -> None:
+        self.responder = responder
+        self.scorer = scorer
+        self.name = name
+        self.calls: list[int] = []  # rows per generate() call, for tests of batching
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) + 1 for c in text]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(chr(t - 1) for t in token_ids if t != EOS)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> list[int]:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return self.encode(text + assistant_prefix)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
+        self.calls.append(sum(r.n for r in requests))
+        return [[self._one(r, j) for j in range(r.n)] for r in requests]
+
+    def _one(self, req: GenerationRequest, sample: int) -> Generation:
+        prefix = self.decode(req.prompt_ids)
+        greedy = req.temperature <= 0
+        rng = _stable_rng(prefix, 0 if greedy else req.seed, 0 if greedy else sample)
+        full = self.responder(prefix, rng)
+        ids: list[int] = []
+        text = ""
+        finish = "length"
+        for ch in full:
+            if len(ids) >= req.max_new_tokens:
+                break
+            ids.append(ord(ch) + 1)
+            text += ch
+            if any(text.endswith(s) for s in req.stop if s):
+                finish = "stop"
+                break
+        else:
+            if len(ids) < req.max_new_tokens:
+                ids.append(EOS)
+                finish = "stop"
+        chosen, tops = [], []
+        written = ""
+        for pos, t in enumerate(ids):
+            written += chr(t - 1) if t != EOS else ""
+            lp = -0.02 if t == EOS else self.scorer(prefix + written, pos)
+            chosen.append(lp)
+            # the chosen token is the most likely one; four alternatives trail it
+            tops.append([lp] + [lp - 1.0 - k for k in range(TOP_K_LOGPROBS - 1)])
+        return Generation(
+            token_ids=ids, text=self.decode(ids), logprobs=chosen, top_logprobs=tops, finish_reason=finish,
+        )
