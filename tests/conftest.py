@@ -1,0 +1,66 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+# --- store: a fresh Postgres database per test session, and SQLite -------------------------------------
+import os
+import uuid
+from typing import Callable, Iterator
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("MARCO_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin(sql: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[Callable[[], str]]:
+    """A factory of fresh, uniquely named Postgres databases (``marco_test_<random>``); every one is
+    dropped when the session ends."""
+    made: list[str] = []
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+
+    def create() -> str:
+        name = f"marco_test_{uuid.uuid4().hex[:12]}"
+        _pg_admin(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{base}/{name}"
+
+    yield create
+    for name in made:
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_database: Callable[[], str]) -> str:
+    """The session's shared Postgres database (tests keep apart by using their own batch ids)."""
+    return pg_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A database URL: a fresh SQLite file, or the session's Postgres database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'marco.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture()
+def store(db_url: str):
+    """A migrated :class:`marco.store.Store` on ``db_url``."""
+    from marco.store import Store
+
+    s = Store.open(db_url)
+    yield s
+    s.close()
+# --- end store fixtures -------------------------------------------------------------------------------
