@@ -64,3 +64,18 @@ def store(db_url: str):
     yield s
     s.close()
 # --- end store fixtures -------------------------------------------------------------------------------
+
+
+# --- tasks: the shared evaluation data ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def data_dir():
+    """The shared evaluation data (``$MARCO_DATA_DIR`` or ``../shared/data``) as a Path; skips when absent."""
+    from pathlib import Path
+
+    from marco.tasks import default_data_dir
+
+    found = default_data_dir()
+    if found is None or not Path(found).is_dir():
+        pytest.skip("evaluation data not found: set MARCO_DATA_DIR or put it at ../shared/data")
+    return Path(found)
+# --- end tasks fixtures ---------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ Rules (pinned, tested in ``tests/test_extract.py``):
   Thai ๓, Devanagari ३, Arabic-Indic ٣, full-width ３, ...) reads as its ASCII digit. ``unicodedata.decimal``
   rather than ``unicodedata.digit``: the latter also maps superscripts and circled digits, so the ``²`` of
   ``25 m²`` would read as a number.
-* Group separators: ``,`` and ``.``, no-break / narrow no-break / thin spaces and ``'``; a plain space only
-  when exactly three digits follow (``70 000``). Groups after the first have three digits; with commas the
-  Indian lakh style (``1,00,000``) is accepted too.
+* Group separators: ``,`` and ``.``, no-break / narrow no-break / thin spaces and ``'``; a plain space or
+  a full-width ``，`` only when exactly three digits follow (``70 000``, ``２，１２５``). Groups after the
+  first have three digits; with commas the Indian lakh style (``1,00,000``) is accepted too.
 * ``,`` versus ``.``: when both occur, the one that comes last is the decimal mark (``1,234.5`` and
   ``1.234,5`` are both 1234.5). When only one kind occurs, several times, it groups (``1.234.567``). When it
   occurs once it groups if exactly three digits follow and the leading part is 1-3 digits not starting with
@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 _SPACES = "\u00a0\u202f\u2009'\u2019"
-_NUMBER = re.compile(rf"\d+(?:(?:[.,{_SPACES}]|[ ](?=\d{{3}}(?!\d)))\d+)*")
+# A plain space or a full-width comma only groups when exactly three digits follow: elsewhere they separate
+# list items ("16，3" in Chinese is two numbers).
+_NUMBER = re.compile(rf"\d+(?:(?:[.,{_SPACES}]|[ \uff0c](?=\d{{3}}(?!\d)))\d+)*")
 _MINUS = "-\u2212"
 _CURRENCY = "$€£¥₹৳฿₽₩₦₱円元"
 
