@@ -9,14 +9,16 @@ and a random generator to the continuation the "model" would write; log-probabil
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from typing import Callable, Sequence
 
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
 
 EOS = 0
+ASSISTANT_TURN = "<|assistant|>\n"
 Responder = Callable[[str, random.Random], str]
-Scorer = Callable[[str, int], float]  # (text generated so far incl. this token, position) -> chosen logprob
+Scorer = Callable[[str, int], float]  # (text generated so far incl. this token, position) -> confidence c_i
 
 
 def _stable_rng(*parts: object) -> random.Random:
@@ -35,13 +37,13 @@ def default_responder(prefix: str, rng: random.Random) -> str:
 
 
 def default_scorer(text: str, position: int) -> float:
-    """Confident on the digit 2, less on the digit 1, mildly varied elsewhere."""
+    """Confident on the digit 2, unsure on the digit 1, mildly varied elsewhere."""
     ch = text[-1] if text else ""
     if ch == "2":
-        return -0.05
+        return 0.95
     if ch == "1":
-        return -1.5
-    return -0.1 - (hash(ch) % 7) / 20.0
+        return 0.2
+    return 0.6 + (ord(ch) % 7) / 40.0 if ch else 0.9
 
 
 class ScriptedBackend:
@@ -62,7 +64,7 @@ class ScriptedBackend:
         return "".join(chr(t - 1) for t in token_ids if t != EOS)
 
     def apply_chat_template(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> list[int]:
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + ASSISTANT_TURN
         return self.encode(text + assistant_prefix)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
@@ -70,7 +72,8 @@ class ScriptedBackend:
         return [[self._one(r, j) for j in range(r.n)] for r in requests]
 
     def _one(self, req: GenerationRequest, sample: int) -> Generation:
-        prefix = self.decode(req.prompt_ids)
+        # the responder sees only the assistant's turn so far (as a model "continues" its answer)
+        prefix = self.decode(req.prompt_ids).rpartition(ASSISTANT_TURN)[2]
         greedy = req.temperature <= 0
         rng = _stable_rng(prefix, 0 if greedy else req.seed, 0 if greedy else sample)
         full = self.responder(prefix, rng)
@@ -93,10 +96,11 @@ class ScriptedBackend:
         written = ""
         for pos, t in enumerate(ids):
             written += chr(t - 1) if t != EOS else ""
-            lp = -0.02 if t == EOS else self.scorer(prefix + written, pos)
-            chosen.append(lp)
-            # the chosen token is the most likely one; four alternatives trail it
-            tops.append([lp] + [lp - 1.0 - k for k in range(TOP_K_LOGPROBS - 1)])
+            c = 0.98 if t == EOS else min(max(self.scorer(prefix + written, pos), 1e-6), 1.0 - 1e-6)
+            # the top-5 probabilities are c and four equal alternatives summing to 1 - c, so c_i == c exactly
+            rest = math.log((1.0 - c) / (TOP_K_LOGPROBS - 1))
+            chosen.append(math.log(c))
+            tops.append(sorted([math.log(c)] + [rest] * (TOP_K_LOGPROBS - 1), reverse=True))
         return Generation(
             token_ids=ids, text=self.decode(ids), logprobs=chosen, top_logprobs=tops, finish_reason=finish,
         )

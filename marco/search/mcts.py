@@ -114,7 +114,10 @@ class MCTSSearch(SearchState):
 
     # ------------------------------------------------------------------ final answer
     def answer_nodes(self) -> list[Node]:
-        return [n for n in self.tree if n.answer is not None and (n.terminal or n.kind == "rollout")]
+        """Nodes holding an answer: finished ones when there are any, else truncated rollouts."""
+        nodes = [n for n in self.tree if n.answer is not None and (n.terminal or n.kind == "rollout")]
+        finished = [n for n in nodes if n.terminal]
+        return finished or nodes
 
     def choose(self) -> Node | None:
         if self.config.select == "vote":

@@ -1,0 +1,3 @@
+from marco.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""``marco run``: search a dataset in-process and print the results table."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from marco.cli import app
+from marco.cli import options as o
+from marco.runner import RunSummary, summarize
+from marco.tasks import DataError, get_task
+
+
+def split_langs(lang: str | None) -> list[str] | None:
+    return [x.strip() for x in lang.split(",") if x.strip()] if lang else None
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def results_table(summary: RunSummary) -> Table:
+    metrics = sorted({k for row in summary.rows for k in row.metrics})
+    table = Table(title=f"{summary.label} · {summary.wall_s:.1f}s wall")
+    table.add_column("lang")
+    table.add_column("problems", justify="right")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    table.add_column("tokens/problem", justify="right")
+    table.add_column("confidence", justify="right")
+    table.add_column("failed rows", justify="right")
+    for row in summary.rows:
+        vals = [f"{100 * row.metrics[m]:.1f}" if m == "accuracy" else f"{row.metrics[m]:.1f}" for m in metrics if m in row.metrics]
+        conf = f"{row.mean_confidence:.3f}" if row.mean_confidence is not None else "-"
+        table.add_row(row.lang, str(row.problems), *vals, f"{row.tokens_per_problem:.0f}", conf, str(row.failed))
+    return table
+
+
+@app.command()
+def run(
+    dataset: str = typer.Option("demo", "--dataset", "-d", help="mgsm | translation | demo (built in, no data needed)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default: $MARCO_DATA_DIR or ../shared/data)."),
+    lang: str = typer.Option(None, "--lang", "-l", help="Comma-separated languages, e.g. en,zh (MGSM: 11 languages)."),
+    limit: int = typer.Option(None, "--limit", help="Problems per language."),
+    strategy: str = o.Strategy,
+    action: str = o.Action,
+    reflect: bool = o.Reflect,
+    budget: int = o.Budget,
+    n: int = o.N,
+    children: int = o.Children,
+    temperature: float = o.Temperature,
+    select: str = o.Select,
+    seed: int = o.Seed,
+    model: str = o.Model,
+) -> None:
+    """Search every problem of a dataset in lockstep (one batched model call per round) and print a table
+    of accuracy (or chrF/BLEU) per language, tokens per problem and wall time.
+
+    Example: marco run --dataset mgsm --lang en,zh --limit 8 --strategy mcts --action ministep:32
+    """
+    from marco.llm import load_backend
+    from marco.runner import search_problems
+
+    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
+    console = Console()
+    try:
+        task = get_task(dataset)
+        problems = task.load(data_dir, split_langs(lang), limit)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    good = [p for p in problems if not p.error]
+    for p in problems:
+        if p.error:
+            console.print(f"[yellow]skipped {p.key}:[/yellow] {p.error}")
+    with console.status(f"loading {model}…"):
+        backend = load_backend(model)
+    t0 = time.perf_counter()
+    with progress_bar(console) as bar:
+        job = bar.add_task(f"{dataset} {config.label}", total=len(good), acc="")
+        solved = [0, 0]
+
+        def tick(result) -> None:  # type: ignore[no-untyped-def]
+            solved[0] += 1
+            solved[1] += 1 if result.correct else 0
+            bar.update(job, advance=1, acc=f"{solved[1]}/{solved[0]} correct")
+
+        results, stats = search_problems(backend, task, good, config, on_progress=tick)
+    summary = summarize(task, config.label, problems, results, time.perf_counter() - t0, stats)
+    console.print(results_table(summary))

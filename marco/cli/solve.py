@@ -1,0 +1,71 @@
+"""``marco solve``: search one question and print its answer, confidence, tokens and time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+from rich.console import Console
+
+from marco.cli import app
+from marco.cli import options as o
+from marco.tasks import get_task
+from marco.tasks.base import Problem
+
+
+@app.command()
+def solve(
+    question: str = typer.Argument(..., help="The question to reason about."),
+    strategy: str = o.Strategy,
+    action: str = o.Action,
+    reflect: bool = o.Reflect,
+    budget: int = o.Budget,
+    n: int = o.N,
+    children: int = o.Children,
+    temperature: float = o.Temperature,
+    select: str = o.Select,
+    seed: int = o.Seed,
+    model: str = o.Model,
+    task_name: str = typer.Option("mgsm", "--task", help="Prompt and answer format: mgsm (a number) or translation."),
+    lang: str = typer.Option("en", "--lang", help="Language of the question (sets the answer instruction)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Reason about one QUESTION with MCTS (or a baseline) and print the answer.
+
+    Example: marco solve "Tom has 3 apples and buys 2 more. How many?" --strategy mcts --action ministep:32
+    """
+    from marco.llm import load_backend
+    from marco.runner import search_problems
+
+    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
+    task = get_task(task_name)
+    problem = Problem(dataset="solve", lang=lang, index=0, question=question)
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    with console.status(f"loading {model}…"):
+        backend = load_backend(model)
+    with console.status(f"searching ({config.label}, budget {budget} tokens)…"):
+        results, stats = search_problems(backend, task, [problem], config)
+    r = results[0]
+    out = {
+        "answer": r.answer,
+        "confidence": r.confidence,
+        "tokens": r.tokens,
+        "nodes": len(r.tree),
+        "rounds": r.rounds,
+        "strategy": config.label,
+        "search_id": r.search_id,
+        "seconds": round(r.elapsed_s, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "path": [r.tree.nodes[i].text for i in r.chosen_path[1:]],
+    }
+    if as_json:
+        typer.echo(json.dumps(out, ensure_ascii=False))
+        return
+    text = "".join(out["path"])
+    console = Console()
+    console.print(f"[bold]{config.label}[/bold] · {r.tokens} tokens · {len(r.tree)} nodes · {r.elapsed_s:.1f}s")
+    console.print(text, markup=False, highlight=False)
+    conf = f"{r.confidence:.3f}" if r.confidence is not None else "-"
+    console.print(f"[bold green]answer:[/bold green] {r.answer}   [bold]confidence:[/bold] {conf}")
