@@ -447,6 +447,70 @@ class Store:
         with self.sessions() as s:
             return list(s.scalars(select(Job).where(Job.batch_id == batch_id, Job.status == "queued").order_by(Job.seq)))
 
+    # --- queue service (issue 4): what the scheduler and `marco submit` need -------------------------
+    def requeue_expired(self, max_attempts: int | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+        """Put running jobs whose lease expired (their worker died) back to ``queued``.
+
+        Returns ``([(job_id, kind), ...] requeued, [job_id, ...] failed)``: a job that already used
+        ``max_attempts`` attempts fails instead (a job that kills its worker must not loop forever). Each
+        job is moved by one conditional UPDATE, so two schedulers never requeue the same job twice.
+        """
+        now = self._now()
+        expired = and_(Job.status == "running", Job.lease_until < now)
+        failed: list[str] = []
+        with self.sessions.begin() as s:
+            if max_attempts is not None:
+                rows = s.execute(
+                    update(Job)
+                    .where(expired, Job.attempts >= max_attempts)
+                    .values(
+                        status="failed",
+                        finished_at=now,
+                        lease_until=None,
+                        error=f"lease expired {max_attempts} times (its worker died each time: out of memory? killed?)",
+                    )
+                    .returning(Job.id, Job.batch_id)
+                ).all()
+                failed = [str(r.id) for r in rows]
+                for batch_id in {str(r.batch_id) for r in rows}:
+                    self._refresh_batch(s, batch_id)
+            requeued = s.execute(
+                update(Job).where(expired).values(status="queued", worker=None, lease_until=None).returning(Job.id, Job.kind)
+            ).all()
+        return [(str(r.id), r.kind) for r in requeued], failed
+
+    def refresh_batches(self) -> list[str]:
+        """Close every open batch none of whose jobs is queued or running (counted in the store);
+        returns the ids of the batches this call closed."""
+        with self.sessions.begin() as s:
+            open_ids = [str(i) for i in s.scalars(select(Batch.id).where(Batch.status.in_(("queued", "running"))))]
+            closed = []
+            for batch_id in open_ids:
+                self._refresh_batch(s, batch_id)
+                if s.scalar(select(Batch.status).where(Batch.id == batch_id)) not in ("queued", "running"):
+                    closed.append(batch_id)
+        return closed
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Remove a batch with its jobs, problems, searches and nodes (a submit whose enqueue failed)."""
+        from sqlalchemy import delete
+
+        with self.sessions.begin() as s:
+            searches = select(Search.id).where(Search.batch_id == batch_id)
+            s.execute(delete(NodeRow).where(NodeRow.search_id.in_(searches)))
+            s.execute(delete(Search).where(Search.batch_id == batch_id))
+            s.execute(delete(Job).where(Job.batch_id == batch_id))
+            s.execute(delete(ProblemRow).where(ProblemRow.batch_id == batch_id))
+            s.execute(delete(Batch).where(Batch.id == batch_id))
+
+    def job_kinds(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """``{job_id: kind}`` for the jobs that exist."""
+        with self.sessions() as s:
+            rows = s.execute(select(Job.id, Job.kind).where(Job.id.in_([i for i in job_ids if _is_uuid(i)]))).all()
+        return {str(r.id): r.kind for r in rows}
+
+    # --- end queue service ---------------------------------------------------------------------------
+
     def cancel_batch(self, batch_id: str) -> int:
         """Cancel the batch's queued and running jobs (and pending searches); returns the jobs cancelled."""
         now = self._now()
@@ -623,6 +687,21 @@ class Store:
                 select(NODE_TABLE).where(NODE_TABLE.c.search_id == search_id).order_by(NODE_TABLE.c.seq)
             ).all()
         return [row_to_node(r) for r in rows]
+
+    def load_nodes_many(self, search_ids: Sequence[str]) -> dict[str, list[Node]]:
+        """Stored nodes of several searches in one query; searches without nodes are left out."""
+        out: dict[str, list[Node]] = {}
+        if not search_ids:
+            return out
+        with self.sessions() as s:
+            rows = s.execute(
+                select(NODE_TABLE)
+                .where(NODE_TABLE.c.search_id.in_(list(search_ids)))
+                .order_by(NODE_TABLE.c.search_id, NODE_TABLE.c.seq)
+            ).all()
+        for r in rows:
+            out.setdefault(str(r.search_id), []).append(row_to_node(r))
+        return out
 
     def load_tree(self, search_id: str) -> Tree:
         """A stored search as a :class:`Tree` (children linked)."""
