@@ -38,7 +38,13 @@ def create_app(settings: QueueSettings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.soft_time_limit_s,
         task_time_limit=settings.hard_time_limit_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Batch priorities: Redis keeps one list per priority step and serves the lowest number first.
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+            "sep": ":",
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         task_queues=[Queue(name) for name in QUEUES],

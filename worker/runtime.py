@@ -15,6 +15,10 @@ from typing import Any
 from worker.settings import QueueSettings
 
 
+class StoreUnavailable(ConnectionError):
+    """The database does not answer (the task retries with backoff)."""
+
+
 class WorkerRuntime:
     """Lazily opened store and backend cache for the current process."""
 
@@ -30,9 +34,12 @@ class WorkerRuntime:
         """The store at ``settings.database_url`` (``$MARCO_DATABASE_URL``), opened on first use."""
         with self._lock:
             if self._store is None:
-                from marco.store import Store
+                from marco.store import Store, StoreError
 
-                self._store = Store.open(self.settings.database_url)
+                try:
+                    self._store = Store.open(self.settings.database_url)
+                except StoreError as exc:  # unreachable database: a transient error, worth a retry
+                    raise StoreUnavailable(str(exc)) from exc
             return self._store
 
     @property
@@ -44,6 +51,11 @@ class WorkerRuntime:
 
                 self._backends = BackendCache()
             return self._backends
+
+    def preload(self, specs: list[str]) -> None:
+        """Load ``specs`` now (in a pool process, after the fork) so the first job does not pay for it."""
+        for spec in specs:
+            self.backends.get(spec)
 
     def close(self) -> None:
         if self._store is not None and hasattr(self._store, "close"):
@@ -61,6 +73,8 @@ def current(settings: QueueSettings | None = None, name: str | None = None) -> W
     if _runtime is None or _pid != os.getpid():
         _runtime = WorkerRuntime(settings or QueueSettings.from_env(), name=name)
         _pid = os.getpid()
+    elif name is not None:
+        _runtime.name = name
     return _runtime
 
 

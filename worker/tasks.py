@@ -17,9 +17,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from worker import runtime as _runtime
-from worker.settings import QUEUE_FOR_TASK, TASK_FOR_KIND, QueueSettings
+from worker.settings import TASK_FOR_KIND, QueueSettings
 
 log = logging.getLogger("marco.worker")
+
+PRELOAD_ENV = "MARCO_PRELOAD_MODELS"  # comma-separated model specs each pool process loads at start
 
 JobRunner = Callable[[_runtime.WorkerRuntime, str], Any]
 
@@ -51,20 +53,27 @@ def transient_errors() -> tuple[type[BaseException], ...]:
 def _default_runner(rt: _runtime.WorkerRuntime, job_id: str) -> Any:
     from marco.jobs import execute_job
 
-    return execute_job(rt.store, job_id, rt.backends, rt.name)
+    return execute_job(rt.store, job_id, rt.backends, rt.name, lease_s=rt.settings.lease_s)
 
 
 def run_job(job_id: str, rt: _runtime.WorkerRuntime | None = None) -> dict[str, Any]:
     """Run one job by id and return a JSON-able summary (the store holds the real outcome)."""
+    from marco.store import StoreError
+
     rt = rt or _runtime.current()
-    kind = rt.store.job_kind(job_id)
+    try:
+        kind = rt.store.get_job(job_id).kind
+    except StoreError:
+        # Its batch was deleted (a submit that could not enqueue everything): nothing to do, drop it.
+        log.warning("job %s is not in the store; message dropped", job_id)
+        return {"job_id": job_id, "status": "missing"}
     run = RUNNERS.get(kind, _default_runner)
     started = time.perf_counter()
     try:
         outcome = run(rt, job_id)
     except SoftTimeLimitExceeded:
         reason = f"soft time limit exceeded ({rt.settings.soft_time_limit_s}s); raise $MARCO_TASK_SOFT_LIMIT"
-        rt.store.fail_job(job_id, rt.name, reason)
+        rt.store.fail_job(job_id, reason, worker=rt.name)
         log.warning("job %s stopped: %s", job_id, reason)
         return {"job_id": job_id, "status": "failed", "error": reason}
     summary = {"job_id": job_id, "kind": kind, "worker": rt.name, "elapsed_s": time.perf_counter() - started}
@@ -101,7 +110,6 @@ def register_tasks(app: Celery) -> dict[str, Task]:
             body,
             name=name,
             bind=True,
-            queue=QUEUE_FOR_TASK[name],
             acks_late=True,
             reject_on_worker_lost=True,
             autoretry_for=errors,
@@ -112,6 +120,7 @@ def register_tasks(app: Celery) -> dict[str, Task]:
             soft_time_limit=settings.soft_time_limit_s,
             time_limit=settings.hard_time_limit_s,
             ignore_result=True,
+            shared=False,  # each app gets its own tasks with its own limits
         )
     return tasks
 
@@ -120,6 +129,11 @@ def register_tasks(app: Celery) -> dict[str, Task]:
 def _fresh_process(**_: Any) -> None:
     # A pool process must not reuse the parent's connections (and the parent never loaded a model).
     _runtime.reset()
+    specs = [s.strip() for s in os.environ.get(PRELOAD_ENV, "").split(",") if s.strip()]
+    if specs:
+        started = time.perf_counter()
+        _runtime.current().preload(specs)
+        log.info("loaded %s in %.1fs", ", ".join(specs), time.perf_counter() - started)
 
 
 @worker_process_shutdown.connect

@@ -15,6 +15,7 @@ app = typer.Typer(
 # Command modules register themselves on `app` when imported (keep one import per module).
 from marco.cli import solve as _solve  # noqa: E402,F401
 from marco.cli import run as _run  # noqa: E402,F401
+from marco.cli import queue as _queue  # noqa: E402,F401
 
 
 def main() -> None:

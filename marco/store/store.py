@@ -625,6 +625,53 @@ class Store:
                 raise StoreError(f"no search {search_id!r}: find ids with `marco traces list`")
             return row
 
+    def resolve_batch(self, ref: str) -> str:
+        """A batch id from an id or a batch name (the newest batch of that name)."""
+        with self.sessions() as s:
+            if _is_uuid(ref) and s.get(Batch, ref) is not None:
+                return ref
+            found = s.scalars(select(Batch.id).where(Batch.name == ref).order_by(Batch.created_at.desc())).first()
+        if found is None:
+            raise StoreError(f"no batch {ref!r}: list batches with `marco traces list` or `marco status`")
+        return str(found)
+
+    def find_searches(
+        self,
+        batch: str | None = None,
+        dataset: str | None = None,
+        lang: str | None = None,
+        strategy: str | None = None,
+        correct: bool | None = None,
+        limit: int | None = 50,
+    ) -> list[Search]:
+        """Searches matching every given filter (``strategy`` matches the strategy or the full label),
+        newest first."""
+        stmt = select(Search)
+        if batch is not None:
+            stmt = stmt.where(Search.batch_id == self.resolve_batch(batch))
+        if dataset is not None:
+            stmt = stmt.where(Search.dataset == dataset)
+        if lang is not None:
+            stmt = stmt.where(Search.lang == lang)
+        if strategy is not None:
+            stmt = stmt.where(or_(Search.strategy == strategy, Search.label == strategy))
+        if correct is not None:
+            stmt = stmt.where(Search.correct.is_(correct))
+        stmt = stmt.order_by(Search.created_at.desc(), Search.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.sessions() as s:
+            return list(s.scalars(stmt))
+
+    def batch_rows(self, batch_id: str) -> list[tuple[Search, ProblemRow]]:
+        """Every search of a batch with its problem (what reports aggregate)."""
+        with self.sessions() as s:
+            self._require_batch(s, batch_id)
+            rows = s.execute(
+                select(Search, ProblemRow).join(ProblemRow, Search.problem_id == ProblemRow.id).where(Search.batch_id == batch_id)
+            ).all()
+        return [(r[0], r[1]) for r in rows]
+
     def get_problem(self, problem_id: str) -> ProblemRow:
         with self.sessions() as s:
             row = s.get(ProblemRow, problem_id)

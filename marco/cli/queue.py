@@ -1,0 +1,298 @@
+"""Distributed batches: ``marco worker | flower | submit | status | cancel | retry | scheduler``.
+
+The broker is ``$MARCO_BROKER_URL`` (Redis); the store is ``--db`` or ``$MARCO_DATABASE_URL``. With no broker
+configured, ``submit`` runs the batch's jobs in this process through the same task code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from marco.cli import app
+from marco.cli import options as o
+
+console = Console()
+err = Console(stderr=True)
+
+Db = typer.Option(None, "--db", envvar="MARCO_DATABASE_URL", help="Store URL (default $MARCO_DATABASE_URL or sqlite:///marco.db).")
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _open_store(db: str | None) -> Any:
+    from marco.store import Store, StoreError
+
+    try:
+        return Store.open(db)
+    except StoreError as exc:
+        _fail(str(exc))
+
+
+def _settings() -> Any:
+    from worker.settings import QueueSettings
+
+    try:
+        return QueueSettings.from_env()
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("reason,synthesize,train", "--queues", "-Q", help="Comma-separated: reason, synthesize, train."),
+    concurrency: int = typer.Option(1, "--concurrency", "-c", help="Worker processes; each loads its own model."),
+    name: str = typer.Option("marco@%h", "--name", "-n", help="Node name (%h: host name); unique per host."),
+    pool: str = typer.Option("prefork", "--pool", help="prefork (default) | solo | threads."),
+    preload: str = typer.Option("", "--preload", help="Model specs each process loads at start, e.g. smollm2."),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+) -> None:
+    """Start a Celery worker on $MARCO_BROKER_URL that runs jobs from the given queues.
+
+    Example: MARCO_BROKER_URL=redis://host:6379/0 MARCO_DATABASE_URL=postgresql://host/marco marco worker -Q reason -c 1
+    """
+    import os
+
+    from worker.launch import worker_argv
+
+    settings = _settings()
+    if not settings.distributed:
+        _fail("no broker configured: set MARCO_BROKER_URL=redis://HOST:6379/0 (without one, `marco submit` runs jobs in-process)")
+    try:
+        argv = worker_argv(queues, concurrency, name, pool, loglevel)
+    except ValueError as exc:
+        _fail(str(exc))
+    if preload:
+        os.environ["MARCO_PRELOAD_MODELS"] = preload
+    from worker.app import app as celery_app
+
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def flower(
+    port: int = typer.Option(5555, "--port"),
+    address: str = typer.Option("0.0.0.0", "--address"),
+    basic_auth: str = typer.Option(None, "--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password (required)."),
+) -> None:
+    """Start Flower (the Celery monitor) on the broker, with basic auth."""
+    from worker.launch import flower_argv
+
+    if not _settings().distributed:
+        _fail("no broker configured: set MARCO_BROKER_URL=redis://HOST:6379/0")
+    try:
+        argv = flower_argv(port, address, basic_auth)
+    except ValueError as exc:
+        _fail(str(exc))
+    from worker.app import app as celery_app
+
+    celery_app.start(argv)
+
+
+@app.command()
+def submit(
+    dataset: str = typer.Argument(..., help="mgsm | translation | demo"),
+    data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default: $MARCO_DATA_DIR or ../shared/data)."),
+    lang: str = typer.Option(None, "--lang", "--langs", "-l", help="Comma-separated languages, e.g. en,zh."),
+    limit: int = typer.Option(None, "--limit", help="Problems per language."),
+    chunk: int = typer.Option(8, "--chunk", "-k", help="Problems per job."),
+    strategy: str = o.Strategy,
+    action: str = o.Action,
+    reflect: bool = o.Reflect,
+    budget: int = o.Budget,
+    n: int = o.N,
+    children: int = typer.Option(3, "--children", help="Children per MCTS expansion."),
+    temperature: float = o.Temperature,
+    select: str = o.Select,
+    seed: int = o.Seed,
+    model: str = o.Model,
+    name: str = typer.Option(None, "--name", help="Batch name (default: dataset and id)."),
+    priority: int = typer.Option(0, "--priority", help="0-9, higher runs first."),
+    wait: bool = typer.Option(False, "--wait", help="Show a live progress bar until the batch ends."),
+    db: str = Db,
+) -> None:
+    """Plan a batch (chunks of --chunk problems), write it to the store and enqueue one message per job.
+
+    Example: marco submit mgsm --lang en,zh --limit 50 --chunk 5 --strategy mcts --action ministep:32 --wait
+    """
+    from marco.tasks import DataError
+    from scheduler.dispatch import BrokerUnavailable, make_dispatcher
+    from scheduler.submit import SubmitRequest, load_problems
+    from scheduler.submit import submit as do_submit
+
+    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
+    langs = [x.strip() for x in lang.split(",") if x.strip()] if lang else None
+    try:
+        request = SubmitRequest(
+            task=dataset, configs=[config], model=model, data_dir=data_dir, langs=langs, limit=limit,
+            chunk=chunk, name=name, priority=priority,
+        )
+        problems = load_problems(request)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    settings = _settings()
+    store = _open_store(db)
+    dispatcher = make_dispatcher(settings, store=store)
+    try:
+        dispatcher.check()
+    except BrokerUnavailable as exc:
+        _fail(f"{exc}; nothing was submitted")
+    t0 = time.perf_counter()
+    try:
+        plan = do_submit(store, dispatcher, request, problems)
+    except BrokerUnavailable as exc:
+        _fail(f"{exc}; nothing was submitted")
+    where = "enqueued" if dispatcher.distributed else "ran in-process"
+    console.print(
+        f"batch [bold]{plan.batch_id}[/bold]: {len(plan.problem_ids)} problems, {len(plan.job_ids)} jobs "
+        f"{where} in {time.perf_counter() - t0:.2f}s",
+        highlight=False,
+    )
+    if wait and dispatcher.distributed:
+        _wait(store, plan.batch_id)
+    elif not dispatcher.distributed:
+        _print_status(store, [plan.batch_id])
+
+
+def _wait(store: Any, batch_id: str, poll_s: float = 1.0) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from scheduler.progress import snapshot
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console,
+    ) as bar:
+        snap = snapshot(store, batch_id)
+        task = bar.add_task(snap.name, total=snap.searches_total, info="")
+        while True:
+            snap = snapshot(store, batch_id)
+            acc = "-" if snap.accuracy is None else f"{snap.accuracy:.1%}"
+            jobs = snap.jobs
+            info = f"jobs {jobs['done']}/{sum(jobs.values())} done, {jobs['running']} running, {jobs['failed']} failed · acc {acc}"
+            bar.update(task, completed=snap.searches_ended, info=info)
+            if snap.ended:
+                break
+            time.sleep(poll_s)
+    _print_status(store, [batch_id])
+
+
+def _print_status(store: Any, batch_ids: list[str], as_json: bool = False) -> None:
+    from scheduler.progress import snapshot, table
+
+    snaps = [snapshot(store, b) for b in batch_ids]
+    if as_json:
+        console.print_json(json.dumps([s.to_dict() for s in snaps]))
+    else:
+        console.print(table(snaps))
+
+
+@app.command()
+def status(
+    batch: str = typer.Argument(None, help="Batch id (default: the most recent batches)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until interrupted (or the batch ends)."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    limit: int = typer.Option(10, "--limit", help="Batches listed without BATCH."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    db: str = Db,
+) -> None:
+    """Jobs queued/running/done/failed, searches finished, accuracy so far, tokens, throughput and ETA."""
+    from rich.live import Live
+
+    from marco.store import StoreError
+    from scheduler.progress import snapshot, table
+
+    store = _open_store(db)
+
+    def ids() -> list[str]:
+        return [batch] if batch else [str(b.id) for b in store.batches(limit)]
+
+    try:
+        if not watch:
+            _print_status(store, ids(), as_json)
+            return
+        with Live(table([snapshot(store, b) for b in ids()]), console=console, refresh_per_second=4) as live:
+            while True:
+                snaps = [snapshot(store, b) for b in ids()]
+                live.update(table(snaps))
+                if batch and snaps[0].ended:
+                    break
+                time.sleep(interval)
+    except StoreError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def cancel(batch: str = typer.Argument(..., help="Batch id."), db: str = Db) -> None:
+    """Cancel a batch: its queued jobs are skipped, running ones stop at their next round."""
+    from marco.store import StoreError
+
+    store = _open_store(db)
+    try:
+        n = store.cancel_batch(batch)
+    except StoreError as exc:
+        _fail(str(exc))
+    console.print(f"batch {batch}: {n} job(s) cancelled", highlight=False)
+
+
+@app.command()
+def retry(
+    batch: str = typer.Argument(..., help="Batch id."),
+    failed: bool = typer.Option(False, "--failed", help="Also put failed jobs back in the queue."),
+    db: str = Db,
+) -> None:
+    """Re-send the messages of a batch's queued jobs; with --failed, requeue its failed jobs first.
+    Searches resume from the nodes already stored."""
+    from marco.store import StoreError
+    from scheduler.dispatch import BrokerUnavailable, make_dispatcher
+    from scheduler.submit import enqueue_jobs
+
+    store = _open_store(db)
+    dispatcher = make_dispatcher(_settings(), store=store)
+    try:
+        dispatcher.check()
+        requeued = store.requeue_failed(batch) if failed else []
+        queued = [str(j.id) for j in store.queued_jobs(batch)]
+        enqueue_jobs(store, dispatcher, queued, priority=store.get_batch(batch).priority)
+    except (StoreError, BrokerUnavailable) as exc:
+        _fail(str(exc))
+    console.print(f"batch {batch}: {len(requeued)} failed job(s) requeued, {len(queued)} message(s) sent", highlight=False)
+
+
+@app.command()
+def scheduler(
+    interval: float = typer.Option(10.0, "--interval", help="Seconds between passes."),
+    once: bool = typer.Option(False, "--once", help="One pass, then exit (cron, tests)."),
+    max_attempts: int = typer.Option(5, "--max-attempts", help="A job whose worker died this many times fails."),
+    db: str = Db,
+) -> None:
+    """Re-enqueue jobs whose lease expired, close finished batches and start the next pipeline stage."""
+    from scheduler.dispatch import BrokerUnavailable, make_dispatcher
+    from scheduler.service import Scheduler, SchedulerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store = _open_store(db)
+    dispatcher = make_dispatcher(_settings(), store=store)
+    service = Scheduler(store, dispatcher, SchedulerConfig(interval_s=interval, max_attempts=max_attempts))
+    if once:
+        try:
+            dispatcher.check()
+            report = service.tick()
+        except BrokerUnavailable as exc:
+            _fail(str(exc))
+        console.print_json(json.dumps(report.__dict__))
+        return
+    try:
+        service.run()
+    except KeyboardInterrupt:
+        pass

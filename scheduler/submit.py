@@ -1,0 +1,89 @@
+"""Planning a batch: load a dataset's problems, write the batch and its jobs, enqueue one message per job.
+
+Either the whole batch is written and enqueued, or nothing is left behind: the broker is checked before
+anything is written, and a batch whose messages could not all be sent is deleted again (a worker that got
+one of its messages finds no job and drops it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from marco.search.base import SearchConfig
+from marco.tasks.base import Problem
+from scheduler.dispatch import Dispatcher
+
+log = logging.getLogger("marco.scheduler")
+
+
+@dataclass
+class SubmitRequest:
+    """What ``marco submit`` asks for."""
+
+    task: str
+    configs: list[SearchConfig]
+    model: str = "smollm2"
+    data_dir: str | None = None
+    langs: list[str] | None = None
+    limit: int | None = None
+    chunk: int = 8
+    name: str | None = None
+    priority: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.chunk <= 0:
+            raise ValueError("--chunk must be a positive number of problems per job")
+        if not 0 <= self.priority <= 9:
+            raise ValueError("--priority must be between 0 and 9 (higher runs first)")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError("--limit must be positive")
+
+
+def load_problems(request: SubmitRequest) -> list[Problem]:
+    from marco.tasks import get_task
+
+    problems = get_task(request.task).load(request.data_dir, request.langs, request.limit)
+    if not problems:
+        raise ValueError(f"no {request.task} problems found for languages {request.langs or 'default'}")
+    return problems
+
+
+def submit(store: Any, dispatcher: Dispatcher, request: SubmitRequest, problems: Sequence[Problem] | None = None) -> Any:
+    """Write the batch and enqueue its jobs; returns the store's ``BatchPlan``.
+
+    Raises :class:`~scheduler.dispatch.BrokerUnavailable` (nothing written) when the broker is down.
+    With an in-process dispatcher the jobs have run by the time this returns.
+    """
+    dispatcher.check()
+    problems = list(problems) if problems is not None else load_problems(request)
+    plan = store.create_batch(
+        problems,
+        request.configs,
+        kind="reason",
+        name=request.name,
+        model=request.model,
+        task=request.task,
+        chunk_size=request.chunk,
+        priority=request.priority,
+        extra={"langs": request.langs, "limit": request.limit, **request.extra},
+    )
+    jobs = [(job_id, "reason") for job_id in plan.job_ids]
+    if not dispatcher.distributed:
+        dispatcher.enqueue(jobs, priority=request.priority)
+        return plan
+    try:
+        dispatcher.enqueue(jobs, priority=request.priority)
+    except BaseException:
+        store.delete_batch(plan.batch_id)
+        log.error("enqueue failed; batch %s removed again", plan.batch_id)
+        raise
+    return plan
+
+
+def enqueue_jobs(store: Any, dispatcher: Dispatcher, job_ids: Sequence[str], priority: int = 0) -> None:
+    """Send messages for existing jobs (``marco retry``), with each job's own kind."""
+    kinds = store.job_kinds(job_ids)
+    dispatcher.enqueue([(job_id, kinds[job_id]) for job_id in job_ids if job_id in kinds], priority=priority)
