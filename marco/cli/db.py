@@ -1,0 +1,86 @@
+"""``marco db``: apply migrations and check that models and migrations agree.
+
+Also the ``--db`` option and :func:`open_store` every store-touching command shares.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+from marco.cli import app
+from marco.store.db import ENV_VAR, StoreError, default_url
+
+db_app = typer.Typer(help="The trace store's schema: upgrade, check.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+DbOption = typer.Option(
+    None, "--db", envvar=ENV_VAR, show_envvar=True,
+    help="Database URL: sqlite:///marco.db (default) or postgresql://user@host/db.",
+)
+
+
+def fail(message: str) -> NoReturn:
+    """Print a one-line error and exit with status 1."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def open_store(url: str | None, upgrade: bool = True):  # type: ignore[no-untyped-def]
+    """The store at ``url`` (or ``$MARCO_DATABASE_URL``, or sqlite:///marco.db), migrated; errors exit 1."""
+    from marco.store import Store
+
+    try:
+        return Store.open(url or default_url(), upgrade=upgrade)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+@db_app.command("upgrade")
+def upgrade(
+    db: str = DbOption,
+    revision: str = typer.Option("head", "--revision", help="Target revision."),
+) -> None:
+    """Apply the migrations in migrations/ to the database."""
+    from marco.store import migrate
+
+    store = open_store(db, upgrade=False)
+    try:
+        before = migrate.current_revision(store.engine)
+        migrate.upgrade(store.engine, revision)
+        after = migrate.current_revision(store.engine)
+    except Exception as exc:  # a failed migration leaves the database at its previous revision
+        fail(f"upgrade failed: {str(exc).splitlines()[0]}")
+    typer.echo(f"{store.engine.url.render_as_string(hide_password=True)}: {before or 'empty'} -> {after}")
+
+
+@db_app.command("downgrade")
+def downgrade(
+    revision: str = typer.Argument(..., help="Target revision ('base' drops every table)."),
+    db: str = DbOption,
+) -> None:
+    """Revert migrations down to REVISION."""
+    from marco.store import migrate
+
+    store = open_store(db, upgrade=False)
+    migrate.downgrade(store.engine, revision)
+    typer.echo(f"now at {migrate.current_revision(store.engine) or 'base'}")
+
+
+@db_app.command("check")
+def check(db: str = DbOption) -> None:
+    """Fail (exit 1) unless the database is at the latest migration and matches the models exactly."""
+    from marco.store import migrate
+
+    store = open_store(db, upgrade=False)
+    current, head = migrate.current_revision(store.engine), migrate.head_revision()
+    if current != head:
+        fail(f"database is at revision {current or 'none'}, migrations head is {head}: run `marco db upgrade`")
+    diffs = migrate.diff(store.engine)
+    if diffs:
+        for d in diffs:
+            typer.echo(f"  {d}", err=True)
+        fail(f"models and migrations disagree ({len(diffs)} differences): write a migration "
+             "(alembic revision --autogenerate)")
+    typer.echo(f"ok: revision {head}, models and migrations agree")

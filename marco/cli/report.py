@@ -1,0 +1,59 @@
+"""``marco report BATCH``: the paper-style results table of a stored batch, as text, JSON or a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from marco.cli import app
+from marco.cli.db import DbOption, fail, open_store
+from marco.store.db import StoreError
+
+
+@app.command("report")
+def report(
+    batch: str = typer.Argument(..., help="Batch id or name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    plot: Path = typer.Option(None, "--plot", help="Also write accuracy vs tokens spent to this PNG."),
+    db: str = DbOption,
+) -> None:
+    """Rows: strategy/action; columns: languages; plus tokens and seconds per problem."""
+    from marco.report.tables import batch_report, format_metric
+
+    store = open_store(db)
+    try:
+        rep = batch_report(store, store.resolve_batch(batch))
+    except StoreError as exc:
+        fail(str(exc))
+    if plot is not None:
+        from marco.report.plot import plot_accuracy_vs_tokens
+
+        try:
+            plot_accuracy_vs_tokens(rep, plot)
+        except OSError as exc:
+            fail(f"cannot write {plot}: {exc.strerror}")
+    if as_json:
+        typer.echo(json.dumps(rep.to_dict(), ensure_ascii=False, indent=2))
+        return
+    unit = " (%)" if rep.metric == "accuracy" else ""
+    wall = f" · {rep.wall_s:.1f}s wall" if rep.wall_s is not None else ""
+    table = Table(title=f"{rep.name} · {rep.dataset} · {rep.metric}{unit} · {rep.status}{wall}")
+    table.add_column("strategy/action")
+    for lang in rep.langs:
+        table.add_column(lang, justify="right")
+    table.add_column("all", justify="right")
+    for col in ("problems", "failed", "tokens/problem", "s/problem"):
+        table.add_column(col, justify="right")
+    for row in rep.rows:
+        table.add_row(
+            row.label, *(format_metric(row.cells.get(lang), rep.metric) for lang in rep.langs),
+            format_metric(row.overall, rep.metric), str(row.problems), str(row.failed),
+            f"{row.tokens_per_problem:.0f}", f"{row.seconds_per_problem:.2f}",
+        )
+    Console(width=max(100, 30 + 9 * len(rep.langs) + 50)).print(table)
+    if plot is not None:
+        typer.echo(f"wrote {plot}")
