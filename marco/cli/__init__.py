@@ -15,6 +15,9 @@ app = typer.Typer(
 # Command modules register themselves on `app` when imported (keep one import per module).
 from marco.cli import solve as _solve  # noqa: E402,F401
 from marco.cli import run as _run  # noqa: E402,F401
+from marco.cli import db as _db  # noqa: E402,F401
+from marco.cli import traces as _traces  # noqa: E402,F401
+from marco.cli import report as _report  # noqa: E402,F401
 from marco.cli import queue as _queue  # noqa: E402,F401
 
 
