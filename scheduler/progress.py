@@ -102,7 +102,7 @@ def table(snaps: list[Snapshot]) -> Any:
         t.add_column(col, justify="right" if col not in ("batch", "name", "status") else "left")
     for s in snaps:
         t.add_row(
-            s.batch_id, s.name, s.status,
+            s.batch_id[:8], s.name[:24], s.status,
             *(str(s.jobs.get(k, 0)) for k in ("queued", "running", "done", "failed")),
             f"{s.searches_ended}/{s.searches_total}",
             "-" if s.accuracy is None else f"{s.accuracy:.1%}",

@@ -79,3 +79,28 @@ def data_dir():
         pytest.skip("evaluation data not found: set MARCO_DATA_DIR or put it at ../shared/data")
     return Path(found)
 # --- end tasks fixtures ---------------------------------------------------------------------------------
+
+
+# --- queue: a dedicated Redis database per test session -------------------------------------------------
+REDIS_HOST_URL = os.environ.get("MARCO_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """``redis://127.0.0.1:6379/<n>`` for an empty database number this session claims (flushed at the end)."""
+    import redis
+
+    token = uuid.uuid4().hex
+    for n in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{REDIS_HOST_URL}/{n}")
+        # Claim it atomically: the marker key exists only in a database nobody else uses.
+        if client.dbsize() == 0 and client.set("marco:test-session", token, nx=True):
+            break
+    else:
+        pytest.skip("no free Redis database number (1-15) for the queue tests")
+    try:
+        yield f"{REDIS_HOST_URL}/{n}"
+    finally:
+        client.flushdb()
+        client.close()
+# --- end queue fixtures ---------------------------------------------------------------------------------
