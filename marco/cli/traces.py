@@ -71,7 +71,7 @@ def show(
         console.print("(no nodes stored)" + (f": {row.error}" if row.error else ""))
         return
     for line in tree_lines(nodes, row.chosen_path, width):
-        console.print(Text(line.text, style="bold green" if line.chosen else ""))
+        console.print(Text(line.text, style="bold green" if line.chosen else ""), soft_wrap=True)
 
 
 @traces_app.command("path")
