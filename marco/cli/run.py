@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import typer
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from marco.cli import app
 from marco.cli import options as o
+from marco.cli.db import DbOption, open_store
 from marco.runner import RunSummary, summarize
 from marco.tasks import DataError, get_task
 
@@ -59,14 +61,16 @@ def run(
     select: str = o.Select,
     seed: int = o.Seed,
     model: str = o.Model,
+    db: str = DbOption,
+    chunk: int = typer.Option(64, "--chunk", help="Problems per job of the stored batch (searched in lockstep)."),
 ) -> None:
     """Search every problem of a dataset in lockstep (one batched model call per round) and print a table
     of accuracy (or chrF/BLEU) per language, tokens per problem and wall time.
 
     Example: marco run --dataset mgsm --lang en,zh --limit 8 --strategy mcts --action ministep:32
     """
+    from marco.jobs import BackendCache, execute_job
     from marco.llm import load_backend
-    from marco.runner import search_problems
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
     console = Console()
@@ -80,18 +84,37 @@ def run(
     for p in problems:
         if p.error:
             console.print(f"[yellow]skipped {p.key}:[/yellow] {p.error}")
+    store = open_store(db)
     with console.status(f"loading {model}…"):
         backend = load_backend(model)
+    # Every run is a stored batch (its problems, jobs and searches), executed job by job in-process through
+    # the same code path as the queue workers.
+    plan = store.create_batch(problems, [config], model=model, task=dataset, chunk_size=chunk)
+    backends = BackendCache()
+    backends.put(model, backend)
     t0 = time.perf_counter()
+    results = []
+    outcomes = []
     with progress_bar(console) as bar:
         job = bar.add_task(f"{dataset} {config.label}", total=len(good), acc="")
         solved = [0, 0]
 
         def tick(result) -> None:  # type: ignore[no-untyped-def]
+            results.append(result)
             solved[0] += 1
             solved[1] += 1 if result.correct else 0
             bar.update(job, advance=1, acc=f"{solved[1]}/{solved[0]} correct")
 
-        results, stats = search_problems(backend, task, good, config, on_progress=tick)
-    summary = summarize(task, config.label, problems, results, time.perf_counter() - t0, stats)
+        for job_id in plan.job_ids:
+            outcomes.append(execute_job(store, job_id, backends, worker=f"local-{os.getpid()}", on_progress=tick))
+    wall = time.perf_counter() - t0
+    summary = summarize(task, config.label, problems, results, wall)
     console.print(results_table(summary))
+    store_s = sum(x.store_s for x in outcomes)
+    console.print(f"batch {plan.batch_id} · store writes {store_s:.2f}s of {wall:.1f}s wall "
+                  f"({100 * store_s / wall if wall else 0:.2f}%) · see `marco report {plan.batch_id}`")
+    failed = [x for x in outcomes if x.status != "done"]
+    for x in failed:
+        console.print(f"[red]job {x.job_id} {x.status}:[/red] {x.error}")
+    if failed:
+        raise typer.Exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import typer
@@ -10,6 +11,7 @@ from rich.console import Console
 
 from marco.cli import app
 from marco.cli import options as o
+from marco.cli.db import DbOption, open_store
 from marco.tasks import get_task
 from marco.tasks.base import Problem
 
@@ -30,13 +32,14 @@ def solve(
     task_name: str = typer.Option("mgsm", "--task", help="Prompt and answer format: mgsm (a number) or translation."),
     lang: str = typer.Option("en", "--lang", help="Language of the question (sets the answer instruction)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    db: str = DbOption,
 ) -> None:
     """Reason about one QUESTION with MCTS (or a baseline) and print the answer.
 
     Example: marco solve "Tom has 3 apples and buys 2 more. How many?" --strategy mcts --action ministep:32
     """
+    from marco.jobs import BackendCache, execute_job
     from marco.llm import load_backend
-    from marco.runner import search_problems
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
     task = get_task(task_name)
@@ -45,8 +48,16 @@ def solve(
     t0 = time.perf_counter()
     with console.status(f"loading {model}…"):
         backend = load_backend(model)
+    store = open_store(db)
+    plan = store.create_batch([problem], [config], model=model, task=task_name, name="solve")
+    backends = BackendCache()
+    backends.put(model, backend)
+    results = []
     with console.status(f"searching ({config.label}, budget {budget} tokens)…"):
-        results, stats = search_problems(backend, task, [problem], config)
+        outcome = execute_job(store, plan.job_ids[0], backends, worker=f"solve-{os.getpid()}", on_progress=results.append)
+    if outcome.status != "done" or not results:
+        typer.echo(f"error: search failed: {outcome.error}", err=True)
+        raise typer.Exit(1)
     r = results[0]
     out = {
         "answer": r.answer,
