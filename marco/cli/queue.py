@@ -24,7 +24,7 @@ Db = typer.Option(None, "--db", envvar="MARCO_DATABASE_URL", help="Store URL (de
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
