@@ -1,0 +1,41 @@
+"""`marco run` and `marco solve` persist to the store: a batch with its jobs, problems, searches and nodes."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from marco.cli import app
+from marco.store import Store
+
+runner = CliRunner()
+
+
+def test_run_is_a_stored_batch(db_url: str, store: Store) -> None:
+    out = runner.invoke(app, ["run", "--dataset", "demo", "--model", "scripted", "--strategy", "mcts", "--action",
+                              "ministep:8", "--budget", "200", "--chunk", "3", "--db", db_url])
+    assert out.exit_code == 0, out.output
+    assert "store writes" in out.output
+    batch_id = out.output.split("batch ", 1)[1].split()[0]
+    progress = store.batch_progress(batch_id)
+    assert progress.status == "done" and progress.n_problems > 3
+    assert progress.jobs == {"done": -(-progress.n_problems // 3)}  # chunks of 3
+    assert progress.searches == {"done": progress.n_problems}
+    searches = store.find_searches(batch_id, limit=None)
+    assert all(store.count_nodes(str(s.id)) > 1 for s in searches)
+    assert all(s.final_answer is not None and s.tokens > 0 for s in searches)
+
+
+def test_solve_stores_its_search(db_url: str, store: Store) -> None:
+    out = runner.invoke(app, ["solve", "What is 40 + 2?", "--model", "scripted", "--budget", "200", "--json", "--db", db_url])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output.strip().splitlines()[-1])
+    row = store.get_search(result["search_id"])
+    assert row.final_answer == result["answer"] and row.dataset == "solve"
+    assert store.count_nodes(result["search_id"]) == result["nodes"]
+
+
+def test_run_with_unreachable_database_exits_1() -> None:
+    out = runner.invoke(app, ["run", "--dataset", "demo", "--model", "scripted", "--db", "postgresql://x@127.0.0.1:1/none"])
+    assert out.exit_code == 1 and "does not answer" in out.output
