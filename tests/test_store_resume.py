@@ -98,11 +98,14 @@ def test_malformed_problem_fails_its_search_and_the_job_goes_on(store: Store) ->
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted_real_model(store: Store, smollm2_backend: Backend) -> None:
+def test_resume_equals_uninterrupted_real_model(tmp_path, smollm2_backend: Backend) -> None:
+    # SQLite only: the database round trip is covered on both by the scripted test; this one checks that
+    # real tokenizer ids, logprob floats and seeded sampling survive a crash and a resume.
+    store = Store.open(f"sqlite:///{tmp_path / 'real.db'}")
     problems = [Problem("mgsm", "en", 0, "Tom has 3 apples and buys 2 more. How many apples does he have?", ("5",))]
     config = SearchConfig(strategy="mcts", action="ministep:8", budget=96, children=2, max_rounds=4, seed=1,
                           max_answer_tokens=24, max_step_tokens=16)
-    _check_resume(store, smollm2_backend, problems, config, crash_after=2, spec="smollm2")
+    _check_resume(store, smollm2_backend, problems, config, crash_after=1, spec="smollm2")
 
 
 @pytest.fixture(scope="module")
