@@ -104,3 +104,12 @@ def redis_url() -> Iterator[str]:
         client.flushdb()
         client.close()
 # --- end queue fixtures ---------------------------------------------------------------------------------
+
+
+# --- the real model, loaded once per test session ------------------------------------------------------
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct through the transformers backend (CPU)."""
+    from marco.llm import load_backend
+
+    return load_backend("smollm2")

@@ -8,6 +8,7 @@ how requests were batched, stop strings per request, and finished rows dropped f
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -55,6 +56,9 @@ class HFBackend:
         self.eos_ids = sorted(i for i in eos if i is not None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._stop_masks: dict[tuple[str, ...], np.ndarray] = {}
+        # transformers renamed `past_key_values` to `cache`; use whichever this version takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._pieces: list[str] | None = None
 
     # ------------------------------------------------------------------ loading
@@ -131,8 +135,8 @@ class HFBackend:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **{self._cache_kw: cache},
         ).logits[:, -1, :]
         fan = torch.tensor([unique[i] for i, _ in rows], device=device)
         if len(rows) != len(prompts) or not torch.equal(fan, torch.arange(len(prompts), device=device)):
@@ -190,7 +194,7 @@ class HFBackend:
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             logits = self.model(
                 input_ids=next_tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                past_key_values=cache, use_cache=True,
+                use_cache=True, **{self._cache_kw: cache},
             ).logits[:, -1, :]
             next_pos = next_pos + 1
 
@@ -212,19 +216,20 @@ class HFBackend:
         top_ps: torch.Tensor,
         gens: list[torch.Generator | None],
     ) -> torch.Tensor:
-        """Temperature + top-p sampling, one generator per row so batching never changes a sample."""
+        """Temperature + top-p sampling by inverse CDF. Each row draws its uniform from its own generator,
+        so a sample never depends on which other rows share the batch."""
         probs = torch.softmax(logits / temps[act][:, None], dim=-1)
         sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
         cum = sorted_p.cumsum(-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop = (cum - sorted_p) >= top_ps[act][:, None]
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        out = greedy.clone()
-        for b in torch.nonzero(samp).flatten().tolist():
-            g = gens[int(act[b])]
-            pick = torch.multinomial(sorted_p[b], 1, generator=g)
-            out[b] = sorted_i[b, pick[0]]
-        return out
+        keep_mass = torch.where((cum - sorted_p) < top_ps[act][:, None], sorted_p, 0.0).cumsum(-1)
+        u = torch.zeros(len(act), 1, device=logits.device)
+        rows = torch.nonzero(samp).flatten().tolist()
+        for b in rows:
+            u[b, 0] = torch.rand(1, generator=gens[int(act[b])], device=logits.device)[0]
+        pick = torch.searchsorted(keep_mass, u * keep_mass[:, -1:]).clamp(max=keep_mass.shape[1] - 1)
+        drawn = sorted_i.gather(1, pick)[:, 0]
+        return torch.where(samp, drawn, greedy)
 
     def _hit_stop(self, toks: list[int], stops: Sequence[str], mask: np.ndarray | None) -> bool:
         if not stops or mask is None or not mask[toks[-1]]:
