@@ -19,6 +19,7 @@ from marco.cli import db as _db  # noqa: E402,F401
 from marco.cli import traces as _traces  # noqa: E402,F401
 from marco.cli import report as _report  # noqa: E402,F401
 from marco.cli import queue as _queue  # noqa: E402,F401
+from marco.cli import data as _data  # noqa: E402,F401
 
 
 def main() -> None:

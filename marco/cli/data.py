@@ -1,0 +1,126 @@
+"""``marco import-cot`` (external CoT data through the quality filters) and ``marco sft`` (fine-tuning)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from marco.cli import app
+from marco.cli.db import fail
+
+
+def _report_table(report, title: str) -> Table:  # type: ignore[no-untyped-def]
+    table = Table(title=title)
+    for name, justify in (("step", "left"), ("seen", "right"), ("removed", "right"), ("kept", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("sample reasons", overflow="fold")
+    for s in report.steps:
+        reasons = "; ".join(f"{i[:8]}…: {r}" if len(i) > 12 else f"{i}: {r}" for i, r in s.samples)
+        table.add_row(s.name, str(s.seen), str(s.removed), str(s.kept), reasons)
+    return table
+
+
+@app.command("import-cot")
+def import_cot_cmd(
+    file: Path = typer.Argument(..., help="JSONL or Parquet file: instruction/response rows or a messages column."),
+    min_chars: int = typer.Option(20, "--min-chars", help="Shortest assistant answer kept (characters)."),
+    max_chars: int = typer.Option(16_000, "--max-chars", help="Longest assistant answer kept (characters)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="Keep only these languages, e.g. en,zh (default: all)."),
+    consistent_lang: bool = typer.Option(
+        False, "--consistent-lang", help="Drop answers in another language than their question."
+    ),
+    near_dup_threshold: float = typer.Option(
+        0.8, "--near-dup-threshold", help="Jaccard similarity (0-1] above which a row is a near duplicate; 0 turns it off."
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Read at most this many rows."),
+    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write the kept examples to this JSONL file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the kept examples as a `datasets` directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Import external CoT data with the Marco-o1 quality filters and report what each filter removed.
+
+    Example: marco import-cot OpenO1-SFT.jsonl --lang en,zh --max-chars 8000 --out data/openo1
+    """
+    from marco.data import import_cot, save_dataset, write_jsonl
+    from marco.data.filters import default_filters
+
+    if not 0.0 <= near_dup_threshold <= 1.0:
+        fail(f"--near-dup-threshold must be between 0 and 1, got {near_dup_threshold}")
+    if min_chars > max_chars:
+        fail(f"--min-chars ({min_chars}) is above --max-chars ({max_chars})")
+    if out is not None and out.exists() and any(out.iterdir()):
+        fail(f"{out} exists and is not empty; choose a new --out directory")
+    langs = [x.strip() for x in lang.split(",") if x.strip()] if lang else None
+    steps = default_filters(min_chars, max_chars, langs, near_dup_threshold or None, consistent_lang)
+    try:
+        result = import_cot(file, steps, limit=limit)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
+    if as_json:
+        typer.echo(json.dumps(result.report.to_dict(), ensure_ascii=False))
+    else:
+        Console().print(_report_table(result.report, f"{file.name}: kept {result.report.kept} of {result.report.total}"))
+    if jsonl is not None:
+        n = write_jsonl(result.examples, jsonl)
+        typer.echo(f"wrote {n} examples to {jsonl}", err=as_json)
+    if out is not None:
+        if not result.examples:
+            fail("no example passed the filters; nothing written to --out")
+        save_dataset(result.examples, out)
+        typer.echo(f"wrote a datasets directory with {len(result.examples)} examples to {out}", err=as_json)
+    if jsonl is None and out is None:
+        typer.echo("(dry run: pass --jsonl FILE or --out DIR to keep the examples)", err=True)
+
+
+@app.command("sft")
+def sft_cmd(
+    data: str = typer.Option(..., "--data", help="Training chats: a `datasets` directory, a .jsonl or a .parquet file."),
+    base: str = typer.Option("smollm2", "--base", help="Base model: smollm2, a .gguf file, a model directory or hub id."),
+    out: Path = typer.Option(Path("runs/sft"), "--out", help="Output directory (the checkpoint and its logs)."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged into the saved checkpoint)."),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
+    lora_alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes under torchrun (data sharded across them)."),
+    max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps (0: --epochs passes over the data)."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data when --max-steps is 0."),
+    lr: float = typer.Option(1e-5, "--lr", help="Peak learning rate."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Examples per process per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    max_length: int = typer.Option(1024, "--max-length", help="Tokens per example (longer ones are truncated)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Fine-tune a model on CoT chats (loss on assistant tokens only) and save a loadable checkpoint.
+
+    Example: marco sft --data data/openo1 --base smollm2 --lora --nproc 2 --max-steps 200 --out runs/sft1
+    """
+    from marco.sft import SFTConfig, run_sft
+
+    if out.exists() and (out / "config.json").exists():
+        fail(f"{out} already holds a checkpoint; choose a new --out directory")
+    try:
+        config = SFTConfig(
+            data=data, base=base, output_dir=str(out), lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+            max_steps=max_steps, epochs=epochs, learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum,
+            max_length=max_length, seed=seed, nproc=nproc, device=device,
+        )  # fmt: skip
+        console = Console(stderr=True)
+        with console.status(f"fine-tuning {base} on {data} ({nproc} process{'es' if nproc > 1 else ''})…"):
+            result = run_sft(config)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
+    if as_json:
+        typer.echo(json.dumps({"checkpoint": result.checkpoint, "losses": result.losses, "metrics": result.metrics}))
+        return
+    m = result.metrics
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    typer.echo(
+        f"steps {m['steps']}  loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}  "
+        f"tokens {m['tokens']}  {result.tokens_per_s:.1f} tokens/s  on {m['world_size']} process(es)"
+    )

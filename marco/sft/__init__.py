@@ -1,0 +1,10 @@
+"""Supervised fine-tuning on CoT chats with TRL (full or LoRA), loss on assistant tokens only.
+
+``run_sft(SFTConfig(...))`` trains in-process or, with ``nproc > 1``, under ``torchrun`` (data sharded
+across ranks, gloo on CPU, NCCL on GPUs) and returns an :class:`SFTResult`.
+"""
+
+from marco.sft.config import SFTConfig, SFTResult
+from marco.sft.runner import run_sft
+
+__all__ = ["SFTConfig", "SFTResult", "run_sft"]

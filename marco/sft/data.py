@@ -1,0 +1,63 @@
+"""Read SFT chats from a ``datasets`` directory, a JSONL file or a Parquet file.
+
+Rows with a ``messages`` column are taken as they are; ``instruction``/``response`` rows become chats with
+Marco-o1's system prompt (as :mod:`marco.data.importer` does, without its quality filters). A row that is
+not a chat stops the load with its row number: training on silently shrunk data is worse than an error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from marco.data.importer import RowError, row_messages, read_rows, row_to_example
+
+Message = dict[str, str]
+
+
+def _chat(row: dict[str, Any], source: str, index: int) -> list[Message]:
+    if "messages" in row and row["messages"] is not None:
+        messages = row_messages(row)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RowError("the conversation has no assistant turn")
+        return messages
+    return row_to_example(row, source, index).messages
+
+
+def _rows(source: str) -> Iterable[tuple[int, dict[str, Any] | RowError]]:
+    path = Path(source)
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise ValueError(f"{source} is not a `datasets` directory (save_to_disk): {e}") from e
+        if isinstance(ds, DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"{source} has splits {sorted(ds)} but no 'train' split")
+            ds = ds["train"]
+        return enumerate(ds)
+    if not path.exists():
+        raise FileNotFoundError(f"no training data at {source} (expected a datasets directory, .jsonl or .parquet)")
+    return read_rows(path)
+
+
+def load_chats(source: str | os.PathLike[str], limit: int | None = None) -> list[list[Message]]:
+    """Every chat of ``source`` (at most ``limit``)."""
+    source = str(source)
+    name = Path(source).name
+    chats: list[list[Message]] = []
+    for index, row in _rows(source):
+        if limit is not None and len(chats) >= limit:
+            break
+        try:
+            if isinstance(row, RowError):
+                raise row
+            chats.append(_chat(row, name, index))
+        except (RowError, ValueError, TypeError) as e:
+            raise ValueError(f"{source}: row {index} is not a chat: {e}") from e
+    if not chats:
+        raise ValueError(f"{source}: no training examples")
+    return chats

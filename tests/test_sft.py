@@ -1,0 +1,194 @@
+"""SFT: assistant-only loss masks, training data sources, and real SmolLM2 fine-tuning (torchrun, LoRA)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from marco.data import CotExample, chat, format_answer, save_dataset, write_jsonl
+from marco.sft import SFTConfig, SFTResult, run_sft
+from marco.sft.data import load_chats
+from marco.sft.masking import tokenize_chat, tokenize_chats
+
+# A short system prompt keeps the test sequences short; the format is Marco-o1's.
+SHORT_SYSTEM = "Think inside <Thought></Thought>, then answer inside <Output></Output>."
+
+
+def mgsm_cot(data_dir: Path, lang: str = "en", n: int = 8) -> list[CotExample]:
+    answers = json.loads((data_dir / "mgsm" / "exemplars.json").read_text())["EXEMPLAR_NUMBER_ANSWERS"]
+    with (data_dir / "mgsm" / f"mgsm_exemplars_{lang}.tsv").open(encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+    out = []
+    for i, (q, a) in enumerate(rows):
+        q, a = (re.split(r"[:：]", s, maxsplit=1)[-1].strip() for s in (q, a))
+        out.append(CotExample(f"{lang}{i}", chat(q, format_answer(a, str(answers[i])), SHORT_SYSTEM), "test", lang))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_dir() -> str:
+    from marco.sft.base_model import resolve_base
+
+    return resolve_base("smollm2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+@pytest.mark.slow
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer, data_dir: Path) -> None:
+    example = mgsm_cot(data_dir, n=1)[0]
+    ids, mask = tokenize_chat(tokenizer, example.messages)
+    assert ids == tokenizer.apply_chat_template(example.messages, tokenize=True, return_dict=False)
+    trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == example.answer + "<|im_end|>"
+    untrained = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+    # The system and user turns, the assistant role header, and the newline the template puts after <|im_end|>.
+    prompt = tokenizer.apply_chat_template(example.messages[:2], add_generation_prompt=True, tokenize=False)
+    assert untrained == prompt + "\n" and example.question in untrained
+
+    # Two assistant turns: both trained, the user turn between them not.
+    turns = [*example.messages, {"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": "22"}]
+    ids, mask = tokenize_chat(tokenizer, turns)
+    spans, start = [], None
+    for j, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = j
+        elif not m and start is not None:
+            spans.append(tokenizer.decode(ids[start:j]))
+            start = None
+    assert spans == [example.answer + "<|im_end|>", "22<|im_end|>"]
+
+    with pytest.raises(ValueError, match="no assistant turn"):
+        tokenize_chat(tokenizer, example.messages[:2])
+    # Truncation that leaves no assistant token drops the example.
+    n_prompt = mask.index(1)
+    cols = tokenize_chats(tokenizer, [example.messages, turns], max_length=n_prompt)
+    assert cols["input_ids"] == []
+    cols = tokenize_chats(tokenizer, [example.messages], max_length=n_prompt + 3)
+    assert len(cols["input_ids"][0]) == n_prompt + 3 and sum(cols["assistant_masks"][0]) == 3
+
+
+# ------------------------------------------------------------------------------------------- data sources
+def test_load_chats_from_every_source(tmp_path: Path, data_dir: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    examples = mgsm_cot(data_dir, n=4)
+    write_jsonl(examples, tmp_path / "a.jsonl")
+    save_dataset(examples, tmp_path / "ds")
+    rows = [{"instruction": e.question, "response": e.answer} for e in examples]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    want = [e.messages for e in examples]
+    assert load_chats(tmp_path / "a.jsonl") == want
+    assert load_chats(tmp_path / "ds") == want
+    from_parquet = load_chats(tmp_path / "a.parquet")  # instruction/response rows get the Marco system prompt
+    assert [m[1:] for m in from_parquet] == [m[1:] for m in want] and from_parquet[0][0]["role"] == "system"
+    assert len(load_chats(tmp_path / "a.jsonl", limit=2)) == 2
+
+    with (tmp_path / "a.jsonl").open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match="row 4 is not a chat"):
+        load_chats(tmp_path / "a.jsonl")
+    with pytest.raises(FileNotFoundError, match="no training data"):
+        load_chats(tmp_path / "missing.jsonl")
+
+
+def test_config_validation_and_round_trip(tmp_path: Path) -> None:
+    config = SFTConfig(data="x.jsonl", lora=True, nproc=2, max_steps=3)
+    config.to_json(tmp_path / "c.json")
+    assert SFTConfig.from_json(tmp_path / "c.json") == config
+    assert "data" not in config.hyperparameters() and config.hyperparameters()["lora"] is True
+    for bad in ({"batch_size": 0}, {"nproc": 0}, {"learning_rate": 0.0}, {"lora": True, "lora_r": 0}):
+        with pytest.raises(ValueError):
+            SFTConfig(data="x.jsonl", **bad)
+    with pytest.raises(FileNotFoundError, match="no training data"):
+        run_sft(SFTConfig(data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o")))
+
+
+# ------------------------------------------------------------------------------------------ real training
+def _weights(path: str):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_two_processes(tmp_path: Path, data_dir: Path, base_dir: str) -> None:
+    """Full fine-tuning, 2 gloo ranks: the data is sharded, the loss goes down, the checkpoint generates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    examples = mgsm_cot(data_dir, n=4)
+    write_jsonl(examples, tmp_path / "train.jsonl")
+    registered: list[SFTResult] = []
+    # 4 examples over 2 ranks × 1 per step: steps 1-2 are one epoch, steps 3-4 see the same examples again.
+    config = SFTConfig(
+        data=str(tmp_path / "train.jsonl"), base="smollm2", output_dir=str(tmp_path / "out"), nproc=2,
+        max_steps=4, batch_size=1, max_length=160, learning_rate=1e-4, lr_scheduler="constant", run_id="t1",
+    )  # fmt: skip
+    result = run_sft(config, on_checkpoint=registered.append)
+
+    assert registered == [result] and result.lineage()["base"] == "smollm2"
+    assert result.metrics["world_size"] == 2 and result.metrics["steps"] == 4 and len(result.losses) == 4
+    assert sum(result.losses[2:]) < sum(result.losses[:2]), result.losses
+    # Sharding: one epoch (2 steps × 2 ranks) saw every example once, so it counted every token once.
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    lengths = [len(ids) for ids in tokenize_chats(tok, [e.messages for e in examples], 160)["input_ids"]]
+    assert len(set(lengths)) == 4 and max(lengths) < 160  # distinct and untruncated, so the sums tell shards apart
+    assert sum(result.step_tokens[:2]) == sum(lengths) == sum(result.step_tokens[2:])
+    assert result.tokens_per_s > 0 and result.metrics["tokens"] == 2 * sum(lengths)
+
+    out = Path(result.checkpoint)
+    assert json.loads((out / "losses.json").read_text()) == result.losses
+    assert (out / "metrics.json").exists() and (out / "train.log").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base, tuned = _weights(base_dir), _weights(str(out))
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok.apply_chat_template(examples[0].messages[:2], add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)  # fmt: skip
+    with torch.no_grad():
+        gen = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] > prompt["input_ids"].shape[1] and tok.decode(gen[0, prompt["input_ids"].shape[1]:]).strip()
+
+
+@pytest.mark.slow
+def test_sft_cli_lora_in_process(tmp_path: Path, data_dir: Path, base_dir: str) -> None:
+    """`marco sft --lora`: adapters trained, merged into a checkpoint transformers loads; bad input exits 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from marco.cli import app
+
+    save_dataset(mgsm_cot(data_dir, n=4), tmp_path / "ds")
+    out = tmp_path / "lora"
+    runner = CliRunner()
+    res = runner.invoke(app, ["sft", "--data", str(tmp_path / "ds"), "--base", "smollm2", "--lora", "--lora-r", "4",
+                              "--max-steps", "2", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3",
+                              "--out", str(out), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(payload["losses"]) == 2 and payload["metrics"]["world_size"] == 1
+    assert 0 < payload["metrics"]["trainable_params"] < 0.05 * 134_515_008
+    assert (out / "adapter" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out)  # merged: a plain checkpoint
+    base, tuned = _weights(base_dir), _weights(str(out))
+    assert set(base) == set(tuned)
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all("proj" in k for k in changed)  # LoRA touched the linear layers only
+
+    again = runner.invoke(app, ["sft", "--data", str(tmp_path / "ds"), "--out", str(out)])
+    assert again.exit_code == 1 and "already holds a checkpoint" in again.stderr
+    missing = runner.invoke(app, ["sft", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "no training data" in missing.stderr and missing.stderr.count("\n") == 1
