@@ -113,6 +113,10 @@ def test_config_validation_and_round_trip(tmp_path: Path) -> None:
             SFTConfig(data="x.jsonl", **bad)
     with pytest.raises(FileNotFoundError, match="no training data"):
         run_sft(SFTConfig(data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o")))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "only a question"}) + "\n")
+    with pytest.raises(ValueError, match="row 0 is not a chat"):
+        run_sft(SFTConfig(data=str(tmp_path / "bad.jsonl"), output_dir=str(tmp_path / "o"), nproc=2))
+    assert not (tmp_path / "o").exists()  # nothing was started
 
 
 # ------------------------------------------------------------------------------------------ real training

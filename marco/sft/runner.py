@@ -44,8 +44,9 @@ def run_sft(config: SFTConfig, on_checkpoint: CheckpointCallback | None = None) 
     ``output_dir/train.log``); otherwise in this process. ``on_checkpoint`` is called with the result once
     the checkpoint is saved: the store registers it there (``models`` row with its lineage).
     """
-    if not os.path.exists(config.data):
-        raise FileNotFoundError(f"no training data at {config.data} (expected a datasets directory, .jsonl or .parquet)")
+    from marco.sft.data import load_chats
+
+    load_chats(config.data)  # bad data fails here, in one line, before any model is loaded or rank started
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = replace(config, output_dir=str(out.resolve()), base_path=resolve_base(config.base))

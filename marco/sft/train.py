@@ -61,13 +61,13 @@ def build_trainer(config: SFTConfig, callbacks: list[Any] | None = None) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-
     columns = tokenize_chats(tokenizer, load_chats(config.data), config.max_length)
     if not columns["input_ids"]:
         raise ValueError(f"{config.data}: no example keeps an assistant token within max_length={config.max_length}")
     dataset = Dataset.from_dict(columns)
+
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
 
     peft_config = None
     if config.lora:
