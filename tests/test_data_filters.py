@@ -219,6 +219,10 @@ def _check_report(report: FilterReport) -> None:
     assert by["well_formed"].removed == 1 and by["length"].removed == 1
     assert by["language"].removed == 8  # the French rows
     assert by["exact_dedup"].removed == 1 and by["near_dedup"].removed == 1
+    # Samples name the source row: 26 repeats row 0, 27 is row 1 with one word changed.
+    assert by["exact_dedup"].samples == [("row 26", "same as row 0")]
+    assert by["near_dedup"].samples[0][0] == "row 27" and by["near_dedup"].samples[0][1].endswith("similar to row 1")
+    assert by["well_formed"].samples == [("row 24", "<Thought> appears 0 times")]
     assert report.kept == 16
     for s in report.steps[1:]:
         assert s.seen == report.steps[report.steps.index(s) - 1].kept

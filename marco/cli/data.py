@@ -20,7 +20,7 @@ def _report_table(report, title: str) -> Table:  # type: ignore[no-untyped-def]
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     table.add_column("sample reasons", overflow="fold")
     for s in report.steps:
-        reasons = "; ".join(f"{i[:8]}…: {r}" if len(i) > 12 else f"{i}: {r}" for i, r in s.samples)
+        reasons = "; ".join(f"{name}: {why}" for name, why in s.samples)
         table.add_row(s.name, str(s.seen), str(s.removed), str(s.kept), reasons)
     return table
 

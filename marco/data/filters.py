@@ -22,7 +22,7 @@ SAMPLES_PER_STEP = 3
 
 @dataclass
 class StepStats:
-    """What one step saw and removed; ``samples`` holds the first few ``(example id, reason)``."""
+    """What one step saw and removed; ``samples`` holds the first few ``(example label, reason)``."""
 
     name: str
     seen: int = 0
@@ -67,6 +67,12 @@ class FilterReport:
         }
 
 
+def label(example: CotExample) -> str:
+    """How reports name an example: its source row when it has one (``row 12``), else its id."""
+    row = example.meta.get("row")
+    return f"row {row}" if row is not None else example.id
+
+
 class Filter(ABC):
     """A pipeline step that keeps or drops each example. ``reject`` returns a reason to drop, or None."""
 
@@ -86,7 +92,7 @@ class Filter(ABC):
             if reason is None:
                 yield example
             else:
-                stats.drop(example.id, reason)
+                stats.drop(label(example), reason)
 
 
 class WellFormed(Filter):
@@ -179,7 +185,7 @@ class ExactDedup(Filter):
         first = self._seen.get(key)
         if first is not None:
             return f"same as {first}"
-        self._seen[key] = example.id
+        self._seen[key] = label(example)
         return None
 
 
@@ -197,7 +203,7 @@ class NearDedup(Filter):
         self._index = NearDuplicateIndex(self.threshold, self.num_perm, self.seed)
 
     def reject(self, example: CotExample) -> str | None:
-        hit = self._index.add(example.id, example.question + "\n" + example.answer)
+        hit = self._index.add(label(example), example.question + "\n" + example.answer)
         return None if hit is None else f"{hit[1]:.2f} similar to {hit[0]}"
 
 
