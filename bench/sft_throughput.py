@@ -1,0 +1,160 @@
+"""Training tokens/s of the SFT path (TRL SFTTrainer, as ``marco sft`` runs it) against a bare PyTorch loop.
+
+Both train the same model on the same tokenized CoT examples (MGSM exemplars in Marco-o1's format, loss on
+assistant tokens only), with the same batch size, sequence length, optimizer (AdamW, clipping at 1.0) and
+number of steps, in one process (nproc 1). Throughput counts non-padding input tokens per second over the
+steps after the warm-up ones. Runs alternate (bare, sft, sft, bare, …) so drift in machine load hits both;
+each path's best run is compared.
+
+    PYTHONPATH=. .venv/bin/python bench/sft_throughput.py [--steps 5] [--batch-size 2] [--max-length 192]
+
+Last line: ``sft_vs_bare_throughput: X`` (SFT tokens/s ÷ bare tokens/s; target ≥ 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from marco.data import CotExample, chat, format_answer, write_jsonl  # noqa: E402
+from marco.sft.base_model import resolve_base  # noqa: E402
+from marco.sft.config import SFTConfig  # noqa: E402
+
+
+def data_dir() -> Path:
+    env = os.environ.get("MARCO_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def mgsm_examples() -> list[CotExample]:
+    """Every MGSM exemplar (8 per language) as a CoT example: the worked solution is the thought."""
+    import json
+    import re
+
+    answers = json.loads((data_dir() / "mgsm" / "exemplars.json").read_text())["EXEMPLAR_NUMBER_ANSWERS"]
+    out = []
+    for path in sorted((data_dir() / "mgsm").glob("mgsm_exemplars_*.tsv")):
+        lang = path.stem.rsplit("_", 1)[-1]
+        with path.open(encoding="utf-8") as f:
+            for i, (question, solution) in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
+                # Drop the "Question:" / "Step-by-Step Answer:" labels (full-width colon in Chinese/Japanese).
+                question = re.split(r"[:：]", question, maxsplit=1)[-1].strip()
+                solution = re.split(r"[:：]", solution, maxsplit=1)[-1].strip()
+                answer = str(answers[i % len(answers)])
+                out.append(
+                    CotExample(f"{lang}-{i}", chat(question, format_answer(solution, answer)), "bench", lang)
+                )
+    if not out:
+        raise SystemExit(f"no MGSM exemplars under {data_dir()}; set MARCO_DATA_DIR")
+    return out
+
+
+def throughput(step_ends: list[float], step_tokens: list[int], warmup: int) -> tuple[int, float]:
+    """Tokens and seconds of the steps after ``warmup`` (the clock starts when the last warm-up step ends)."""
+    tokens = sum(step_tokens[warmup:])
+    return tokens, step_ends[-1] - step_ends[warmup - 1]
+
+
+def run_sft_path(config: SFTConfig, warmup: int) -> tuple[int, float]:
+    from marco.sft.train import _StepClock, build_trainer
+
+    clock = _StepClock()
+    trainer, _ = build_trainer(config, callbacks=[clock])
+    trainer.train()
+    cumulative = [int(h["num_tokens"]) for h in trainer.state.log_history if "loss" in h]
+    step_tokens = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative)]
+    return throughput(clock.step_ends, step_tokens, warmup)
+
+
+def run_bare_loop(config: SFTConfig, warmup: int) -> tuple[int, float]:
+    """A hand-written loop: same tokenization and masks, pad-to-longest batches, AdamW, grad clipping."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from marco.sft.data import load_chats
+    from marco.sft.masking import tokenize_chats
+
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_path)
+    model = AutoModelForCausalLM.from_pretrained(config.base_path, dtype=torch.float32)
+    model.train()
+    cols = tokenize_chats(tokenizer, load_chats(config.data), config.max_length)
+    rows = list(zip(cols["input_ids"], cols["assistant_masks"]))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+
+    step_ends: list[float] = []
+    step_tokens: list[int] = []
+    for step in range(config.max_steps):
+        batch = [rows[order[(step * config.batch_size + j) % len(rows)]] for j in range(config.batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for r, (ids, mask) in enumerate(batch):
+            t = torch.tensor(ids)
+            input_ids[r, : len(ids)] = t
+            attention[r, : len(ids)] = 1
+            labels[r, : len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, -100)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_ends.append(time.perf_counter())
+        step_tokens.append(int(attention.sum()))
+    return throughput(step_ends, step_tokens, warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="smollm2")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each path (alternating order)")
+    args = parser.parse_args()
+    if not 1 <= args.warmup < args.steps:
+        raise SystemExit("need 1 <= --warmup < --steps")
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "mgsm_cot.jsonl"
+        write_jsonl(mgsm_examples(), data)
+        config = SFTConfig(
+            data=str(data), base=args.base, output_dir=str(Path(tmp) / "out"), max_steps=args.steps,
+            batch_size=args.batch_size, max_length=args.max_length, learning_rate=1e-5, lr_scheduler="constant",
+        )  # fmt: skip
+        config.base_path = resolve_base(config.base)
+        runs: dict[str, list[tuple[int, float]]] = {"bare": [], "sft": []}
+        for i in range(args.repeats):
+            for path in ("bare", "sft") if i % 2 == 0 else ("sft", "bare"):
+                fn = run_bare_loop if path == "bare" else run_sft_path
+                runs[path].append(fn(config, args.warmup))
+
+    print(f"threads={torch.get_num_threads()} steps={args.steps} warmup={args.warmup} "
+          f"batch={args.batch_size} max_length={args.max_length} base={args.base}")  # fmt: skip
+    print(f"{'path':<6} {'run':>3} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+    best: dict[str, float] = {}
+    for path, results in runs.items():
+        for i, (tokens, seconds) in enumerate(results):
+            print(f"{path:<6} {i:>3} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>9.1f}")
+        best[path] = max(t / s for t, s in results)
+    print(f"sft_vs_bare_throughput: {best['sft'] / best['bare']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
