@@ -34,9 +34,16 @@ class BackendCache:
         self._loader = loader
         self._backends: dict[str, Backend] = {}
 
-    def get(self, spec: str) -> Backend:
+    def get(self, spec: str, store: "Store | None" = None) -> Backend:
+        """The backend for ``spec``; ``checkpoint:ID`` resolves through ``store`` when given."""
         if spec not in self._backends:
-            self._backends[spec] = self._loader(spec)
+            if store is not None and spec.startswith("checkpoint:"):
+                from marco.llm import checkpoint_resolver
+
+                with checkpoint_resolver(store.checkpoint_path):
+                    self._backends[spec] = self._loader(spec)
+            else:
+                self._backends[spec] = self._loader(spec)
         return self._backends[spec]
 
     def put(self, spec: str, backend: Backend) -> None:
@@ -74,6 +81,8 @@ def execute_job(
     claim = store.claim_job(job_id, worker, lease_s)
     if claim is None:
         return JobOutcome(job_id, "skipped", error="job is held by another worker or has already ended")
+    if claim.kind in JOB_RUNNERS:  # synthesis and training jobs (issue 5) have runners of their own
+        return _run_other_kind(store, claim, backends, worker, lease_s, t0)
     outcome = JobOutcome(job_id, "running", attempts=claim.attempts)
     sink = StoreSink(store, job_id=job_id, worker=worker, lease_s=lease_s)
     try:
@@ -85,7 +94,7 @@ def execute_job(
         configs = {c.label: c for c in (SearchConfig.from_dict(d) for d in batch.config.get("searches", []))}
         problems = store.job_problems(job_id)
         by_key = {(str(s.problem_id), s.label): s for s in store.job_searches(job_id)}
-        backend = backends.get(spec)
+        backend = backends.get(spec, store=store)
 
         for label, config in configs.items():
             malformed = [by_key[(pid, label)] for pid, p in problems if p.error and (pid, label) in by_key]
@@ -121,4 +130,28 @@ def execute_job(
         outcome.status, outcome.error = "failed", reason
     outcome.elapsed_s = time.perf_counter() - t0
     outcome.store_s = sink.write_s
+    return outcome
+
+
+# --- job kinds other than `reason` (issue 5) -------------------------------------------------------------
+# kind -> "module:function"; the function takes (store, claim, backends, worker, lease_s) and returns a
+# JobOutcome once the job has ended (it owns finishing or failing the job it was handed, already claimed).
+JOB_RUNNERS: dict[str, str] = {
+    "synthesize": "marco.synthesis.job:run_synthesis_job",
+    "train": "marco.pipeline.training:run_training_job",
+}
+
+
+def _run_other_kind(store: Store, claim, backends: BackendCache, worker: str, lease_s: float, t0: float) -> JobOutcome:  # type: ignore[no-untyped-def]
+    import importlib
+
+    module, _, name = JOB_RUNNERS[claim.kind].partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as exc:
+        reason = f"no runner for {claim.kind} jobs ({type(exc).__name__}: {exc})".splitlines()[0]
+        store.fail_job(claim.id, reason, worker=worker)
+        return JobOutcome(claim.id, "failed", attempts=claim.attempts, error=reason)
+    outcome: JobOutcome = fn(store, claim, backends, worker, lease_s)
+    outcome.elapsed_s = time.perf_counter() - t0
     return outcome

@@ -79,8 +79,8 @@ def import_cot_cmd(
 
 @app.command("sft")
 def sft_cmd(
-    data: str = typer.Option(..., "--data", help="Training chats: a `datasets` directory, a .jsonl or a .parquet file."),
-    base: str = typer.Option("smollm2", "--base", help="Base model: smollm2, a .gguf file, a model directory or hub id."),
+    data: str = typer.Option(..., "--data", help="Training chats: a `datasets` directory, a .jsonl or .parquet file, or synthesis:RUN (a stored synthesis run, its name, or the batch it came from)."),
+    base: str = typer.Option("smollm2", "--base", help="Base model: smollm2, a .gguf file, a model directory, hub id or checkpoint:ID."),
     out: Path = typer.Option(Path("runs/sft"), "--out", help="Output directory (the checkpoint and its logs)."),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged into the saved checkpoint)."),
     lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank."),
@@ -94,13 +94,23 @@ def sft_cmd(
     max_length: int = typer.Option(1024, "--max-length", help="Tokens per example (longer ones are truncated)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the training batch."),
+    queue: Optional[bool] = typer.Option(None, "--queue/--in-process", help="Run on the `train` queue (default when $MARCO_BROKER_URL is set)."),
+    wait: bool = typer.Option(False, "--wait", help="With --queue: wait for the job and print its result."),
+    db: Optional[str] = typer.Option(None, "--db", envvar="MARCO_DATABASE_URL", help="Store URL (default sqlite:///marco.db): the run and its checkpoint are recorded there."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Fine-tune a model on CoT chats (loss on assistant tokens only) and save a loadable checkpoint.
+    """Fine-tune a model on CoT chats (loss on assistant tokens only), save a loadable checkpoint and register
+    it in the store with its lineage (use it anywhere as --model checkpoint:ID).
 
-    Example: marco sft --data data/openo1 --base smollm2 --lora --nproc 2 --max-steps 200 --out runs/sft1
+    Example: marco sft --data synthesis:mgsm-en --base smollm2 --lora --nproc 2 --max-steps 200 --out runs/sft1
     """
-    from marco.sft import SFTConfig, run_sft
+    # issue 5: every run is a stored `train` job (a training_runs row, the checkpoint in `models`)
+    from marco.cli.db import open_store
+    from marco.cli.synthesize import queue_mode, run_inline, wait_batch
+    from marco.pipeline.training import plan_training, training_run_id
+    from marco.sft import SFTConfig
+    from marco.store import StoreError
 
     if out.exists() and (out / "config.json").exists():
         fail(f"{out} already holds a checkpoint; choose a new --out directory")
@@ -110,17 +120,42 @@ def sft_cmd(
             max_steps=max_steps, epochs=epochs, learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum,
             max_length=max_length, seed=seed, nproc=nproc, device=device,
         )  # fmt: skip
-        console = Console(stderr=True)
-        with console.status(f"fine-tuning {base} on {data} ({nproc} process{'es' if nproc > 1 else ''})…"):
-            result = run_sft(config)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    store = open_store(db)
+    dispatcher = queue_mode(queue)
+    try:
+        if base.startswith("checkpoint:"):
+            store.checkpoint_path(base)
+        batch_id, job_id = plan_training(store, config, data, name=name)
+    except (FileNotFoundError, ValueError, StoreError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
+    run_id = training_run_id(job_id)
+    console = Console(stderr=True)
+    if dispatcher.distributed:
+        dispatcher.enqueue([(job_id, "train")])
+        console.print(f"training run {run_id} enqueued on `train` (batch {batch_id})", highlight=False)
+        if not wait:
+            typer.echo(run_id)
+            return
+        wait_batch(store, batch_id)
+    else:
+        with console.status(f"fine-tuning {base} on {data} ({nproc} process{'es' if nproc > 1 else ''})…"):
+            outcome = run_inline(store, job_id)
+        if outcome.status != "done":
+            fail(str(outcome.error or outcome.status).split(": ", 1)[-1])
+    run = store.get_training_run(run_id)
+    if run.status != "done":
+        fail(f"training run {run_id} {run.status}: {run.error}")
+    model = f"checkpoint:{run.output_model_id}"
     if as_json:
-        typer.echo(json.dumps({"checkpoint": result.checkpoint, "losses": result.losses, "metrics": result.metrics}))
+        typer.echo(json.dumps({"checkpoint": run.checkpoint, "losses": run.losses, "metrics": run.metrics,
+                               "model": model, "training_run": run_id}))  # fmt: skip
         return
-    m = result.metrics
-    typer.echo(f"checkpoint: {result.checkpoint}")
+    m = run.metrics
+    typer.echo(f"checkpoint: {run.checkpoint}")
+    typer.echo(f"model: {model}   (training run {run_id})")
     typer.echo(
         f"steps {m['steps']}  loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}  "
-        f"tokens {m['tokens']}  {result.tokens_per_s:.1f} tokens/s  on {m['world_size']} process(es)"
+        f"tokens {m['tokens']}  {m['tokens_per_s']:.1f} tokens/s  on {m['world_size']} process(es)"
     )

@@ -37,6 +37,17 @@ def open_store(url: str | None, upgrade: bool = True):  # type: ignore[no-untype
         fail(str(exc))
 
 
+def load_model(spec: str, store):  # type: ignore[no-untyped-def]
+    """``load_backend(spec)``, with ``checkpoint:ID`` resolved through ``store``; a bad spec exits 1."""
+    from marco.llm import checkpoint_resolver, load_backend
+
+    try:
+        with checkpoint_resolver(store.checkpoint_path):
+            return load_backend(spec)
+    except (StoreError, FileNotFoundError) as exc:
+        fail(str(exc).splitlines()[0])
+
+
 @db_app.command("upgrade")
 def upgrade(
     db: str = DbOption,

@@ -70,7 +70,7 @@ def run(
     Example: marco run --dataset mgsm --lang en,zh --limit 8 --strategy mcts --action ministep:32
     """
     from marco.jobs import BackendCache, execute_job
-    from marco.llm import load_backend
+    from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
     console = Console()
@@ -86,7 +86,7 @@ def run(
             console.print(f"[yellow]skipped {p.key}:[/yellow] {p.error}")
     store = open_store(db)
     with console.status(f"loading {model}…"):
-        backend = load_backend(model)
+        backend = load_model(model, store)
     # Every run is a stored batch (its problems, jobs and searches), executed job by job in-process through
     # the same code path as the queue workers.
     plan = store.create_batch(problems, [config], model=model, task=dataset, chunk_size=chunk)

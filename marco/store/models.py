@@ -203,3 +203,66 @@ class NodeRow(_Row, Base):
     terminal: Mapped[bool] = mapped_column(Boolean, default=False)
     answer: Mapped[str | None] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
+
+
+# --- data loop (issue 5): synthesised CoT examples and training runs ------------------------------------
+COT_KINDS = ("sft", "preference")
+TRAINING_STATUSES = ("queued", "running", "done", "failed")
+
+
+class CotExampleRow(_Row, Base):
+    """One CoT training example synthesised from a stored search path (``kind`` sft), or a preference pair
+    (``kind`` preference: ``messages`` ends with the preferred answer, ``rejected`` holds the other one).
+
+    ``run_id`` is the synthesis batch that made it; ``search_id``/``node_path`` say exactly which tree path
+    it came from, so every training example can be traced back to the nodes that produced it.
+    """
+
+    __tablename__ = "cot_examples"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", COT_KINDS), name="kind"),
+        Index(None, "run_id", "kind"),
+        Index(None, "dataset", "lang"),
+    )
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16), default="sft")
+    source_batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"), index=True)
+    search_id: Mapped[str | None] = mapped_column(ForeignKey("searches.id", ondelete="SET NULL"), index=True)
+    problem_id: Mapped[str | None] = mapped_column(IdType)
+    node_path: Mapped[list[str]] = mapped_column(JsonDoc, default=list)  # node ids root → answer
+    messages: Mapped[list[dict[str, str]]] = mapped_column(JsonDoc, default=list)
+    rejected: Mapped[str | None] = mapped_column(Text)  # preference pairs: the dispreferred answer
+    rejected_search_id: Mapped[str | None] = mapped_column(IdType)
+    rejected_path: Mapped[list[str]] = mapped_column(JsonDoc, default=list)
+    answer: Mapped[str | None] = mapped_column(Text)
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+    quality: Mapped[float] = mapped_column(Float, default=1.0)  # the path's value (mean token confidence)
+    dataset: Mapped[str | None] = mapped_column(String(100))
+    lang: Mapped[str] = mapped_column(String(32), default="")
+    meta: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+
+
+class TrainingRun(_Row, Base):
+    """One SFT run: base model, data, hyperparameters, loss per step, final metrics, checkpoint."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (CheckConstraint(_one_of("status", TRAINING_STATUSES), name="status"),)
+
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"), index=True)
+    job_id: Mapped[str | None] = mapped_column(IdType)
+    base: Mapped[str] = mapped_column(String(500))  # the base model spec as given
+    base_model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"))
+    output_model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"), index=True)
+    data: Mapped[str] = mapped_column(Text)  # the data source as given (a path, or synthesis:ID)
+    data_path: Mapped[str | None] = mapped_column(Text)  # what training read
+    synthesis_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"))
+    n_examples: Mapped[int | None] = mapped_column(Integer)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    losses: Mapped[list[float]] = mapped_column(JsonDoc, default=list)  # loss per optimizer step
+    metrics: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    checkpoint: Mapped[str | None] = mapped_column(Text)  # directory `from_pretrained` loads
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -21,6 +21,7 @@ from marco.search.tree import Node, Tree, make_id
 from marco.store import migrate
 from marco.store.db import StoreError, check_connection, make_engine, make_session_factory
 from marco.store.models import Batch, Job, Model, NodeRow, ProblemRow, Search
+from marco.store.training import TrainingStoreMixin  # issue 5: cot_examples, training_runs, checkpoints
 from marco.tasks.base import Problem
 
 NODE_TABLE = NodeRow.__table__
@@ -163,7 +164,7 @@ def _chunks(rows: Sequence[dict[str, Any]], size: int = _INSERT_CHUNK) -> Iterab
         yield rows[start : start + size]
 
 
-class Store:
+class Store(TrainingStoreMixin):
     """The project's database: one per URL/engine. Thread-safe like its engine; cheap to share.
 
     ``Store.open(url)`` checks that the database answers and brings its schema to the latest migration.
@@ -219,6 +220,8 @@ class Store:
         meta: dict[str, Any] | None = None,
     ) -> str:
         """The id of the model with ``spec`` (created on first use)."""
+        if spec.startswith("checkpoint:"):  # a trained checkpoint is registered with its lineage (issue 5)
+            return str(self.get_checkpoint(spec).id)
         model_id = make_id("model", spec)
         row = {
             "id": model_id,

@@ -1,0 +1,116 @@
+"""Synthesis as a stored job: plan it (a ``synthesize`` batch with one job), run it, export its examples.
+
+The job reads completed searches from the store, writes its examples to ``cot_examples`` (deterministic
+ids: a rerun writes nothing twice), keeps its filter report in ``batches.config["result"]`` and, when the
+job names them, writes a ``datasets`` directory and a JSONL file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from marco.data.examples import save_dataset, write_jsonl
+from marco.synthesis.build import example_row, pair_row, row_to_example, row_to_pair, synthesize
+from marco.synthesis.config import SynthesisConfig, SynthesisResult
+from marco.synthesis.lease import LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+EXPORT_KEYS = ("out", "jsonl", "pairs_out", "pairs_jsonl")
+
+
+def plan_synthesis(
+    store: Any,
+    config: SynthesisConfig,
+    *,
+    name: str | None = None,
+    exports: dict[str, str | None] | None = None,
+    extra: dict[str, Any] | None = None,
+    priority: int = 0,
+    batch_id: str | None = None,
+) -> tuple[str, str]:
+    """Write a ``synthesize`` batch and its job; returns ``(run_id, job_id)``. Batch names are resolved to
+    ids now, so a typo fails here rather than in a worker."""
+    sources = [store.resolve_batch(b) for b in config.batches]
+    config = SynthesisConfig.from_dict({**config.to_dict(), "batches": sources})
+    paths = {k: (str(Path(v).resolve()) if v else None) for k, v in (exports or {}).items() if k in EXPORT_KEYS}
+    payload = {"synthesis": config.to_dict(), **paths}
+    return store.create_stage_batch(
+        "synthesize", payload, name=name, dataset=config.dataset, priority=priority, batch_id=batch_id,
+        config={"source_batches": sources, "synthesis": config.to_dict(), **(extra or {})},
+    )  # fmt: skip
+
+
+def write_result(store: Any, result: SynthesisResult) -> None:
+    rows = [example_row(result.run_id, e) for e in result.examples]
+    rows += [pair_row(result.run_id, p, i) for i, p in enumerate(result.pairs)]
+    store.write_cot_examples(rows)
+
+
+def export_run(
+    store: Any,
+    run_id: str,
+    out: str | None = None,
+    jsonl: str | None = None,
+    pairs_out: str | None = None,
+    pairs_jsonl: str | None = None,
+) -> dict[str, int]:
+    """Write a run's stored examples (and pairs) as a ``datasets`` directory and/or JSONL; returns counts."""
+    written: dict[str, int] = {}
+    if out or jsonl:
+        examples = [row_to_example(r) for r in store.cot_examples(run_id, "sft")]
+        if out:
+            save_dataset(examples, out)
+            written["out"] = len(examples)
+        if jsonl:
+            written["jsonl"] = write_jsonl(examples, jsonl)
+    if pairs_out or pairs_jsonl:
+        pairs = [row_to_pair(r) for r in store.cot_examples(run_id, "preference")]
+        if pairs_out:
+            if not pairs:
+                raise ValueError("no preference pair was made (a problem needs a correct and a wrong path)")
+            save_dataset(pairs, pairs_out)
+            written["pairs_out"] = len(pairs)
+        if pairs_jsonl:
+            written["pairs_jsonl"] = write_jsonl(pairs, pairs_jsonl)
+    return written
+
+
+def run_synthesis(store: Any, run_id: str, payload: dict[str, Any]) -> SynthesisResult:
+    """Synthesise, store and export one run (the body of a synthesis job)."""
+    config = SynthesisConfig.from_dict(payload.get("synthesis") or {})
+    result = synthesize(store, config, run_id)
+    if not result.examples:
+        steps = ", ".join(f"{s.name} removed {s.removed}" for s in result.report.steps if s.removed)
+        raise ValueError(
+            f"no example passed the filters ({result.searches} completed searches"
+            f"{'; ' + steps if steps else ''}): loosen the filters or reason over more problems"
+        )
+    write_result(store, result)
+    exports = {k: payload.get(k) for k in EXPORT_KEYS}
+    written = export_run(store, run_id, **exports) if any(exports.values()) else {}
+    store.set_batch_result(run_id, {**result.summary(), "exports": {k: v for k, v in exports.items() if v}, "written": written})
+    return result
+
+
+def run_synthesis_job(store: Any, claim: Any, backends: Any, worker: str, lease_s: float) -> Any:
+    """The ``synthesize`` job runner :func:`marco.jobs.execute_job` hands claimed jobs to."""
+    from marco.jobs import JobOutcome
+
+    outcome = JobOutcome(claim.id, "running", attempts=claim.attempts)
+    try:
+        with LeaseKeeper(store, claim.id, worker, lease_s) as lease:
+            result = run_synthesis(store, claim.batch_id, claim.payload)
+        if lease.lost:
+            outcome.status, outcome.error = "lost", f"job {claim.id} lost its lease; another worker owns it now"
+            return outcome
+        store.finish_job(claim.id, worker=worker)
+        outcome.status, outcome.searches = "done", result.searches
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.exception("synthesis job %s failed", claim.id)
+        store.fail_job(claim.id, reason, worker=worker)
+        outcome.status, outcome.error = "failed", reason
+    return outcome
