@@ -115,7 +115,7 @@ def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url
     url = pg_database()
     store = Store.open(url)
     env = {
-        "MARCO_BROKER_URL": redis_url, "MARCO_DATABASE_URL": url, "MARCO_LEASE_SECONDS": "30",
+        "MARCO_BROKER_URL": redis_url, "MARCO_DATABASE_URL": url, "MARCO_LEASE_SECONDS": "120",
         "MARCO_PRELOAD_MODELS": "smollm2", "MARCO_DATA_DIR": str(DATA), "OMP_NUM_THREADS": "2",
     }  # fmt: skip
     worker = start_worker(env, tmp_path / "logs", name="pipe", queues="reason,synthesize,train")
@@ -141,7 +141,9 @@ def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url
     before = sorted((p.dataset, p.lang, p.index) for _, p in store.batch_rows(str(batches["test_before"].id)))
     after = sorted((p.dataset, p.lang, p.index) for _, p in store.batch_rows(str(batches["test_after"].id)))
     assert before == after and len(before) == 2
-    assert len(report["training"]["losses"]) == 2 and report["synthesis"]["examples"] == 2
+    examples = store.cot_examples(report["synthesis"]["run_id"])
+    assert len(report["training"]["losses"]) == 2 and report["synthesis"]["examples"] == len(examples) >= 1
+    assert {str(e.source_batch_id) for e in examples} == {str(batches["train_reason"].id)}
     for key in ("before", "after"):
         m = report[key]
         assert m["done"] == 2 and m["tokens"] > 0 and m["accuracy"] is not None and m["mean_confidence"] is not None
