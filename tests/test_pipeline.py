@@ -144,9 +144,12 @@ def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url
     examples = store.cot_examples(report["synthesis"]["run_id"])
     assert len(report["training"]["losses"]) == 2 and report["synthesis"]["examples"] == len(examples) >= 1
     assert {str(e.source_batch_id) for e in examples} == {str(batches["train_reason"].id)}
-    for key in ("before", "after"):
-        m = report[key]
-        assert m["done"] == 2 and m["tokens"] > 0 and m["accuracy"] is not None and m["mean_confidence"] is not None
+    for key, stage in (("before", "test_before"), ("after", "test_after")):
+        m, rows = report[key], [s for s, _ in store.batch_rows(str(batches[stage].id))]
+        assert m["done"] == 2 and m["tokens"] == sum(s.tokens for s in rows) > 0
+        assert m["accuracy"] == pytest.approx(sum(bool(s.correct) for s in rows) / 2)
+        confs = [s.confidence for s in rows if s.confidence is not None]  # None: no search reached an answer
+        assert m["mean_confidence"] == (pytest.approx(sum(confs) / len(confs)) if confs else None)
     assert report["delta"]["tokens_per_problem"] == pytest.approx(
         report["after"]["tokens_per_problem"] - report["before"]["tokens_per_problem"])
     written = json.loads((Path(spec.out).resolve() / f"t-{pid[:8]}" / "report.json").read_text())
