@@ -119,8 +119,15 @@ def execute_job(
             outcome.answered += sum(r.answer is not None for r in results)
             outcome.correct += sum(r.correct is True for r in results)
             outcome.tokens += sum(r.tokens for r in results)
-        store.finish_job(job_id, worker=worker)
-        outcome.status = "done"
+        bad = [p for _, p in problems if p.error]
+        if bad:
+            # the well-formed problems are searched and kept; the job itself fails with the rows' reasons
+            reason = f"{len(bad)} malformed problem row(s): " + "; ".join(f"{p.key}: {p.error}" for p in bad[:5])
+            store.fail_job(job_id, reason, worker=worker)
+            outcome.status, outcome.error = "failed", reason
+        else:
+            store.finish_job(job_id, worker=worker)
+            outcome.status = "done"
     except LeaseLost as exc:
         outcome.status, outcome.error = "lost", str(exc)
     except Exception as exc:  # the job fails with its reason; the worker goes on with the next job

@@ -137,6 +137,7 @@ def test_malformed_row_fails_with_its_reason_and_the_rest_completes(store, worke
     bad = rows[1]
     assert "is not a number" in bad[1]
     assert bad[2] == "failed" and "is not a number" in bad[3]
+    assert bad[4] == "failed" and "is not a number" in bad[5]  # its job fails with the row's reason
     assert [r[2] for r in (rows[0], rows[2])] == ["done", "done"]
     assert [r[4] for r in (rows[0], rows[2])] == ["done", "done"]
 

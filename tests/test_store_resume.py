@@ -88,7 +88,9 @@ def test_malformed_problem_fails_its_search_and_the_job_goes_on(store: Store) ->
     backends = BackendCache()
     backends.put("scripted", ScriptedBackend())
     outcome = execute_job(store, plan.job_ids[0], backends, worker="w")
-    assert outcome.status == "done" and outcome.searches == 2
+    # the job fails with the malformed row's reason, after searching the well-formed problem
+    assert outcome.status == "failed" and outcome.searches == 2
+    assert "mgsm/en/1: line 2: missing answer column" in (outcome.error or "")
     good, bad = (store.get_search(s) for s in plan.search_ids)
     assert good.status == "done" and good.final_answer is not None
     assert bad.status == "failed" and bad.error == "line 2: missing answer column"

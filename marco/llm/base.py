@@ -32,6 +32,7 @@ class GenerationRequest:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
 
 
 @dataclass

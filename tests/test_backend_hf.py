@@ -1,0 +1,85 @@
+"""The transformers backend on the real SmolLM2 model (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from marco.confidence import token_confidences
+from marco.llm.base import GenerationRequest
+from marco.search.base import SearchConfig
+from marco.search.driver import LockstepDriver
+from marco.tasks import get_task
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is 2 + 3?",
+    "Tom has 5 apples and eats 2. How many apples are left?",
+    "A box holds 6 eggs. How many eggs are in 3 boxes? Explain briefly.",
+]
+
+
+def prompts(backend):
+    return [backend.apply_chat_template([{"role": "user", "content": q}], "<Thought>\n") for q in QUESTIONS]
+
+
+def test_top5_logprobs_match_an_independent_forward_pass(smollm2):
+    prompt = prompts(smollm2)[1]
+    gen = smollm2.generate([GenerationRequest(prompt, 24, temperature=0.9, seed=5)])[0][0]
+    assert gen.num_tokens == len(gen.logprobs) == len(gen.top_logprobs) > 0
+    full = torch.tensor([prompt + gen.token_ids])
+    with torch.inference_mode():
+        logp = smollm2.model(full).logits[0].float().log_softmax(-1)
+    rows = logp[len(prompt) - 1 : len(prompt) - 1 + gen.num_tokens]
+    top = rows.topk(5, dim=-1)
+    np.testing.assert_allclose(np.array(gen.top_logprobs), top.values.numpy(), atol=2e-4)
+    assert [r[0] for r in gen.top_ids] == top.indices[:, 0].tolist()
+    chosen = rows.gather(1, torch.tensor(gen.token_ids)[:, None])[:, 0].numpy()
+    # raw log-probabilities: the sampling temperature (0.9) does not change them
+    np.testing.assert_allclose(np.array(gen.logprobs), chosen, atol=2e-4)
+    conf = token_confidences(gen.logprobs, gen.top_logprobs)
+    assert all(0.0 < c <= 1.0 + 1e-9 for c in conf)
+
+
+def test_greedy_batched_equals_greedy_single_and_generate(smollm2):
+    ps = prompts(smollm2)
+    single = [smollm2.generate([GenerationRequest(p, 32)])[0][0] for p in ps]
+    batched = [g[0] for g in smollm2.generate([GenerationRequest(p, 32) for p in ps])]
+    for s, b in zip(single, batched):
+        assert s.token_ids == b.token_ids
+    ids = torch.tensor([ps[0]])
+    with torch.inference_mode():
+        ref = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+    ref_ids = ref[0, len(ps[0]) :].tolist()
+    assert single[0].token_ids[: len(ref_ids)] == ref_ids
+
+
+def test_a_sample_does_not_depend_on_its_batch_and_stop_strings_end_rows(smollm2):
+    ps = prompts(smollm2)
+    req = GenerationRequest(ps[1], 40, stop=("\n",), temperature=0.8, top_p=0.95, n=3, seed=11)
+    alone = smollm2.generate([req])[0]
+    together = smollm2.generate([GenerationRequest(ps[2], 30, temperature=0.5, seed=1), req])[1]
+    assert [g.token_ids for g in alone] == [g.token_ids for g in together]
+    assert len({tuple(g.token_ids) for g in alone}) > 1  # n samples differ
+    for g in alone:
+        assert g.finish_reason in ("stop", "length")
+        if g.finish_reason == "stop" and not g.text.endswith("<|im_end|>"):
+            assert g.text.endswith("\n") and "\n" not in g.text[:-1]
+        if g.finish_reason == "length":
+            assert g.num_tokens == 40
+
+
+def test_mcts_ministep32_on_an_mgsm_problem_finishes_within_budget_with_a_scored_answer(smollm2, data_dir):
+    task = get_task("mgsm")
+    problem = task.load(str(data_dir), ["en"], 1)[0]
+    config = SearchConfig(strategy="mcts", action="ministep:32", budget=320, children=2, max_answer_tokens=128)
+    driver = LockstepDriver(smollm2, task, config)
+    result = driver.run([problem])[0]
+    assert 0 < result.tokens <= 320
+    assert result.score is not None and result.correct in (True, False)
+    assert result.answer is not None
+    ministeps = [n for n in result.tree if n.kind == "ministep"]
+    assert ministeps and all(n.num_tokens == 32 for n in ministeps if any(c.kind == "rollout" for c in n.children))
+    assert driver.stats.backend_calls == result.rounds
