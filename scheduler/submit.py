@@ -51,12 +51,21 @@ def load_problems(request: SubmitRequest) -> list[Problem]:
     return problems
 
 
+def check_model(store: Any, model: str) -> None:
+    """Fail before anything is written when ``model`` is ``checkpoint:ID`` and the store has no such checkpoint
+    (raises :class:`~marco.store.StoreError`). Other specs are resolved by the workers that load them."""
+    if model.startswith("checkpoint:"):
+        store.get_checkpoint(model)
+
+
 def submit(store: Any, dispatcher: Dispatcher, request: SubmitRequest, problems: Sequence[Problem] | None = None) -> Any:
     """Write the batch and enqueue its jobs; returns the store's ``BatchPlan``.
 
-    Raises :class:`~scheduler.dispatch.BrokerUnavailable` (nothing written) when the broker is down.
+    Raises :class:`~scheduler.dispatch.BrokerUnavailable` (nothing written) when the broker is down, and
+    :class:`~marco.store.StoreError` (nothing written) for a ``checkpoint:ID`` the store does not know.
     With an in-process dispatcher the jobs have run by the time this returns.
     """
+    check_model(store, request.model)
     dispatcher.check()
     problems = list(problems) if problems is not None else load_problems(request)
     plan = store.create_batch(

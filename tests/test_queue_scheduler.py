@@ -171,3 +171,51 @@ def test_ten_thousand_problems_are_planned_and_enqueued_in_seconds(pg_store: Sto
     pg_store.cancel_batch(plan.batch_id)
     assert len(plan.job_ids) == 2500 and queued >= 2500
     assert elapsed < 20, f"planning + enqueueing 10,000 problems took {elapsed:.1f}s"
+
+
+# --- an unknown checkpoint or model directory is one line and exit 1, before anything is written or loaded
+def test_submit_with_an_unknown_checkpoint_writes_nothing(pg_store: Store) -> None:
+    from marco.store import StoreError
+
+    before, recorder = count_batches(pg_store), Recorder()
+    request = SubmitRequest(task="demo", configs=[GREEDY], model="checkpoint:abcdef")
+    with pytest.raises(StoreError, match="no checkpoint 'abcdef'"):
+        submit(pg_store, recorder, request, problems(3, "ckpt"))
+    assert count_batches(pg_store) == before and recorder.sent == []
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load weights fails the test: these errors must come before a model loads."""
+    from marco.llm import hf
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(hf.HFBackend, "load", classmethod(refuse))
+    monkeypatch.delenv("MARCO_BROKER_URL", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["submit", "demo", "--strategy", "greedy", "--model", "checkpoint:abcdef"], "no checkpoint 'abcdef'"),
+        (["solve", "1 + 1?", "--strategy", "greedy", "--model", "checkpoint:nope"], "no checkpoint 'nope'"),
+        (["run", "--strategy", "greedy", "--model", "checkpoint:nope"], "no checkpoint 'nope'"),
+        (["run", "--strategy", "greedy", "--model", "/no/such/dir"], "no model directory at /no/such/dir"),
+    ],
+)
+def test_cli_bad_model_is_one_line_and_exit_1(
+    args: list[str], expect: str, pg_url: str, pg_store: Store, no_model_load: None
+) -> None:
+    from typer.testing import CliRunner
+
+    from marco.cli import app
+
+    before = count_batches(pg_store)
+    result = CliRunner().invoke(app, [*args, "--db", pg_url])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert count_batches(pg_store) == before

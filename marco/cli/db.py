@@ -44,7 +44,7 @@ def load_model(spec: str, store):  # type: ignore[no-untyped-def]
     try:
         with checkpoint_resolver(store.checkpoint_path):
             return load_backend(spec)
-    except (StoreError, FileNotFoundError) as exc:
+    except (StoreError, OSError) as exc:  # OSError: a missing file or directory, a hub id that cannot be fetched
         fail(str(exc).splitlines()[0])
 
 

@@ -123,9 +123,10 @@ def submit(
 
     Example: marco submit mgsm --lang en,zh --limit 50 --chunk 5 --strategy mcts --action ministep:32 --wait
     """
+    from marco.store import StoreError
     from marco.tasks import DataError
     from scheduler.dispatch import BrokerUnavailable, make_dispatcher
-    from scheduler.submit import SubmitRequest, load_problems
+    from scheduler.submit import SubmitRequest, check_model, load_problems
     from scheduler.submit import submit as do_submit
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
@@ -140,6 +141,10 @@ def submit(
         _fail(str(exc))
     settings = _settings()
     store = _open_store(db)
+    try:
+        check_model(store, model)  # an unknown checkpoint:ID fails here, before anything is written
+    except StoreError as exc:
+        _fail(f"{exc}; nothing was submitted")
     dispatcher = make_dispatcher(settings, store=store)
     try:
         dispatcher.check()
@@ -148,7 +153,7 @@ def submit(
     t0 = time.perf_counter()
     try:
         plan = do_submit(store, dispatcher, request, problems)
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, StoreError) as exc:
         _fail(f"{exc}; nothing was submitted")
     where = "enqueued" if dispatcher.distributed else "ran in-process"
     console.print(

@@ -74,5 +74,15 @@ def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64)
         folder, file = os.path.split(os.path.abspath(spec))
         config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows)
     else:
+        if _looks_like_path(spec) and not os.path.isdir(spec):
+            raise FileNotFoundError(
+                f"no model directory at {spec}: give smollm2, a .gguf file, a model directory, a Hugging Face id "
+                "or checkpoint:ID"
+            )
         config = HFConfig(model=spec, device=device, max_batch_rows=max_batch_rows)
     return HFBackend.load(config, name=spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub id (``namespace/name``), so a missing one fails here, not in the hub."""
+    return os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1 or os.path.exists(spec)
