@@ -83,3 +83,22 @@ def test_mcts_ministep32_on_an_mgsm_problem_finishes_within_budget_with_a_scored
     ministeps = [n for n in result.tree if n.kind == "ministep"]
     assert ministeps and all(n.num_tokens == 32 for n in ministeps if any(c.kind == "rollout" for c in n.children))
     assert driver.stats.backend_calls == result.rounds
+
+
+def test_prefix_cache_reuses_prefixes_without_changing_outputs(smollm2):
+    from marco.llm.hf import HFBackend
+
+    plain = HFBackend(smollm2.model, smollm2.tokenizer, "smollm2", prefix_cache_bytes=0)
+    cached = HFBackend(smollm2.model, smollm2.tokenizer, "smollm2")
+    ps = prompts(smollm2)
+    first = cached.generate([GenerationRequest(p, 16) for p in ps])
+    # continue each prompt from its own generation: the whole first part is in the cache now
+    longer = [p + g[0].token_ids for p, g in zip(ps, first)]
+    before = cached.prefix_cache.hits_tokens
+    a = cached.generate([GenerationRequest(p, 16, temperature=0.7, seed=3, n=2) for p in longer])
+    assert cached.prefix_cache.hits_tokens - before >= sum(len(p) for p in longer) - 16 * len(longer) - 16 * 3
+    b = plain.generate([GenerationRequest(p, 16, temperature=0.7, seed=3, n=2) for p in longer])
+    for ga, gb in zip(a, b):
+        for x, y in zip(ga, gb):
+            assert x.token_ids == y.token_ids
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-3)

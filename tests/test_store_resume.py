@@ -111,7 +111,5 @@ def test_resume_equals_uninterrupted_real_model(tmp_path, smollm2_backend: Backe
 
 
 @pytest.fixture(scope="module")
-def smollm2_backend() -> Backend:
-    from marco.llm import load_backend
-
-    return load_backend("smollm2")
+def smollm2_backend(smollm2) -> Backend:
+    return smollm2  # the session's one loaded model (tests/conftest.py)
