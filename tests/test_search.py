@@ -23,16 +23,16 @@ def problems(n: int = 4) -> list[Problem]:
     return [Problem("demo", "en", i, f"Question number {i}?", ("42",)) for i in range(n)]
 
 
-def run(config: SearchConfig, probs=None, backend=None, sink=None):
+def run(config: SearchConfig, probs=None, backend=None, sink=None, continuous=True):
     backend = backend or ScriptedBackend()
-    driver = LockstepDriver(backend, TASK, config, sink)
+    driver = LockstepDriver(backend, TASK, config, sink, continuous=continuous)
     return driver.run(probs or problems()), driver, backend
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sc", "bon", "mcts"])
 def test_one_batched_call_per_round_across_all_searches(strategy):
     config = SearchConfig(strategy=strategy, budget=400, n=3, children=2)
-    results, driver, backend = run(config, problems(5))
+    results, driver, backend = run(config, problems(5), continuous=False)
     assert len(backend.calls) == driver.stats.backend_calls
     width = {"greedy": 1, "sc": 3, "bon": 3, "mcts": 2}[strategy]
     assert backend.calls[0] == 5 * width  # every search's requests went into the first call together
@@ -197,3 +197,22 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(strategy, reflect):
             (n.id, n.token_ids, n.visits, n.value_sum) for n in b.tree
         ]
         assert (a.answer, a.final_node_id, a.tokens) == (b.answer, b.final_node_id, b.tokens)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+@pytest.mark.parametrize("strategy,reflect", [("mcts", False), ("mcts", True), ("sc", True), ("greedy", True)])
+def test_continuous_batching_gives_the_same_searches_as_rounds(strategy, reflect, chunk):
+    cfg = SearchConfig(strategy=strategy, budget=700, children=3, n=3, reflect=reflect, action="ministep:9")
+    rounds, _, _ = run(cfg, problems(4), continuous=False)
+    backend = ScriptedBackend()
+    backend.chunk = chunk  # requests complete a few at a time: searches move on while others decode
+    sink = RecordingSink()
+    cont, driver, _ = run(cfg, problems(4), backend=backend, sink=sink)
+    for a, b in zip(rounds, cont):
+        assert [(n.id, n.token_ids, n.visits, n.value_sum) for n in a.tree] == [
+            (n.id, n.token_ids, n.visits, n.value_sum) for n in b.tree
+        ]
+        assert (a.answer, a.tokens) == (b.answer, b.tokens)
+    written = {n.id for _, new, _ in sink.rounds for n in new}
+    assert written == {n.id for r in cont for n in r.tree}  # every node reached the sink
+    assert len(sink.finished) == 4

