@@ -102,3 +102,17 @@ def test_prefix_cache_reuses_prefixes_without_changing_outputs(smollm2):
         for x, y in zip(ga, gb):
             assert x.token_ids == y.token_ids
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-3)
+
+
+def test_continuous_batching_matches_round_by_round_lockstep(smollm2, data_dir):
+    task = get_task("mgsm")
+    problems = task.load(str(data_dir), ["en"], 3)
+    config = SearchConfig(strategy="mcts", action="ministep:16", budget=128, children=2, max_answer_tokens=32, seed=4)
+    trees = []
+    for continuous in (False, True):
+        smollm2.prefix_cache.clear()
+        driver = LockstepDriver(smollm2, task, config, continuous=continuous)
+        results = driver.run(problems)
+        trees.append([[(n.id, n.token_ids, n.visits) for n in r.tree] for r in results])
+        assert all(0 < r.tokens <= 128 for r in results)
+    assert trees[0] == trees[1]

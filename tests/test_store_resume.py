@@ -32,6 +32,18 @@ class CrashAfter:
         self.calls -= 1
         return self.backend.generate(requests)
 
+    def generate_continuous(self, requests, refill) -> None:
+        if getattr(self.backend, "generate_continuous", None) is None:
+            raise AttributeError("generate_continuous")
+
+        def dying_refill(done):
+            if self.calls == 0:
+                raise RuntimeError("worker killed")
+            self.calls -= 1
+            return refill(done)
+
+        return self.backend.generate_continuous(requests, dying_refill)
+
     def __getattr__(self, name: str):  # encode, decode, apply_chat_template
         return getattr(self.backend, name)
 
@@ -40,8 +52,26 @@ def _snapshot(nodes) -> list[tuple]:
     return [tuple(getattr(n, f) for f in FIELDS) for n in sorted(nodes, key=lambda n: n.seq)]
 
 
+def _same_trees(stored, reference, tolerance: float | None) -> bool:
+    """Equal node by node; with ``tolerance``, floats may differ by that much (a real model's cached
+    prefixes may have been computed in another batch, which moves log-probabilities in their last bits;
+    every token, id, text and count must still be identical)."""
+    left, right = _snapshot(stored), _snapshot(reference)
+    if tolerance is None or len(left) != len(right):
+        return left == right
+
+    def close(u, v) -> bool:
+        if isinstance(u, float) and isinstance(v, float):
+            return abs(u - v) <= tolerance
+        if isinstance(u, list) and isinstance(v, list) and len(u) == len(v) and u and isinstance(u[0], float):
+            return all(abs(a - b) <= tolerance for a, b in zip(u, v))
+        return u == v
+
+    return all(close(u, v) for x, y in zip(left, right) for u, v in zip(x, y))
+
+
 def _check_resume(store: Store, backend: Backend, problems: list[Problem], config: SearchConfig, crash_after: int,
-                  spec: str) -> None:
+                  spec: str, tolerance: float | None = None) -> None:
     plan = store.create_batch(problems, [config], model=spec, task="mgsm", chunk_size=len(problems))
     job = plan.job_ids[0]
 
@@ -64,7 +94,7 @@ def _check_resume(store: Store, backend: Backend, problems: list[Problem], confi
     assert second.attempts == 2
 
     for ref in reference:
-        assert _snapshot(store.load_nodes(ref.search_id)) == _snapshot(ref.tree), ref.search_id
+        assert _same_trees(store.load_nodes(ref.search_id), ref.tree, tolerance), ref.search_id
         row = store.get_search(ref.search_id)
         assert row.status == "done"
         assert row.final_answer == ref.answer and row.final_node_id == ref.final_node_id
@@ -107,7 +137,7 @@ def test_resume_equals_uninterrupted_real_model(tmp_path, smollm2_backend: Backe
     problems = [Problem("mgsm", "en", 0, "Tom has 3 apples and buys 2 more. How many apples does he have?", ("5",))]
     config = SearchConfig(strategy="mcts", action="ministep:8", budget=96, children=2, max_rounds=4, seed=1,
                           max_answer_tokens=24, max_step_tokens=16)
-    _check_resume(store, smollm2_backend, problems, config, crash_after=1, spec="smollm2")
+    _check_resume(store, smollm2_backend, problems, config, crash_after=1, spec="smollm2", tolerance=1e-4)
 
 
 @pytest.fixture(scope="module")

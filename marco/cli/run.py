@@ -64,8 +64,10 @@ def run(
     db: str = DbOption,
     chunk: int = typer.Option(64, "--chunk", help="Problems per job of the stored batch (searched in lockstep)."),
 ) -> None:
-    """Search every problem of a dataset in lockstep (one batched model call per round) and print a table
-    of accuracy (or chrF/BLEU) per language, tokens per problem and wall time.
+    """Search a dataset in lockstep and print accuracy (or chrF/BLEU) per language, tokens and time.
+
+    All problems advance together: one batched model call per round (continuous batching on backends
+    that support it). Every run is stored as a batch (see --db) for `marco traces` and `marco report`.
 
     Example: marco run --dataset mgsm --lang en,zh --limit 8 --strategy mcts --action ministep:32
     """
