@@ -82,7 +82,7 @@ def test_mcts_ministep32_on_an_mgsm_problem_finishes_within_budget_with_a_scored
     assert result.answer is not None
     ministeps = [n for n in result.tree if n.kind == "ministep"]
     assert ministeps and all(n.num_tokens == 32 for n in ministeps if any(c.kind == "rollout" for c in n.children))
-    assert driver.stats.backend_calls == result.rounds
+    assert len(driver.stats.widths) >= result.rounds  # one batch handed out per round of the search
 
 
 def test_prefix_cache_reuses_prefixes_without_changing_outputs(smollm2):

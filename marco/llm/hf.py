@@ -165,6 +165,18 @@ class HFBackend:
             if not batch.rows and not queue and not completed:
                 return results
 
+    def _stop_mask(self, stops: tuple[str, ...]) -> np.ndarray:
+        """Token ids whose text could complete one of ``stops`` (a cheap pre-filter before decoding)."""
+        mask = self._stop_masks.get(stops)
+        if mask is None:
+            if self._pieces is None:
+                vocab = len(self.tokenizer)
+                self._pieces = self.tokenizer.batch_decode([[t] for t in range(vocab)])
+            last_chars = {s[-1] for s in stops if s}
+            mask = np.array([any(c in p for c in last_chars) or "\ufffd" in p for p in self._pieces])
+            self._stop_masks[stops] = mask
+        return mask
+
     def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the prompts, reusing cached prefixes: returns the KV cache, last logits, mask and positions.
 
