@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
-from marco.llm.kvcache import PrefixKVCache
+from marco.llm.kvcache import PrefixKVCache, growing_cache
 
 
 @dataclass
@@ -183,8 +183,6 @@ class HFBackend:
         Row layout: ``[pad][cached prefix][pad][uncached suffix]``; pads are masked out, so a row's
         tokens need not be contiguous, and position ids count only real tokens.
         """
-        from transformers import DynamicCache
-
         device = self.device
         hits = [self.prefix_cache.lookup(p) if self.prefix_cache is not None else (None, 0) for p in prompts]
         cached = [m for _, m in hits]
@@ -200,7 +198,7 @@ class HFBackend:
             mask[k, lc + ls - len(suf) :] = 1
             positions[k, ls - len(suf) :] = torch.arange(m, m + len(suf))
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = DynamicCache(config=self.model.config)
+        cache = growing_cache(self.model.config)
         if lc:
             for layer in range(self.model.config.num_hidden_layers):
                 ref = next(e for e, _ in hits if e is not None)

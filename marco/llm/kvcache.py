@@ -112,3 +112,53 @@ class PrefixKVCache:
     @property
     def hit_rate(self) -> float:
         return self.hits_tokens / self.lookups_tokens if self.lookups_tokens else 0.0
+
+
+def growing_layer_class() -> type:
+    """A transformers ``DynamicLayer`` that appends into preallocated buffers (capacity doubles) rather
+    than concatenating the whole cache at every decode step, which is O(length) copying per token."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        _kbuf: torch.Tensor | None = None
+        _vbuf: torch.Tensor | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states
+                self._kbuf = self._vbuf = None
+                return self.keys, self.values
+            n, add = self.keys.shape[-2], key_states.shape[-2]
+            buf = self._kbuf
+            # reallocate when full, or when someone replaced the tensors (row selection, merges)
+            if buf is None or n + add > buf.shape[-2] or self.keys.data_ptr() != buf.data_ptr() or buf.shape[0] != self.keys.shape[0]:
+                cap = max(64, 2 * (n + add))
+                shape = (*self.keys.shape[:-2], cap, self.keys.shape[-1])
+                self._kbuf = self.keys.new_empty(shape)
+                self._vbuf = self.values.new_empty(shape)
+                self._kbuf[..., :n, :] = self.keys
+                self._vbuf[..., :n, :] = self.values
+            assert self._kbuf is not None and self._vbuf is not None
+            self._kbuf[..., n : n + add, :] = key_states
+            self._vbuf[..., n : n + add, :] = value_states
+            self.keys = self._kbuf[..., : n + add, :]
+            self.values = self._vbuf[..., : n + add, :]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+_GROWING: type | None = None
+
+
+def growing_cache(config: object):  # type: ignore[no-untyped-def]
+    """A ``DynamicCache`` whose layers grow in place (see :func:`growing_layer_class`)."""
+    global _GROWING
+    from transformers import DynamicCache
+
+    if _GROWING is None:
+        _GROWING = growing_layer_class()
+    cache = DynamicCache(config=config)
+    cache.layers = [_GROWING() for _ in cache.layers]
+    return cache
