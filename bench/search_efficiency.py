@@ -7,7 +7,7 @@
     every tree) against the same searches run one after another.
 
 Last line: ``mcts_vs_raw_throughput: X``.
-Usage: python bench/search_efficiency.py [--problems 16] [--budget 192] [--children 2] [--model smollm2]
+Usage: python bench/search_efficiency.py [--problems 16] [--budget 768] [--children 3] [--model smollm2]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from marco.tasks import default_data_dir, get_task  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=16)
-    ap.add_argument("--budget", type=int, default=192, help="tokens per search")
-    ap.add_argument("--children", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=768, help="tokens per search")
+    ap.add_argument("--children", type=int, default=3)
     ap.add_argument("--rollout", type=int, default=96, help="max tokens of one rollout")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--skip-sequential", action="store_true")
