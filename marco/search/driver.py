@@ -82,7 +82,6 @@ class LockstepDriver:
             self._run_continuous(states, results, on_progress)
             self.stats.total_s += time.perf_counter() - t0
             return [results[sid] for sid in ids]
-        round_no = max((s.round for s in states), default=0)
         open_states = list(states)
         while open_states:
             batch: list[GenerationRequest] = []
@@ -103,26 +102,7 @@ class LockstepDriver:
                 for s, start, count in owners:
                     if count:
                         s.absorb(gens[start : start + count])
-            round_no += 1
-            self.stats.rounds += 1
-            new: list[Node] = []
-            touched: list[Node] = []
-            for s in open_states:
-                n, u = s.drain()
-                new.extend(n)
-                touched.extend(u)
-            finished = [s for s in open_states if s.done]
-            done_results = [s.result() for s in finished]
-            t = time.perf_counter()
-            if new or touched:
-                self.sink.on_round(round_no, new, touched)
-            if done_results:
-                self.sink.on_finish(done_results)
-            self.stats.sink_s += time.perf_counter() - t
-            for r in done_results:
-                results[r.search_id] = r
-                if on_progress is not None:
-                    on_progress(r)
+            self._report(open_states, results, on_progress)
             open_states = [s for s in open_states if not s.done]
         self.stats.total_s += time.perf_counter() - t0
         return [results[sid] for sid in ids]
