@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from marco.cli import app
@@ -39,3 +40,18 @@ def test_solve_stores_its_search(db_url: str, store: Store) -> None:
 def test_run_with_unreachable_database_exits_1() -> None:
     out = runner.invoke(app, ["run", "--dataset", "demo", "--model", "scripted", "--db", "postgresql://x@127.0.0.1:1/none"])
     assert out.exit_code == 1 and "does not answer" in out.output
+
+
+@pytest.mark.slow
+def test_main_job_on_the_real_model_end_to_end(tmp_path) -> None:
+    """What `make demo` does, on two demo problems: the bundled model, SQLite, in-process, a table."""
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    out = runner.invoke(app, ["run", "--dataset", "demo", "--limit", "2", "--strategy", "mcts", "--action",
+                              "ministep:32", "--budget", "160", "--children", "2", "--db", db])
+    assert out.exit_code == 0, out.output
+    assert "accuracy" in out.output and "tokens/problem" in out.output
+    batch_id = out.output.split("batch ", 1)[1].split()[0]
+    store = Store.open(db)
+    searches = store.find_searches(batch_id, limit=None)
+    assert len(searches) == 2 and all(0 < s.tokens <= 160 for s in searches)
+    assert all(store.count_nodes(str(s.id)) > 2 for s in searches)
