@@ -65,6 +65,9 @@ class Crashing:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
         raise RuntimeError("CUDA error: device lost")
 
+    def generate_continuous(self, requests, refill) -> None:
+        raise RuntimeError("CUDA error: device lost")
+
     def __getattr__(self, name: str):
         return getattr(self.backend, name)
 
