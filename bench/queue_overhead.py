@@ -68,7 +68,8 @@ def wait_done(store: Store, batch_id: str, timeout_s: float = 600) -> None:
     while store.get_batch(batch_id).status in ("queued", "running"):
         if time.monotonic() > deadline:
             raise SystemExit(f"batch {batch_id} did not finish: {store.batch_progress(batch_id).to_dict()}")
-        time.sleep(0.005)
+        # 20 polls a second: tight polling would steal CPU from the worker on a 2-core machine
+        time.sleep(0.05)
 
 
 def sleep_batch(store: Store, dispatcher, n: int, seconds: float, tag: str) -> str:
