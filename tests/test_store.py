@@ -200,3 +200,30 @@ def test_results_are_written_once_searches_end(store: Store) -> None:
     with store.sessions() as s:
         row = s.get(Search, plan.search_ids[0])
         assert (row.final_answer, row.correct, row.tokens, row.strategy, row.label) == ("1", True, 50, "greedy", "greedy")
+
+
+def test_two_workers_ending_the_last_two_jobs_at_once_close_the_batch(pg_url: str) -> None:
+    """Each job's end commits before the batch is counted, so the later count sees both ends."""
+    import threading
+
+    store = Store.open(pg_url)
+    batches = []
+    for k in range(12):
+        problems = [Problem("demo", "en", i, f"race {k} {i}", ("0",)) for i in range(2)]
+        plan = store.create_batch(problems, [SearchConfig(strategy="greedy")], model="scripted", chunk_size=1)
+        for n, job in enumerate(plan.job_ids):
+            assert store.claim_job(job, f"w{n}", 60) is not None
+        batches.append(plan)
+    for plan in batches:
+        barrier = threading.Barrier(2)
+
+        def end(job: str, worker: str) -> None:
+            barrier.wait()
+            store.finish_job(job, worker=worker)
+
+        threads = [threading.Thread(target=end, args=(job, f"w{n}")) for n, job in enumerate(plan.job_ids)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [store.get_batch(p.batch_id).status for p in batches] == ["done"] * len(batches)

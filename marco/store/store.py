@@ -421,6 +421,10 @@ class Store(TrainingStoreMixin):
             ).one_or_none()
             if row is None:
                 return False
+        # Count in a transaction of its own, after this job's end is committed: when two workers end the
+        # last two jobs at once, each transaction alone would still see the other job running, and the
+        # batch would stay open; the later of two separate counts sees both ends.
+        with self.sessions.begin() as s:
             self._refresh_batch(s, str(row.batch_id))
         return True
 
