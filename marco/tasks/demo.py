@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from marco import prompts
-from marco.tasks.base import Problem, Score
-from marco.tasks.mgsm import INSTRUCTIONS, accuracy, math_extract, math_score
+from marco.tasks.base import Problem
+from marco.tasks.mgsm import INSTRUCTIONS, MGSM
 
 DEMO_PROBLEMS: tuple[tuple[str, int], ...] = (
     ("Tom has 3 apples. He buys 2 more apples. How many apples does Tom have now?", 5),
@@ -26,11 +26,10 @@ DEMO_PROBLEMS: tuple[tuple[str, int], ...] = (
 
 
 @dataclass
-class Demo:
-    """The demo set: English, integer answers, MGSM's extraction and scoring."""
+class Demo(MGSM):
+    """The demo set: English, integer answers; MGSM's extraction and scoring (inherited)."""
 
     name: str = "demo"
-    system: str = prompts.SYSTEM_PROMPT
 
     def load(self, data_dir: str | None, langs: Sequence[str] | None, limit: int | None) -> list[Problem]:
         """Every demo problem (the first ``limit`` of them); ``data_dir`` is ignored."""
@@ -42,12 +41,3 @@ class Demo:
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
         return prompts.chat(f"{problem.question}\n\n{INSTRUCTIONS['en']}", self.system)
-
-    def extract(self, text: str, problem: Problem) -> str | None:
-        return math_extract(text)
-
-    def score(self, answer: str | None, problem: Problem) -> Score:
-        return math_score(answer, problem)
-
-    def corpus_metrics(self, answers: Sequence[str | None], problems: Sequence[Problem]) -> dict[str, float]:
-        return accuracy(answers, problems)
