@@ -44,6 +44,7 @@ _THOUGHT_START = re.compile(r"^\s*<thought>", re.IGNORECASE)
 _THOUGHT_END = re.compile(r"</thought>", re.IGNORECASE)
 _OUTPUT_START = re.compile(r"<output>", re.IGNORECASE)
 _OUTPUT_END = re.compile(r"</output>", re.IGNORECASE)
+_PARTIAL_TAG = re.compile(r"</?[A-Za-z]{0,8}$")
 
 
 def system_prompt(style: str = "english") -> str:
@@ -74,8 +75,8 @@ def split_thought_output(text: str) -> tuple[str, str | None]:
         last = starts[-1]
         head, output = body[: last.start()], body[last.end():]
         end = _OUTPUT_END.search(output)
-        if end:
-            output = output[: end.start()]
+        # a sample cut off by its token budget can end inside the closing tag ("42</Outp")
+        output = output[: end.start()] if end else _PARTIAL_TAG.sub("", output)
         output = output.strip()
     else:
         head = body

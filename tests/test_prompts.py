@@ -66,3 +66,11 @@ def test_chat_messages() -> None:
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[0]["content"] == prompts.SYSTEM_PROMPT
     assert messages[1]["content"] == "What is 2 + 2?"
+
+
+def test_an_output_cut_inside_its_closing_tag_loses_the_fragment():
+    from marco.prompts import split_thought_output
+
+    assert split_thought_output("<Thought>a</Thought>\n<Output>42</Outp") == ("a", "42")
+    assert split_thought_output("<Thought>a</Thought>\n<Output>42<") == ("a", "42")
+    assert split_thought_output("<Thought>a</Thought>\n<Output>x < y") == ("a", "x < y")
