@@ -56,13 +56,7 @@ def show(
     chosen path."""
     from marco.report.tree_text import tree_lines
 
-    store = open_store(db)
-    try:
-        row = store.get_search(search)
-        problem = store.get_problem(str(row.problem_id))
-    except StoreError as exc:
-        fail(str(exc))
-    nodes = store.load_nodes(search)
+    row, problem, nodes = _load_search(db, search)
     console = Console(width=max(120, width + 80), highlight=False)
     console.print(f"[bold]{row.label}[/bold] on {problem.dataset}/{problem.lang}/{problem.index} · {row.status} · "
                   f"answer {row.final_answer} · correct {row.correct} · {row.tokens} tokens · {len(nodes)} nodes")
@@ -98,13 +92,7 @@ def tree(
     per-token confidences."""
     from marco.report.html import tree_html
 
-    store = open_store(db)
-    try:
-        row = store.get_search(search)
-        problem = store.get_problem(str(row.problem_id))
-    except StoreError as exc:
-        fail(str(exc))
-    nodes = store.load_nodes(search)
+    row, problem, nodes = _load_search(db, search)
     if not nodes:
         fail(f"search {search} has no stored nodes" + (f" ({row.error})" if row.error else ""))
     summary = f"{row.label} · answer {row.final_answer} · correct {row.correct} · {row.tokens} tokens · {len(nodes)} nodes"
@@ -115,3 +103,14 @@ def tree(
     except OSError as exc:
         fail(f"cannot write {html_file}: {exc.strerror}")
     typer.echo(f"wrote {html_file} ({len(nodes)} nodes)")
+
+
+def _load_search(db: str, search: str):  # type: ignore[no-untyped-def]
+    """A stored search's row, its problem and its nodes; a one-line error when it is unknown."""
+    store = open_store(db)
+    try:
+        row = store.get_search(search)
+        problem = store.get_problem(str(row.problem_id))
+    except StoreError as exc:
+        fail(str(exc))
+    return row, problem, store.load_nodes(search)
