@@ -31,7 +31,7 @@ def data_list(
     registered task): where it is read from (packaged / data dir / sacrebleu cache / not available), its rows
     and licence. Never downloads anything.
 
-    Example: marco data list --data-dir ../shared/data
+    Example: marco data list --data-dir /srv/marco-data
     """
     from dataclasses import asdict
 

@@ -66,7 +66,8 @@ def find_corpus(data_dir: Path, prefer: str = "flores200") -> Corpus:
                 return found
     raise DataError(
         f"no translation data in {str(data_dir)!r}: expected zho_Hans.devtest + eng_Latn.devtest (FLORES-200) "
-        f"or generaltest2022.zh-en.src.zh + .ref.*.en (WMT22); pass --data-dir ../shared/data/translation/{FLORES_DIR}"
+        f"or generaltest2022.zh-en.src.zh + .ref.*.en (WMT22) in it, its translation/ folder or translation/{FLORES_DIR}; "
+        f"leave --data-dir unset to use the FLORES-200 shipped with marco"
     )
 
 
