@@ -15,7 +15,10 @@ from marco.cli.db import fail
 from marco.cli.tables import datasets_table, filter_report_table
 
 
-data_app = typer.Typer(help="The evaluation datasets: what ships with marco, what is available here.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="The evaluation datasets: `marco data list` shows what ships with marco and what is available here.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
 
 
