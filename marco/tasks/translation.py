@@ -174,7 +174,8 @@ class Translation:
     """zh→en translation. ``corpus`` picks the test set: ``flores200`` (shipped with marco; from a parent
     ``data_dir`` it is preferred, and a corpus folder given directly is used as it is) or ``wmt22`` (never
     shipped: read from ``data_dir``, sacrebleu's cache or sacrebleu's downloader, see :func:`find_wmt22`).
-    ``Score.value`` is sentence chrF / 100 (in [0, 1]); ``corpus_metrics`` reports corpus chrF and BLEU on sacrebleu's 0-100 scale."""
+    ``Score.value`` is sentence chrF / 100 (in [0, 1]); ``corpus_metrics`` reports corpus chrF and BLEU on
+    sacrebleu's 0-100 scale."""
 
     name: str = "translation"
     corpus: str = "flores200"
