@@ -31,8 +31,9 @@ from marco.sft.config import SFTConfig  # noqa: E402
 
 
 def data_dir() -> Path:
-    env = os.environ.get("MARCO_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    from marco.tasks import default_data_dir
+
+    return Path(default_data_dir())  # $MARCO_DATA_DIR, else the MGSM shipped with marco
 
 
 def mgsm_examples() -> list[CotExample]:

@@ -66,18 +66,28 @@ def store(db_url: str):
 # --- end store fixtures -------------------------------------------------------------------------------
 
 
-# --- tasks: the shared evaluation data ------------------------------------------------------------------
+# --- tasks: the evaluation data ------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def data_dir():
-    """The shared evaluation data (``$MARCO_DATA_DIR`` or ``../shared/data``) as a Path; skips when absent."""
+    """The data shipped with marco (``marco/datasets``: MGSM, FLORES-200 zh-en) as a Path; always there."""
+    from marco.tasks.data import PACKAGED_DIR
+
+    return PACKAGED_DIR
+
+
+@pytest.fixture(scope="session")
+def wmt22_dir():
+    """The folder holding WMT22 zh-en (``$MARCO_DATA_DIR/translation/...`` or ``../shared/data/translation/...``
+    beside the repository). WMT22 is never shipped; tests that need it skip without it."""
     from pathlib import Path
 
-    from marco.tasks import default_data_dir
+    from marco.tasks.translation import WMT_DIR
 
-    found = default_data_dir()
-    if found is None or not Path(found).is_dir():
-        pytest.skip("evaluation data not found: set MARCO_DATA_DIR or put it at ../shared/data")
-    return Path(found)
+    root = Path(__file__).resolve().parents[1]
+    for base in (os.environ.get("MARCO_DATA_DIR"), root.parent / "shared" / "data"):
+        if base and (Path(base) / "translation" / WMT_DIR).is_dir():
+            return Path(base) / "translation" / WMT_DIR
+    pytest.skip("WMT22 zh-en not found (research use, not shipped): set MARCO_DATA_DIR or put it at ../shared/data")
 # --- end tasks fixtures ---------------------------------------------------------------------------------
 
 

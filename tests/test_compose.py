@@ -106,3 +106,17 @@ def test_compose_file_parses_as_yaml_and_names_every_queue() -> None:
     from worker.settings import QUEUES
 
     assert consumed == set(QUEUES)
+
+
+@needs_compose
+def test_containers_use_the_shipped_data_unless_a_data_dir_is_set() -> None:
+    import json
+
+    for env, expected in (({}, ""), ({"MARCO_DATA_DIR": "/data", "MARCO_DATA_HOST_DIR": "/srv/d"}, "/data")):
+        out = _config("--env-file", str(ROOT / ".env.example"), env=env)
+        assert out.returncode == 0, out.stderr
+        worker = json.loads(out.stdout)["services"]["worker-gpu"]
+        assert worker["environment"]["MARCO_DATA_DIR"] == expected  # empty: marco reads its packaged data
+        assert worker["environment"]["SACREBLEU"].startswith("/cache/")  # WMT22 downloads persist in a volume
+        if expected:
+            assert any(v["source"] == "/srv/d" and v["target"] == "/data" for v in worker["volumes"])

@@ -4,7 +4,6 @@ pipeline end to end through real Celery workers (real Redis, Postgres and SmolLM
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -21,14 +20,13 @@ from marco.store import Store
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MARCO_DATA_DIR", ROOT.parent / "shared" / "data"))
 TINY_SEARCH = {"strategy": "mcts", "action": "ministep:16", "budget": 48, "children": 2, "max_depth": 3,
                "max_answer_tokens": 24, "seed": 1}  # fmt: skip
 
 
 def spec_dict(tmp_path: Path, **over) -> dict:
     base = {
-        "name": "t", "model": "smollm2", "task": "mgsm", "data_dir": str(DATA),
+        "name": "t", "model": "smollm2", "task": "mgsm",
         "train": {"langs": ["en"], "start": 0, "limit": 2}, "test": {"langs": ["en"], "start": 2, "limit": 2},
         "search": TINY_SEARCH, "chunk": 2, "synthesize": {},
         "sft": {"max_steps": 2, "batch_size": 1, "max_length": 256, "learning_rate": 1e-4, "nproc": 1},
@@ -119,7 +117,7 @@ def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url
     store = Store.open(url)
     env = {
         "MARCO_BROKER_URL": redis_url, "MARCO_DATABASE_URL": url, "MARCO_LEASE_SECONDS": "120",
-        "MARCO_PRELOAD_MODELS": "smollm2", "MARCO_DATA_DIR": str(DATA), "OMP_NUM_THREADS": "2",
+        "MARCO_PRELOAD_MODELS": "smollm2", "OMP_NUM_THREADS": "2",
     }  # fmt: skip
     worker = start_worker(env, tmp_path / "logs", name="pipe", queues="reason,synthesize,train")
     try:

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from marco.search.base import SearchConfig
 from marco.store import Store
 from marco.store.models import Job, NodeRow, ProblemRow, Search
+from marco.tasks.data import PACKAGED_DIR
 from scheduler.dispatch import CeleryDispatcher
 from scheduler.service import Scheduler, SchedulerConfig
 from scheduler.submit import SubmitRequest, submit
@@ -25,7 +26,6 @@ from worker.settings import QueueSettings
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MARCO_DATA_DIR", ROOT.parent / "shared" / "data"))
 LEASE_S = 12
 TINY = SearchConfig(strategy="mcts", action="ministep:16", budget=48, children=2, max_depth=3, max_answer_tokens=24, seed=1)
 
@@ -39,7 +39,6 @@ def env(pg_database, redis_url) -> dict[str, str]:
         "MARCO_DATABASE_URL": url,
         "MARCO_LEASE_SECONDS": str(LEASE_S),
         "MARCO_PRELOAD_MODELS": "smollm2",
-        "MARCO_DATA_DIR": str(DATA),
         "OMP_NUM_THREADS": "1",  # two single-threaded workers share this machine's cores
     }
 
@@ -95,7 +94,8 @@ def assert_trees_complete(store: Store, batch_id: str) -> None:
 
 
 def test_mgsm_two_languages_over_two_workers(store, workers, dispatcher, env) -> None:
-    request = SubmitRequest(task="mgsm", configs=[TINY], model="smollm2", data_dir=str(DATA), langs=["en", "zh"], limit=2, chunk=1)
+    # No data_dir: the problems come from the MGSM shipped with marco and travel with the batch in the store.
+    request = SubmitRequest(task="mgsm", configs=[TINY], model="smollm2", langs=["en", "zh"], limit=2, chunk=1)
     plan = submit(store, dispatcher, request)
     assert len(plan.job_ids) == 4
     assert wait_batch(store, plan.batch_id, 240) == "done"
@@ -123,7 +123,7 @@ def test_mgsm_two_languages_over_two_workers(store, workers, dispatcher, env) ->
 
 
 def test_malformed_row_fails_with_its_reason_and_the_rest_completes(store, workers, dispatcher, tmp_path) -> None:
-    good = (DATA / "mgsm" / "mgsm_en.tsv").read_text(encoding="utf-8").splitlines()[:2]
+    good = (PACKAGED_DIR / "mgsm" / "mgsm_en.tsv").read_text(encoding="utf-8").splitlines()[:2]
     (tmp_path / "mgsm_en.tsv").write_text("\n".join([good[0], "How many apples?\tseven", good[1]]) + "\n", encoding="utf-8")
     request = SubmitRequest(task="mgsm", configs=[TINY], model="smollm2", data_dir=str(tmp_path), langs=["en"], chunk=1)
     plan = submit(store, dispatcher, request)
@@ -144,7 +144,7 @@ def test_malformed_row_fails_with_its_reason_and_the_rest_completes(store, worke
 
 def test_sigkilled_worker_job_is_resumed_once_by_another(store, workers, dispatcher, env, tmp_path) -> None:
     config = SearchConfig(strategy="mcts", action="ministep:8", budget=160, children=2, max_depth=4, max_answer_tokens=24, seed=2)
-    request = SubmitRequest(task="mgsm", configs=[config], model="smollm2", data_dir=str(DATA), langs=["en"], limit=1, chunk=1)
+    request = SubmitRequest(task="mgsm", configs=[config], model="smollm2", langs=["en"], limit=1, chunk=1)
     plan = submit(store, dispatcher, request)
     (job_id,) = plan.job_ids
     (search_id,) = plan.search_ids

@@ -26,13 +26,16 @@ def test_get_task_knows_every_dataset() -> None:
         assert get_task(name).name in ("mgsm", "translation", "demo")
 
 
-def test_default_data_dir_prefers_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_data_dir_is_the_packaged_data_unless_the_environment_overrides_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("MARCO_DATA_DIR", str(tmp_path))
     assert default_data_dir() == str(tmp_path)
     monkeypatch.delenv("MARCO_DATA_DIR")
-    monkeypatch.chdir(tmp_path)  # no ../shared/data here: falls back to the repo root's
-    found = default_data_dir()
-    assert found is None or Path(found, "mgsm").is_dir()
+    monkeypatch.chdir(tmp_path)  # no ../shared anywhere near: the data ships inside the package
+    found = Path(default_data_dir())
+    assert found == Path(__file__).resolve().parents[1] / "marco" / "datasets"
+    assert (found / "mgsm" / "mgsm_en.tsv").is_file() and (found / "translation" / FLORES_DIR).is_dir()
 
 
 # ---- MGSM --------------------------------------------------------------------------------------------
@@ -133,8 +136,8 @@ def test_translation_loads_flores(data_dir: Path) -> None:
     assert all(p.error is None and p.question and p.references[0] for p in problems)
 
 
-def test_translation_loads_wmt_with_two_references(data_dir: Path) -> None:
-    problems = Translation().load(str(data_dir / "translation" / WMT_DIR), ["zh-en"], None)
+def test_translation_loads_wmt_with_two_references(wmt22_dir: Path) -> None:
+    problems = Translation().load(str(wmt22_dir), ["zh-en"], None)
     assert len(problems) == 1875
     assert {(p.dataset, len(p.references)) for p in problems} == {("wmt22", 2)}
     assert problems[0].references[0] != problems[0].references[1]
@@ -144,10 +147,14 @@ def test_translation_loads_wmt_with_two_references(data_dir: Path) -> None:
 def test_translation_parent_folders_default_to_flores(data_dir: Path) -> None:
     for folder in (data_dir, data_dir / "translation"):
         assert Translation().load(str(folder), None, 2)[0].dataset == "flores200"
-    wmt = get_task("wmt22").load(str(data_dir), None, 2)
-    assert [p.dataset for p in wmt] == ["wmt22", "wmt22"]
     with pytest.raises(ValueError, match="only has the language pair 'zh-en'"):
         Translation().load(str(data_dir), ["en"], 1)
+
+
+def test_wmt22_from_a_parent_data_folder(wmt22_dir: Path) -> None:
+    for folder in (wmt22_dir.parent.parent, wmt22_dir.parent, wmt22_dir):
+        wmt = get_task("wmt22").load(str(folder), None, 2)
+        assert [p.dataset for p in wmt] == ["wmt22", "wmt22"] and len(wmt[0].references) == 2
 
 
 def test_translation_misaligned_or_missing_files(tmp_path: Path) -> None:
@@ -182,14 +189,10 @@ def test_translation_prompt_and_extraction() -> None:
 def test_translation_scores(data_dir: Path) -> None:
     task = Translation()
     # 100 segments keep the test fast; loading every line is tested above.
-    wmt = task.load(str(data_dir / "translation" / WMT_DIR), None, 100)
     flores = task.load(str(data_dir / "translation" / FLORES_DIR), None, 100)
-    for problems in (wmt, flores):
-        perfect = task.corpus_metrics([p.references[0] for p in problems], problems)
-        assert perfect["chrf"] == pytest.approx(100.0)
-        assert perfect["bleu"] == pytest.approx(100.0)
-    # Two references: a hypothesis equal to reference B is perfect as well.
-    assert task.corpus_metrics([p.references[1] for p in wmt], wmt)["bleu"] == pytest.approx(100.0)
+    perfect = task.corpus_metrics([p.references[0] for p in flores], flores)
+    assert perfect["chrf"] == pytest.approx(100.0)
+    assert perfect["bleu"] == pytest.approx(100.0)
     shuffled = [p.references[0] for p in flores[1:]] + [flores[0].references[0]]
     worse = task.corpus_metrics(shuffled, flores)
     assert worse["bleu"] < 10.0 and worse["chrf"] < 40.0
@@ -200,20 +203,9 @@ def test_translation_scores(data_dir: Path) -> None:
     assert task.score(None, flores[0]).value == 0.0
 
 
-# ---- demo --------------------------------------------------------------------------------------------
-
-
-def test_demo_set() -> None:
-    task = get_task("demo")
-    problems = task.load(None, None, None)
-    assert 6 <= len(problems) <= 10
-    assert {(p.dataset, p.lang) for p in problems} == {("demo", "en")}
-    assert len({p.question for p in problems}) == len(problems)
-    for p in problems:
-        assert p.error is None and int(p.references[0]) > 0
-        completion = f"Let me add.\n</Thought>\n<Output>\nThe answer is {p.references[0]}.\n</Output>"
-        assert task.score(task.extract(completion, p), p).correct
-        assert "<Output>" in task.messages(p)[1]["content"]
-    assert len(task.load("/no/such/dir", ["en"], 2)) == 2
-    with pytest.raises(ValueError, match="English only"):
-        task.load(None, ["zh"], None)
+def test_translation_scores_with_two_references(wmt22_dir: Path) -> None:
+    task = Translation()
+    wmt = task.load(str(wmt22_dir), None, 100)
+    for k in (0, 1):  # a hypothesis equal to either reference is perfect
+        perfect = task.corpus_metrics([p.references[k] for p in wmt], wmt)
+        assert perfect["chrf"] == pytest.approx(100.0) and perfect["bleu"] == pytest.approx(100.0)

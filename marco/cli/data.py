@@ -1,4 +1,5 @@
-"""``marco import-cot`` (external CoT data through the quality filters) and ``marco sft`` (fine-tuning)."""
+"""``marco data list`` (the evaluation data and where it is read from), ``marco import-cot`` (external CoT data
+through the quality filters) and ``marco sft`` (fine-tuning)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,53 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from marco.cli import app
 from marco.cli.db import fail
+from marco.cli.tables import datasets_table, filter_report_table
 
 
-def _report_table(report, title: str) -> Table:  # type: ignore[no-untyped-def]
-    table = Table(title=title)
-    for name, justify in (("step", "left"), ("seen", "right"), ("removed", "right"), ("kept", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    table.add_column("sample reasons", overflow="fold")
-    for s in report.steps:
-        reasons = "; ".join(f"{name}: {why}" for name, why in s.samples)
-        table.add_row(s.name, str(s.seen), str(s.removed), str(s.kept), reasons)
-    return table
+data_app = typer.Typer(
+    help="The evaluation datasets: `marco data list` shows what ships with marco and what is available here.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list(
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir", envvar="MARCO_DATA_DIR", show_envvar=True, help="Also look in this folder (an override)."
+    ),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the shipped files against SHA256SUMS."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per dataset instead of a table."),
+) -> None:
+    """Every dataset marco knows (MGSM per language, FLORES-200 and WMT22 zh-en, the demo set, any other
+    registered task): where it is read from (packaged / data dir / sacrebleu cache / not available), its rows
+    and licence. Never downloads anything.
+
+    Example: marco data list --data-dir /srv/marco-data
+    """
+    from dataclasses import asdict
+
+    from marco.tasks import catalog
+    from marco.tasks.packaged import MANIFEST, packaged_dir, verify_all
+
+    infos = catalog(data_dir)
+    damaged = [rel for rel, ok in verify_all().items() if not ok] if verify else []
+    if as_json:
+        for info in infos:
+            typer.echo(json.dumps(asdict(info), ensure_ascii=False))
+    else:
+        where = f"override {data_dir}" if data_dir else f"shipped in {packaged_dir()}"
+        Console().print(datasets_table(infos, f"datasets ({where})"))
+        for info in infos:
+            if info.note:
+                typer.echo(f"{info.name} {info.subset}: {info.note}")
+        if verify and not damaged:
+            typer.echo(f"shipped files match {packaged_dir() / MANIFEST}", err=True)
+    if damaged:
+        fail(f"{len(damaged)} shipped file(s) fail their SHA-256 check ({', '.join(damaged[:3])}); reinstall marco")
 
 
 @app.command("import-cot")
@@ -64,7 +97,7 @@ def import_cot_cmd(
     if as_json:
         typer.echo(json.dumps(result.report.to_dict(), ensure_ascii=False))
     else:
-        Console().print(_report_table(result.report, f"{file.name}: kept {result.report.kept} of {result.report.total}"))
+        Console().print(filter_report_table(result.report, f"{file.name}: kept {result.report.kept} of {result.report.total}"))
     if jsonl is not None:
         n = write_jsonl(result.examples, jsonl)
         typer.echo(f"wrote {n} examples to {jsonl}", err=as_json)

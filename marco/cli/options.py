@@ -45,3 +45,10 @@ Temperature = typer.Option(0.7, "--temperature", "-t", help="Sampling temperatur
 Select = typer.Option("value", "--select", help="How MCTS picks its answer: value | visits | vote.")
 Seed = typer.Option(0, "--seed", help="Seed: the same seed gives the same search.")
 Model = typer.Option("smollm2", "--model", "-m", help="smollm2 (bundled) | a .gguf file | a model dir or HF id | scripted.")
+DataDir = typer.Option(
+    None, "--data-dir", envvar="MARCO_DATA_DIR", show_envvar=True,
+    help="Override the data shipped with marco (MGSM, FLORES-200 zh-en) with this folder; WMT22 zh-en is read from here too.",
+)
+Testset = typer.Option(
+    None, "--testset", help="Translation test set: flores200 (default, shipped) | wmt22 (data dir, sacrebleu cache or download).",
+)

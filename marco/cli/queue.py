@@ -99,8 +99,9 @@ def flower(
 
 @app.command()
 def submit(
-    dataset: str = typer.Argument(..., help="mgsm | translation | demo"),
-    data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default: $MARCO_DATA_DIR or ../shared/data)."),
+    dataset: str = typer.Argument(..., help="mgsm | translation | demo (see `marco data list`)."),
+    testset: str = o.Testset,
+    data_dir: str = o.DataDir,
     lang: str = typer.Option(None, "--lang", "--langs", "-l", help="Comma-separated languages, e.g. en,zh."),
     limit: int = typer.Option(None, "--limit", help="Problems per language."),
     chunk: int = typer.Option(8, "--chunk", "-k", help="Problems per job."),
@@ -121,10 +122,12 @@ def submit(
 ) -> None:
     """Plan a batch (chunks of --chunk problems), write it to the store and enqueue one message per job.
 
+    The problems are read here (shipped data, or --data-dir) and stored with the batch: workers need no data.
+
     Example: marco submit mgsm --lang en,zh --limit 50 --chunk 5 --strategy mcts --action ministep:32 --wait
     """
     from marco.store import StoreError
-    from marco.tasks import DataError
+    from marco.tasks import DataError, task_name
     from scheduler.dispatch import BrokerUnavailable, make_dispatcher
     from scheduler.submit import SubmitRequest, check_model, load_problems
     from scheduler.submit import submit as do_submit
@@ -133,7 +136,7 @@ def submit(
     langs = [x.strip() for x in lang.split(",") if x.strip()] if lang else None
     try:
         request = SubmitRequest(
-            task=dataset, configs=[config], model=model, data_dir=data_dir, langs=langs, limit=limit,
+            task=task_name(dataset, testset), configs=[config], model=model, data_dir=data_dir, langs=langs, limit=limit,
             chunk=chunk, name=name, priority=priority,
         )
         problems = load_problems(request)

@@ -14,7 +14,7 @@ from marco.cli import app
 from marco.cli import options as o
 from marco.cli.db import DbOption, open_store
 from marco.runner import RunSummary, summarize
-from marco.tasks import DataError, get_task
+from marco.tasks import DataError, get_task, task_name
 
 
 def split_langs(lang: str | None) -> list[str] | None:
@@ -47,8 +47,9 @@ def results_table(summary: RunSummary) -> Table:
 
 @app.command()
 def run(
-    dataset: str = typer.Option("demo", "--dataset", "-d", help="mgsm | translation | demo (built in, no data needed)."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default: $MARCO_DATA_DIR or ../shared/data)."),
+    dataset: str = typer.Option("demo", "--dataset", "-d", help="mgsm | translation | demo (see `marco data list`)."),
+    testset: str = o.Testset,
+    data_dir: str = o.DataDir,
     lang: str = typer.Option(None, "--lang", "-l", help="Comma-separated languages, e.g. en,zh (MGSM: 11 languages)."),
     limit: int = typer.Option(None, "--limit", help="Problems per language."),
     strategy: str = o.Strategy,
@@ -69,6 +70,8 @@ def run(
     All problems advance together: one batched model call per round (continuous batching on backends
     that support it). Every run is stored as a batch (see --db) for `marco traces` and `marco report`.
 
+    MGSM and FLORES-200 zh-en ship with marco (no --data-dir needed); `marco data list` shows every dataset.
+
     Example: marco run --dataset mgsm --lang en,zh --limit 8 --strategy mcts --action ministep:32
     """
     from marco.jobs import BackendCache, execute_job
@@ -77,6 +80,7 @@ def run(
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
     console = Console()
     try:
+        dataset = task_name(dataset, testset)
         task = get_task(dataset)
         problems = task.load(data_dir, split_langs(lang), limit)
     except (DataError, ValueError, FileNotFoundError) as exc:

@@ -128,12 +128,12 @@ def synthesize(
     if as_json:
         typer.echo(json.dumps(result, ensure_ascii=False))
         return
-    from marco.cli.data import _report_table
+    from marco.cli.tables import filter_report_table
     from marco.data.filters import FilterReport, StepStats
 
     report = FilterReport([StepStats(s["name"], s["seen"], s["removed"], [tuple(x) for x in s["samples"]])
                            for s in result["report"]["steps"]])  # fmt: skip
-    Console().print(_report_table(report, f"synthesis {run_id}: {result['examples']} examples from "
+    Console().print(filter_report_table(report, f"synthesis {run_id}: {result['examples']} examples from "
                                           f"{result['searches']} searches of {result['problems']} problems"))
     typer.echo(f"synthesis run {run_id}: {result['examples']} examples, {result['pairs']} preference pairs "
                f"(train on them with `marco sft --data synthesis:{run_id}`)")

@@ -37,7 +37,7 @@ class PipelineSpec:
     name: str
     model: str = "smollm2"
     task: str = "mgsm"
-    data_dir: str | None = None
+    data_dir: str | None = None  # None: $MARCO_DATA_DIR, else the data shipped with marco
     train: Split = field(default_factory=Split)
     test: Split = field(default_factory=Split)
     search: dict[str, Any] = field(default_factory=dict)

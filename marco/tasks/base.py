@@ -37,6 +37,19 @@ class Score:
     value: float
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One line of ``marco data list``: a dataset (or one language of it), where it is read from, its size."""
+
+    name: str
+    subset: str  # language or language pair
+    rows: int | None  # None: not available here
+    source: str  # "packaged", "built in", "data dir PATH", "sacrebleu cache PATH" or "not available"
+    licence: str
+    select: str  # the flags that pick it, e.g. "--dataset mgsm --lang en"
+    note: str = ""  # why it is not available, and what to do
+
+
 class Task(Protocol):
     """A dataset family: load problems, prompt for them, extract and score answers."""
 
@@ -59,3 +72,6 @@ class Task(Protocol):
     def corpus_metrics(self, answers: Sequence[str | None], problems: Sequence[Problem]) -> dict[str, float]:
         """Dataset-level metrics (accuracy; chrF and BLEU for translation)."""
         ...
+
+    # Optional: ``catalog(data_dir) -> list[DatasetInfo]`` describes the task's data for ``marco data list``
+    # (see :func:`marco.tasks.catalog`); a task without it is described by loading it.

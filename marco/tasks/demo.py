@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from marco import prompts
-from marco.tasks.base import Problem
+from marco.tasks.base import DatasetInfo, Problem
 from marco.tasks.mgsm import INSTRUCTIONS, MGSM
 
 DEMO_PROBLEMS: tuple[tuple[str, int], ...] = (
@@ -38,6 +38,10 @@ class Demo(MGSM):
             raise ValueError(f"the demo set is English only (lang 'en'), not {','.join(sorted(wanted))!r}")
         rows = DEMO_PROBLEMS if limit is None else DEMO_PROBLEMS[:limit]
         return [Problem(self.name, "en", i, q, (str(a),)) for i, (q, a) in enumerate(rows)]
+
+    def catalog(self, data_dir: str | None) -> list[DatasetInfo]:
+        return [DatasetInfo(self.name, "en", len(DEMO_PROBLEMS), "built in", "Apache-2.0 (written for marco)",
+                            f"--dataset {self.name}")]  # fmt: skip
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
         return prompts.chat(f"{problem.question}\n\n{INSTRUCTIONS['en']}", self.system)

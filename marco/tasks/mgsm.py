@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Sequence
 
 from marco import prompts
-from marco.tasks.base import Problem, Score
-from marco.tasks.data import DataError, read_lines, require_data_dir
+from marco.tasks.base import DatasetInfo, Problem, Score
+from marco.tasks.data import DataError, read_lines, require_data_dir, source_label
 from marco.tasks.numbers import last_number, normalize_number
 
 LANGS: tuple[str, ...] = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 DEFAULT_LANGS: tuple[str, ...] = ("en",)
+LICENCE = "CC BY 4.0"
 
 # "Put the final number in <Output>", in each MGSM language.
 INSTRUCTIONS: dict[str, str] = {
@@ -126,7 +127,10 @@ def find_mgsm_file(data_dir: Path, lang: str) -> Path:
     for folder in (data_dir / "mgsm", data_dir):
         if (folder / name).is_file():
             return folder / name
-    raise DataError(f"{name} not found in {str(data_dir)!r} or its mgsm/ folder; pass --data-dir ../shared/data")
+    raise DataError(
+        f"{name} not found in {str(data_dir)!r} or its mgsm/ folder; point --data-dir (or $MARCO_DATA_DIR) at a "
+        f"folder with mgsm_<lang>.tsv files, or leave it unset to use the MGSM shipped with marco"
+    )
 
 
 @dataclass
@@ -150,6 +154,22 @@ class MGSM:
         for lang in chosen:
             problems.extend(load_tsv(find_mgsm_file(root, lang), self.name, lang, limit))
         return problems
+
+    def catalog(self, data_dir: str | None) -> list[DatasetInfo]:
+        """One line per language: problems, where they are read from, licence."""
+        rows = []
+        for lang in LANGS:
+            select = f"--dataset {self.name} --lang {lang}"
+            try:
+                path = find_mgsm_file(require_data_dir(data_dir, self.name), lang)
+                count = len(load_tsv(path, self.name, lang))
+            except DataError as exc:
+                rows.append(DatasetInfo(self.name, lang, None, "not available", LICENCE, select, str(exc)))
+                continue
+            where = source_label(path)
+            rows.append(DatasetInfo(self.name, lang, count, where if where == "packaged" else f"data dir {where}",
+                                    LICENCE, select))  # fmt: skip
+        return rows
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
         lang = problem.lang if self.instructions == "native" else "en"

@@ -10,13 +10,14 @@ from typing import Sequence
 import sacrebleu
 
 from marco import prompts
-from marco.tasks.base import Problem, Score
-from marco.tasks.data import DataError, read_lines, require_data_dir
+from marco.tasks.base import DatasetInfo, Problem, Score
+from marco.tasks.data import DataError, data_override, read_lines, require_data_dir, source_label
 
 LANG = "zh-en"
 FLORES_DIR = "flores200_devtest_zho_Hans-eng_Latn"
 WMT_DIR = "wmt22_generaltest_zh-en"
 CORPORA = ("flores200", "wmt22")
+LICENCES = {"flores200": "CC BY-SA 4.0", "wmt22": "WMT research use (not shipped)"}
 
 INSTRUCTION = (
     "Translate the following Chinese text into English. Write only the English translation inside "
@@ -65,8 +66,45 @@ def find_corpus(data_dir: Path, prefer: str = "flores200") -> Corpus:
                 return found
     raise DataError(
         f"no translation data in {str(data_dir)!r}: expected zho_Hans.devtest + eng_Latn.devtest (FLORES-200) "
-        f"or generaltest2022.zh-en.src.zh + .ref.*.en (WMT22); pass --data-dir ../shared/data/translation/{FLORES_DIR}"
+        f"or generaltest2022.zh-en.src.zh + .ref.*.en (WMT22) in it, its translation/ folder or translation/{FLORES_DIR}; "
+        f"leave --data-dir unset to use the FLORES-200 shipped with marco"
     )
+
+
+def find_wmt22(data_dir: str | None, download: bool = True) -> Corpus:
+    """WMT22 zh→en, which marco does not ship (research-use terms): from ``data_dir`` (or ``$MARCO_DATA_DIR``)
+    when it holds the WMT22 files, else from sacrebleu's cache, else downloaded by sacrebleu (``download``).
+    Raises a one-line :class:`DataError` saying what to do when none of them works."""
+    from marco.tasks import sacrebleu_data
+
+    override = data_dir if data_dir is not None else data_override()
+    if override is not None:
+        root = Path(override).expanduser()
+        for folder in (root, root / WMT_DIR, root / "translation", root / "translation" / WMT_DIR):
+            found = _wmt(folder)
+            if found:
+                return found
+    cached = sacrebleu_data.cached_wmt22()
+    if cached is not None:
+        return Corpus("wmt22", cached[0], tuple(cached[1]))
+    where = f"{str(override)!r} has no WMT22 files and " if override is not None else ""
+    if not download:
+        raise DataError(
+            f"WMT22 zh-en is not shipped with marco; {where}it is not in sacrebleu's cache "
+            f"({sacrebleu_data.cache_dir()}): run with --testset wmt22 once online, or pass --data-dir"
+        )
+    try:
+        src, refs = sacrebleu_data.download_wmt22()
+    except DataError as exc:
+        raise DataError(
+            f"WMT22 zh-en is not shipped with marco (WMT research-use terms); {where}sacrebleu could not "
+            f"download it ({exc}). Either run this once on a machine that is online (sacrebleu caches it in "
+            f"{sacrebleu_data.cache_dir()}; `sacrebleu -t wmt22 -l zh-en --echo src > /dev/null` does the same, "
+            f"then copy that wmt22 folder into $SACREBLEU or ~/.sacrebleu here), or pass --data-dir DIR where DIR "
+            f"holds generaltest2022.zh-en.src.zh and generaltest2022.zh-en.ref.A.en "
+            f"(github.com/wmt-conference/wmt22-news-systems, folder txt/)"
+        ) from None
+    return Corpus("wmt22", src, tuple(refs))
 
 
 def _read_all(path: Path) -> list[str]:
@@ -117,6 +155,15 @@ def load_corpus(corpus: Corpus, limit: int | None = None) -> list[Problem]:
     return problems
 
 
+def _where(path: Path) -> str:
+    from marco.tasks import sacrebleu_data
+
+    if sacrebleu_data.is_cached_file(path):
+        return f"sacrebleu cache {path.parent}"
+    label = source_label(path)
+    return label if label == "packaged" else f"data dir {label}"
+
+
 def _last_paragraph(text: str) -> str:
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     return paragraphs[-1] if paragraphs else ""
@@ -124,9 +171,11 @@ def _last_paragraph(text: str) -> str:
 
 @dataclass
 class Translation:
-    """zh→en translation. ``corpus`` picks FLORES-200 or WMT22 when ``data_dir`` is a parent folder; a
-    corpus folder given directly is used as it is. ``Score.value`` is sentence chrF / 100 (in [0, 1]);
-    ``corpus_metrics`` reports corpus chrF and BLEU on sacrebleu's 0-100 scale."""
+    """zh→en translation. ``corpus`` picks the test set: ``flores200`` (shipped with marco; from a parent
+    ``data_dir`` it is preferred, and a corpus folder given directly is used as it is) or ``wmt22`` (never
+    shipped: read from ``data_dir``, sacrebleu's cache or sacrebleu's downloader, see :func:`find_wmt22`).
+    ``Score.value`` is sentence chrF / 100 (in [0, 1]); ``corpus_metrics`` reports corpus chrF and BLEU on
+    sacrebleu's 0-100 scale."""
 
     name: str = "translation"
     corpus: str = "flores200"
@@ -136,8 +185,32 @@ class Translation:
         wanted = [p.strip() for item in (langs or ()) for p in item.split(",") if p.strip()]
         if any(lang not in (LANG, "all") for lang in wanted):
             raise ValueError(f"translation only has the language pair {LANG!r}, not {','.join(wanted)!r}")
-        root = require_data_dir(data_dir, "translation")
-        return load_corpus(find_corpus(root, self.corpus), limit)
+        return load_corpus(self.locate(data_dir), limit)
+
+    def locate(self, data_dir: str | None, download: bool = True) -> Corpus:
+        """The files this task reads (see the class docstring); ``download=False`` never goes online."""
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown test set {self.corpus!r}; choose one of {', '.join(CORPORA)}")
+        if self.corpus == "wmt22":
+            return find_wmt22(data_dir, download)
+        return find_corpus(require_data_dir(data_dir, "translation"), self.corpus)
+
+    def catalog(self, data_dir: str | None) -> list[DatasetInfo]:
+        """Both zh→en test sets: where each is read from (never downloading), its segments and licence."""
+        rows = []
+        for name in CORPORA:
+            select = "--dataset translation" + (" --testset wmt22" if name == "wmt22" else "")
+            try:
+                corpus = Translation(corpus=name).locate(data_dir, download=False)
+                if corpus.name != name:
+                    raise DataError(f"{data_dir} holds {corpus.name}, not {name}")
+                count = len(load_corpus(corpus))
+            except DataError as exc:
+                rows.append(DatasetInfo(name, LANG, None, "not available", LICENCES[name], select, str(exc)))
+                continue
+            where = _where(corpus.source)
+            rows.append(DatasetInfo(name, LANG, count, where, LICENCES[name], select))
+        return rows
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
         return prompts.chat(f"{INSTRUCTION}\n\n{problem.question}", self.system)
