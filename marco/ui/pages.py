@@ -32,6 +32,10 @@ def _verdict(correct: bool | None) -> str:
     return '<span class="verdict yes">✓</span>' if correct else '<span class="verdict no">✗</span>'
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _short(sid: str) -> str:
     return sid[:8]
 
@@ -77,7 +81,7 @@ def batches_page(batches: Sequence[dict[str, Any]]) -> str:
         for b in batches
     )
     body = (
-        f"<h1>Batches</h1><p>{len(batches)} batches, newest first.</p>"
+        f"<h1>Batches</h1><p>{_plural(len(batches), 'batch', 'batches')}, newest first.</p>"
         '<table class="list" id="batches"><thead><tr><th>batch</th><th>kind</th><th>dataset</th><th>status</th>'
         "<th>progress</th><th>done</th><th>failed</th><th>accuracy</th><th>tokens/search</th><th>created</th></tr>"
         f"</thead><tbody>{rows or '<tr><td colspan=10>No batches yet: run `marco run` first.</td></tr>'}</tbody></table>"
@@ -188,6 +192,8 @@ def token_text(node: dict[str, Any]) -> str:
             for p, c in zip(pieces, confs)
         )
         return f'<div class="text tokens">{spans}</div>'
+    if not confs:  # the reflection sentence: inserted by the search, not generated, so no confidences
+        return f'<div class="text injected" title="inserted by the search, not generated: no confidences">{_e(node["text"])}</div>'
     blocks = "".join(f'<span class="tok" style="background:{confidence_colour(c)}" title="token {i}: c={c:.4f}"></span>'
                      for i, c in enumerate(confs))
     return f'<div class="text">{_e(node["text"])}</div>' + (f'<div class="blocks">{blocks}</div>' if blocks else "")
@@ -266,7 +272,8 @@ def search_page(s: dict[str, Any], related: Sequence[dict[str, Any]]) -> str:
     body = (
         f'<h1>Search <span class="id">{s["id"]}</span></h1>{_search_header(s)}'
         f'<p><a href="/api/searches/{s["id"]}">JSON</a></p>'
-        + (f'<details class="related" open><summary>{len(related)} other searches of this problem</summary><ul>{rel}</ul></details>'
+        + (f'<details class="related" open><summary>{_plural(len(related), "other search", "other searches")} of this '
+           f'problem (any batch)</summary><ul>{rel}</ul></details>'
            if related else "")
         + tree_html(s)
     )
