@@ -55,6 +55,7 @@ def test_batches_show_progress_and_accuracy(explorer) -> None:
     scored = [r for r in rows if r.correct is not None]
     assert b["progress"] == 1.0 and b["done"] == len(rows) == len(QUESTIONS) * len(CONFIGS)
     assert b["correct"] == sum(r.correct for r in scored) and b["accuracy"] == pytest.approx(b["correct"] / len(scored))
+    assert {g["label"]: g["searches"] for g in b["labels"]} == {c.label: len(QUESTIONS) for c in CONFIGS}
     one = client.get(f"/api/batches/{plan.batch_id}").json()
     groups = {(g["label"], g["lang"]): g for g in one["groups"]}
     assert set(groups) == {(c.label, lang) for c in CONFIGS for lang in ("en", "fr")}

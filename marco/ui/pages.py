@@ -71,20 +71,27 @@ def _progress(fraction: float | None) -> str:
 
 
 # ---------------------------------------------------------------------- batches
+def _per_label(b: dict[str, Any]) -> str:
+    return "<br>".join(
+        f'<a href="/searches?{urlencode({"batch": b["id"], "strategy": g["label"]})}">{_e(g["label"])}</a> '
+        f'{_pct(g["accuracy"]) if g["scored"] else _num(g["mean_score"], 2)}' for g in b.get("labels", [])
+    )
+
+
 def batches_page(batches: Sequence[dict[str, Any]]) -> str:
     rows = "".join(
         f'<tr><td><a href="/batch/{b["id"]}">{_e(b["name"])}</a><div class="id">{b["id"]}</div></td>'
         f'<td>{_e(b["kind"])}</td><td>{_e(b["dataset"])}</td><td class="status {b["status"]}">{_e(b["status"])}</td>'
-        f'<td>{_progress(b["progress"])}</td><td class="num">{b["done"]}/{b["n_searches"]}</td>'
-        f'<td class="num">{b["failed"]}</td><td class="num">{_pct(b["accuracy"])}</td>'
-        f'<td class="num">{_num(b["tokens_per_search"], 0)}</td><td>{_e((b["created_at"] or "")[:19])}</td></tr>'
+        f'<td class="nowrap">{_progress(b["progress"])}</td><td class="num">{b["done"]}/{b["n_searches"]}</td>'
+        f'<td class="num">{b["failed"]}</td><td class="num">{_pct(b["accuracy"])}</td><td class="per">{_per_label(b)}</td>'
+        f'<td class="num">{_num(b["tokens_per_search"], 0)}</td><td class="nowrap">{_e((b["created_at"] or "")[:16].replace("T", " "))}</td></tr>'
         for b in batches
     )
     body = (
         f"<h1>Batches</h1><p>{_plural(len(batches), 'batch', 'batches')}, newest first.</p>"
         '<table class="list" id="batches"><thead><tr><th>batch</th><th>kind</th><th>dataset</th><th>status</th>'
-        "<th>progress</th><th>done</th><th>failed</th><th>accuracy</th><th>tokens/search</th><th>created</th></tr>"
-        f"</thead><tbody>{rows or '<tr><td colspan=10>No batches yet: run `marco run` first.</td></tr>'}</tbody></table>"
+        "<th>progress</th><th>done</th><th>failed</th><th>accuracy</th><th>per strategy</th><th>tokens/search</th><th>created</th></tr>"
+        f"</thead><tbody>{rows or '<tr><td colspan=11>No batches yet: run `marco run` first.</td></tr>'}</tbody></table>"
     )
     return layout("Batches", body, "batches")
 

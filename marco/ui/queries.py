@@ -91,7 +91,13 @@ class Explorer:
             rows = s.execute(select(Batch).order_by(Batch.created_at.desc()).limit(limit)).scalars().all()
             ids = [r.id for r in rows]
             stats = self._search_stats(s, Search.batch_id.in_(ids), (Search.batch_id,)) if ids else {}
-        return [self._batch_dict(b, stats.get((b.id,), _empty_stats())) for b in rows]
+            labels = self._search_stats(s, Search.batch_id.in_(ids), (Search.batch_id, Search.label)) if ids else {}
+        out = []
+        for b in rows:
+            d = self._batch_dict(b, stats.get((str(b.id),), _empty_stats()))
+            d["labels"] = [{"label": k[1], **v} for k, v in sorted(labels.items()) if k[0] == str(b.id)]
+            out.append(d)
+        return out
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """One batch with its figures per label × language (what the batch page shows)."""
