@@ -172,10 +172,15 @@ def main() -> None:
             rows = conn.execute(text("SELECT count(*) FROM nodes")).scalar_one()
             n_searches = conn.execute(text("SELECT count(*) FROM searches")).scalar_one()
             db_size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+            dead = conn.execute(text("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'nodes'")).scalar_one()
+            autovacuum = conn.execute(text("SHOW autovacuum")).scalar_one()
         print(f"wrote {rows:,} nodes of {n_searches:,} searches: writer {written / write_s:,.0f} rows/s "
               f"({write_s:.1f}s in StoreSink; {wall:.1f}s wall incl. generating the trees)")
         print(f"bytes per node: {total / rows:,.0f} (heap {heap / rows:,.0f}, indexes+toast {(total - heap) / rows:,.0f}); "
               f"database {db_size / 2**20:,.0f} MiB")
+        # every node is updated once after its insert (backpropagation), so the heap holds a dead version of
+        # it until (auto)vacuum reclaims the space for reuse
+        print(f"dead node versions: {dead:,} (autovacuum {autovacuum})")
 
         explorer = Explorer(store.engine)
         mid = explorer.resolve_batch(f"scale-{args.batches // 2:03d}")

@@ -237,3 +237,34 @@ def test_real_model_tree_is_coloured_token_by_token(tmp_path) -> None:
     page = client.get(f"/search/{plan.search_ids[0]}").text
     assert page.count('class="t" style=') == sum(len(n["confidences"]) for n in with_tokens)
     store.close()
+
+
+@pytest.mark.slow
+def test_marco_ui_command_serves(tmp_path) -> None:
+    """`marco ui` as a user runs it: a real process, uvicorn on 127.0.0.1, pages and /api answer."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    store = Store.open(url)
+    plan = stored_batch(store, configs=CONFIGS[1:], questions=QUESTIONS[:2])
+    store.close()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "marco", "ui", "--db", url, "--port", str(port)],
+                            env={**os.environ, "MARCO_UI_TOKEN": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/batches", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "marco ui did not start"
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["batches"][0]["id"] == plan.batch_id
+        assert plan.batch_id in httpx.get(f"http://127.0.0.1:{port}/").text
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert f"http://localhost:{port}/" in out
