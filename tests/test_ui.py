@@ -218,6 +218,9 @@ def test_refuses_to_bind_elsewhere_without_a_token(tmp_path, monkeypatch) -> Non
     out = CliRunner().invoke(cli, ["ui", "--host", "0.0.0.0", "--db", f"sqlite:///{tmp_path / 'x.db'}"])
     assert out.exit_code == 1 and "without a token" in out.output
     out = CliRunner().invoke(cli, ["ui", "--db", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert out.exit_code == 1 and "no SQLite database" in out.output and not (tmp_path / "none.db").exists()
+    (tmp_path / "empty.db").touch()
+    out = CliRunner().invoke(cli, ["ui", "--db", f"sqlite:///{tmp_path / 'empty.db'}"])
     assert out.exit_code == 1 and "no marco store" in out.output
 
 

@@ -76,6 +76,9 @@ class UISettings:
 def read_only_engine(url: str) -> Engine:
     """An engine whose sessions cannot write: Postgres sessions start read-only, SQLite is ``query_only``."""
     probe = make_engine(url)
+    path = probe.url.database
+    if probe.dialect.name == "sqlite" and path and path != ":memory:" and not Path(path).exists():
+        raise StoreError(f"no SQLite database at {path}: check --db (or run `marco run` first)")
     if probe.dialect.name == "postgresql":
         probe.dispose()
         engine = make_engine(url, connect_args={"connect_timeout": 5, "options": "-c default_transaction_read_only=on"})
