@@ -138,6 +138,19 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
     return statistics.median(times), max(times)
 
 
+def index_effect(store: Store, repeat: int) -> tuple[float, float]:
+    """The newest-first page's SQL with migration 0004's index and, in a rolled-back transaction, without it."""
+    page = text("SELECT s.*, p.question FROM searches s JOIN problems p ON s.problem_id = p.id "
+                "ORDER BY s.created_at DESC, s.id LIMIT 50")
+    with store.engine.connect() as conn:
+        with conn.begin() as tx:
+            with_ix = timed(lambda: conn.execute(page).all(), repeat)[0]
+            conn.execute(text("DROP INDEX ix_searches_created_at"))
+            without_ix = timed(lambda: conn.execute(page).all(), repeat)[0]
+            tx.rollback()
+    return with_ix, without_ix
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=1_000_000, help="Nodes in all (default 1,000,000).")
@@ -210,6 +223,9 @@ def main() -> None:
             med, worst = timed(fn, args.repeat)
             medians[label] = med
             print(f"{label:48s} {med:10.1f} {worst:8.1f}")
+        with_ix, without_ix = index_effect(store, args.repeat)
+        print(f"\nnewest-first page (SQL only): {with_ix:.2f} ms with ix_searches_created_at, {without_ix:.2f} ms "
+              f"without: {without_ix / with_ix:.0f}x")
         slowest = max(medians, key=medians.get)  # type: ignore[arg-type]
         print(f"\nslowest: {slowest}; load average at end: {os.getloadavg()[0]:.2f}")
         store.close()
