@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from marco.report.html import node_payload
 from marco.store.db import StoreError
 from marco.store.models import Batch, Model, NodeRow, ProblemRow, Search
-from marco.store.store import row_to_node
+from marco.store.store import Store, row_to_node
 
 NODES = NodeRow.__table__
 MAX_PER_PAGE = 200
@@ -83,6 +83,7 @@ class Explorer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessions = sessionmaker(engine)
+        self.store = Store(engine)  # shares the engine; used for what the store already answers
 
     # ------------------------------------------------------------------ batches
     def batches(self, limit: int = 200) -> list[dict[str, Any]]:
@@ -113,14 +114,8 @@ class Explorer:
         return out
 
     def resolve_batch(self, ref: str) -> str:
-        """A batch id from an id or a name (the newest batch of that name)."""
-        with self.sessions() as s:
-            if _is_uuid(ref) and s.get(Batch, ref) is not None:
-                return ref
-            found = s.scalars(select(Batch.id).where(Batch.name == ref).order_by(Batch.created_at.desc())).first()
-        if found is None:
-            raise StoreError(f"no batch {ref!r}")
-        return str(found)
+        """A batch id from an id or a name (the newest batch of that name), as every command resolves it."""
+        return self.store.resolve_batch(ref)
 
     @staticmethod
     def _require_batch(s: Session, batch_id: str) -> Batch:
