@@ -199,7 +199,7 @@ def token_text(node: dict[str, Any]) -> str:
             for p, c in zip(pieces, confs)
         )
         return f'<div class="text tokens">{spans}</div>'
-    if not confs:  # the reflection sentence: inserted by the search, not generated, so no confidences
+    if not confs and node["kind"] == "reflection":  # inserted by the search, not generated: no confidences
         return f'<div class="text injected" title="inserted by the search, not generated: no confidences">{_e(node["text"])}</div>'
     blocks = "".join(f'<span class="tok" style="background:{confidence_colour(c)}" title="token {i}: c={c:.4f}"></span>'
                      for i, c in enumerate(confs))
