@@ -232,7 +232,8 @@ def test_real_model_tree_is_coloured_token_by_token(tmp_path) -> None:
     plan = stored_batch(store, configs=[SearchConfig(strategy="mcts", action="ministep:16", budget=64, children=2, seed=0)],
                         model="smollm2", questions=["What is 40 + 2?"])
     client = TestClient(create_app(UISettings(db=url)))
-    data = client.get(f"/api/searches/{plan.search_ids[0]}").json()
+    data = client.get(f"/api/searches/{plan.search_ids[0]}", params={"wait_tokens": "yes"}).json()
+    assert data["pieces_loading"] is False
     with_tokens = [n for n in data["nodes"] if n["confidences"]]
     assert with_tokens and data["model"] == "smollm2"
     for n in with_tokens:

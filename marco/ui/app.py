@@ -183,6 +183,12 @@ def create_app(settings: UISettings, engine: Engine | None = None) -> Starlette:
             return s.scalars(select(Model.path).where(Model.spec == spec)).first()
 
     tokens = TokenPieces(enabled=settings.decode_tokens, checkpoint_path=checkpoint_path)
+    if settings.decode_tokens:  # tokenizers load in the background while the first pages are served
+        from marco.store.models import Model
+        from sqlalchemy import select
+
+        with explorer.sessions() as s:
+            tokens.preload(list(s.scalars(select(Model.spec))))
 
     def report_of(batch_id: str) -> Any:
         from marco.report.tables import batch_report
@@ -240,7 +246,7 @@ def create_app(settings: UISettings, engine: Engine | None = None) -> Starlette:
 
     def search(request: Request) -> Response:
         sid = request.path_params["search_id"]
-        data = explorer.search(sid, tokens)
+        data = explorer.search(sid, tokens, wait_tokens=_flag(request.query_params.get("wait_tokens")) or False)
         related = explorer.related(sid)
         if wants_json(request):
             return JSONResponse({**data, "related": related})
@@ -256,7 +262,7 @@ def create_app(settings: UISettings, engine: Engine | None = None) -> Starlette:
             if wants_json(request):
                 raise ValueError("give two searches: /api/compare?a=SEARCH&b=SEARCH")
             return HTMLResponse(pages.compare_page(None, None, {"a": a_id, "b": b_id}))
-        a, b = explorer.search(a_id, tokens), explorer.search(b_id, tokens)
+        a, b = explorer.search(a_id, tokens, wait_tokens=False), explorer.search(b_id, tokens, wait_tokens=False)
         return respond(request, {"a": a, "b": b}, lambda: pages.compare_page(a, b, {"a": a_id, "b": b_id}))
 
     def node(request: Request) -> Response:
@@ -264,7 +270,7 @@ def create_app(settings: UISettings, engine: Engine | None = None) -> Starlette:
         sid = explorer.node_search(nid)
         url = f"/search/{sid}#node-{nid}"
         if wants_json(request):
-            data = explorer.search(sid, tokens)
+            data = explorer.search(sid, tokens, wait_tokens=False)
             found = next(n for n in data["nodes"] if n["id"] == nid)
             return JSONResponse({"search_id": sid, "url": url, "node": found})
         return RedirectResponse(url, status_code=302)

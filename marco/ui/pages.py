@@ -265,7 +265,10 @@ def _search_header(s: dict[str, Any]) -> str:
         f'{_verdict(s["correct"])} (reference {_e(ref)}) · confidence {_num(s["confidence"])} · {s["tokens"]} tokens · '
         f'{len(s["nodes"])} nodes · <a href="/batch/{s["batch_id"]}">batch</a></div>'
         f'<div class="question">{_e(s["question"])}</div>'
-        + (f'<div class="error">{_e(s["error"])}</div>' if s.get("error") else "") + "</div>"
+        + (f'<div class="error">{_e(s["error"])}</div>' if s.get("error") else "")
+        + (f'<div class="notice" id="pieces-loading">The tokenizer of {_e(s.get("model"))} is loading: text shows '
+           "colour blocks per token until then; reload in a moment.</div>" if s.get("pieces_loading") else "")
+        + "</div>"
     )
 
 

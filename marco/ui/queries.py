@@ -206,10 +206,12 @@ class Explorer:
             datasets = sorted({v for v in s.scalars(select(Search.dataset).where(*where).distinct())})
         return {"strategies": strategies + [l for l in labels if l not in strategies], "langs": langs, "datasets": datasets}
 
-    def search(self, search_id: str, tokens: Any = None) -> dict[str, Any]:
+    def search(self, search_id: str, tokens: Any = None, wait_tokens: bool = True) -> dict[str, Any]:
         """A search, its problem, its model and every node in creation order.
 
-        ``tokens`` (a :class:`marco.ui.tokens.TokenPieces`) adds each node's per-token text pieces.
+        ``tokens`` (a :class:`marco.ui.tokens.TokenPieces`) adds each node's per-token text pieces; with
+        ``wait_tokens=False`` they are None while the model's tokenizer is still loading
+        (``pieces_loading`` says so).
         """
         with self.sessions() as s:
             row = s.get(Search, search_id) if _is_uuid(search_id) else None
@@ -231,9 +233,10 @@ class Explorer:
             d.update(seq=n.seq, round=n.round, num_tokens=n.num_tokens, q=n.q if n.visits else None,
                      finish_reason=n.finish_reason, chosen=n.id in chosen, reflection=n.kind == "reflection")
             if tokens is not None:
-                d["pieces"] = tokens.pieces(out["model"], n.token_ids, n.text)
+                d["pieces"] = tokens.pieces(out["model"], n.token_ids, n.text, wait_tokens)
             payload.append(d)
         out["nodes"] = payload
+        out["pieces_loading"] = bool(tokens is not None and tokens.loading(out["model"]))
         return out
 
     def related(self, search_id: str) -> list[dict[str, Any]]:
