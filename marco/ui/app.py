@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlencode
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, select
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -28,11 +27,11 @@ from starlette.staticfiles import StaticFiles
 
 from marco.store import migrate
 from marco.store.db import StoreError, check_connection, make_engine
+from marco.store.models import Model
 from marco.ui import pages
 from marco.ui.queries import Explorer, SearchFilter
 from marco.ui.tokens import TokenPieces
 
-log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 TOKEN_ENV = "MARCO_UI_TOKEN"
 COOKIE = "marco_token"
@@ -176,17 +175,11 @@ def create_app(settings: UISettings, engine: Engine | None = None) -> Starlette:
     explorer = Explorer(engine)
 
     def checkpoint_path(spec: str) -> str | None:
-        from marco.store.models import Model
-        from sqlalchemy import select
-
         with explorer.sessions() as s:
             return s.scalars(select(Model.path).where(Model.spec == spec)).first()
 
     tokens = TokenPieces(enabled=settings.decode_tokens, checkpoint_path=checkpoint_path)
     if settings.decode_tokens:  # tokenizers load in the background while the first pages are served
-        from marco.store.models import Model
-        from sqlalchemy import select
-
         with explorer.sessions() as s:
             tokens.preload(list(s.scalars(select(Model.spec))))
 
