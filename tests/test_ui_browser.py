@@ -117,6 +117,7 @@ def test_explorer_in_chromium(tmp_path: Path, browser: CDP) -> None:  # noqa: F8
         wait_for(browser, f"location.hash === '#node-{deep.id}'")
         assert browser.eval(f"document.getElementById('node-{deep.id}').classList.contains('target')")
         assert browser.eval(f"document.getElementById('node-{deep.id}').checkVisibility()")
+        assert browser.eval(f"document.querySelector('#node-{deep.id} > details > .text').checkVisibility()")
         shot(browser, tmp_path, "05-node-link", full=False)
 
         # two strategies on the same problem, side by side

@@ -13,6 +13,8 @@
     const li = document.getElementById(id);
     if (!li) return;
     openTo(li);
+    const own = li.querySelector(':scope > details');
+    if (own) own.open = true;  // the linked node's own text too
     li.classList.add('target');
     li.scrollIntoView({block: 'center'});
   }
