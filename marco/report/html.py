@@ -76,6 +76,13 @@ function show(n) {
 """
 
 
+def confidence_colour(c: float | None, lightness: int = 48) -> str:
+    """The confidence scale every tree view uses: red (0) through yellow to green (1); grey for none."""
+    if c is None:
+        return "#bbb"
+    return f"hsl({round(120 * max(0.0, min(1.0, float(c))))},70%,{lightness}%)"
+
+
 def node_payload(node: Node) -> dict[str, Any]:
     return {
         "id": node.id,
@@ -101,7 +108,7 @@ def tree_html(nodes: Sequence[Node], chosen_path: Sequence[str], title: str, que
         raise ValueError("the search has no stored nodes to draw")
     data = {"nodes": [node_payload(n) for n in sorted(nodes, key=lambda n: n.seq)], "chosen_path": list(chosen_path)}
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # cannot close the <script> early
-    legend = "".join(f'<span style="background:hsl({h},70%,48%)"></span>' for h in range(0, 121, 20))
+    legend = "".join(f'<span style="background:{confidence_colour(h / 120)}"></span>' for h in range(0, 121, 20))
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"

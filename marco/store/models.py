@@ -83,6 +83,7 @@ class Batch(_Row, Base):
         CheckConstraint(_one_of("kind", BATCH_KINDS), name="kind"),
         CheckConstraint(_one_of("status", BATCH_STATUSES), name="status"),
         Index(None, "status", "priority"),
+        Index(None, "name"),  # 0004: names resolve to batches on every `report NAME` / explorer request
     )
 
     name: Mapped[str] = mapped_column(String(200))
@@ -150,6 +151,7 @@ class Search(_Row, Base):
         Index(None, "dataset", "lang", "strategy"),
         Index(None, "batch_id", "label", "lang"),
         Index(None, "strategy", "correct"),
+        Index(None, "created_at"),  # 0004: newest-first pages of `traces list` and the explorer
     )
 
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
