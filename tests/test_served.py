@@ -359,3 +359,71 @@ def test_real_vllm_engine_greedy_matches_itself_in_a_batch() -> None:  # pragma:
     alone = b.generate([GenerationRequest(ids, 16)])[0][0]
     batch = b.generate([GenerationRequest(ids, 16), GenerationRequest(ids[:-1], 16)])[0][0]
     assert alone.token_ids == batch.token_ids and all(len(t) == 5 for t in alone.top_logprobs)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def test_model_server_routes() -> None:
+    from worker.runtime import backend_loader, server_routes
+
+    assert server_routes("http://gpu:8000") == {"*": "server:http://gpu:8000"}
+    assert server_routes("smollm2=server+llamacpp:http://h:1?tokenizer=smollm2, qwen=http://h:2") == {
+        "smollm2": "server+llamacpp:http://h:1?tokenizer=smollm2", "qwen": "server:http://h:2"}
+    with pytest.raises(ValueError, match="neither a server URL"):
+        server_routes("smollm2")
+    from marco.llm import load_backend
+
+    assert backend_loader({}) is load_backend
+    assert backend_loader({"MARCO_MODEL_SERVER": "http://h:1"})("scripted").name == "scripted"
+
+
+class FlakyServer:
+    """A scripted backend whose "server" goes down after ``ok_calls`` generate calls, until revived."""
+
+    def __init__(self, ok_calls: int) -> None:
+        from marco.llm.scripted import ScriptedBackend
+
+        self.inner = ScriptedBackend(continuous=False)
+        self.name = "server:flaky"
+        self.ok_calls = ok_calls
+        self.down = False
+        self.calls = 0
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+    def generate(self, requests):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.down or self.calls > self.ok_calls:
+            self.down = True
+            raise ServerUnavailable("model server at http://flaky does not answer")
+        return self.inner.generate(requests)
+
+
+def test_job_goes_back_to_the_queue_when_the_server_is_down_and_resumes(store: Any) -> None:
+    from marco.jobs import BackendCache, execute_job
+    from marco.search.base import SearchConfig
+    from marco.tasks import get_task
+
+    task = get_task("demo")
+    problems = task.load(None, None, 3)
+    config = SearchConfig(strategy="mcts", action="ministep:8", budget=400, children=2)
+    plan = store.create_batch(problems, [config], model="server:flaky", task="demo", chunk_size=3)
+    job_id = plan.job_ids[0]
+    flaky = FlakyServer(ok_calls=1)
+    backends = BackendCache(loader=lambda spec: flaky)
+    with pytest.raises(ServerUnavailable):
+        execute_job(store, job_id, backends, worker="w1")
+    job = store.get_job(job_id)
+    assert job.status == "queued" and "does not answer" in (job.error or "")
+    searches = store.find_searches(plan.batch_id, limit=None)
+    partial = sum(store.count_nodes(str(s.id)) for s in searches)
+    assert partial > len(searches)  # the rounds before the outage are stored
+    flaky.down, flaky.ok_calls = False, 10**6
+    outcome = execute_job(store, job_id, backends, worker="w2")
+    assert outcome.status == "done" and store.get_job(job_id).attempts == 2
+    # nothing written twice: every stored node is distinct, and each search holds one tree rooted once
+    for s in store.find_searches(plan.batch_id, limit=None):
+        nodes = store.load_nodes(str(s.id))
+        assert len({n.id for n in nodes}) == len(nodes) and sum(n.parent_id is None for n in nodes) == 1
+        assert s.status == "done" and s.final_answer is not None
+    assert sum(store.count_nodes(str(s.id)) for s in searches) > partial
