@@ -469,6 +469,7 @@ class ServedBackend:
         """Parse ``spec_text``, ask the server what it is, and load the model's tokenizer."""
         spec = ServerSpec.parse(spec_text)
         client = ServerClient(spec, transport=transport)
+        client.get_json("/health")  # fail now, naming the server, when it is down (a 404 is fine)
         kind, about = spec.kind, None
         if kind is None or spec.tokenizer is None or (kind in ("vllm", "openai") and not spec.model):
             detected, about = client.detect()
