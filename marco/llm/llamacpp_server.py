@@ -46,7 +46,8 @@ class LlamaServer:
     """One ``llama-server`` process on 127.0.0.1 (``start``/``stop``, or use it as a context manager).
 
     ``slots`` parallel sequences share ``ctx_per_slot * slots`` tokens of KV cache; ``threads`` compute
-    threads; ``batch`` the logical batch size (tokens per decode call across all slots).
+    threads; ``batch`` the logical batch size (tokens per decode call across all slots); ``cache_ram_mib``
+    the host-memory prompt cache (llama.cpp's default is 8 GiB, too much for a small shared machine).
     """
 
     model: str
@@ -54,6 +55,7 @@ class LlamaServer:
     ctx_per_slot: int = 2048
     threads: int = 2
     batch: int = 512
+    cache_ram_mib: int = 512
     port: int = 0
     binary: str | None = None
     extra: list[str] = field(default_factory=list)
@@ -71,7 +73,7 @@ class LlamaServer:
         return [
             binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port),
             "-np", str(self.slots), "-c", str(self.ctx_per_slot * self.slots), "-t", str(self.threads),
-            "-tb", str(self.threads), "-b", str(self.batch), "--no-webui", *self.extra,
+            "-tb", str(self.threads), "-b", str(self.batch), "--cache-ram", str(self.cache_ram_mib), "--no-webui", *self.extra,
         ]
 
     def start(self, timeout_s: float = 120.0) -> "LlamaServer":
