@@ -446,3 +446,18 @@ def test_compose_has_a_vllm_server_that_gpu_workers_use() -> None:
     assert ServerSpec.parse(env["MARCO_MODEL_SERVER"]).url == "http://vllm:8000"
     assert env["MARCO_BROKER_URL"] and env["MARCO_DATABASE_URL"]  # the shared settings are kept
     assert "MARCO_MODEL_SERVER" not in services["worker-cpu"]["environment"]
+
+
+@pytest.mark.parametrize("routes,kind", [
+    ({"/props": {"default_generation_settings": {}, "model_path": "/m.gguf"}}, "llamacpp"),
+    ({"/get_model_info": {"model_path": "Qwen/Qwen2-7B"}}, "sglang"),
+    ({"/v1/models": {"data": [{"id": "qwen", "owned_by": "vllm", "root": "Qwen/Qwen2-7B"}]}}, "vllm"),
+    ({"/v1/models": {"data": [{"id": "gpt", "owned_by": "someone"}]}}, "openai"),
+])
+def test_server_kind_is_detected(routes: dict[str, Any], kind: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = routes.get(request.url.path)
+        return httpx.Response(200, json=body) if body is not None else httpx.Response(404)
+
+    client = ServerClient(ServerSpec(url="http://s:1"), transport=httpx.MockTransport(handler))
+    assert client.detect()[0] == kind
