@@ -478,7 +478,14 @@ class ServedBackend:
         if kind in ("vllm", "openai") and not model and isinstance(about, dict) and about.get("data"):
             model = str(about["data"][0]["id"])
         protocol = PROTOCOLS[kind](spec, model)
-        codec = TextCodec.load(spec.tokenizer or _tokenizer_from(kind, about, spec))
+        source = spec.tokenizer or _tokenizer_from(kind, about, spec)
+        try:
+            codec = TextCodec.load(source)
+        except OSError as exc:
+            raise EngineProtocolError(
+                f"no local tokenizer files for {source!r} (the model served at {spec.url}): put them here, or add "
+                f"?tokenizer=SPEC to the spec ({str(exc).splitlines()[0]})"
+            ) from None
         return cls(spec, protocol, codec, client, name=spec_text)
 
     # text
