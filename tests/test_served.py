@@ -46,10 +46,16 @@ def _top5(chosen: int, lp: float) -> list[tuple[int, float]]:
     return [(chosen, lp)] + [(2000 + k, rest - k * 0.01) for k in range(4)]
 
 
+def _greedy_next(context: list[int]) -> int:
+    return ord("a") + sum(context) % 26
+
+
 def _reply_ids(prompt: list[int], seed: int, temperature: float, n_predict: int) -> list[int]:
-    """What the fake model writes: depends only on the prompt, and on the seed when sampling."""
-    base = sum(prompt) + (seed if temperature > 0 else 0)
-    return [ord("a") + (base + k) % 26 for k in range(n_predict)]
+    """What the fake model writes, token by token: the greedy choice, or shifted by the seed when sampling."""
+    ids: list[int] = []
+    for _ in range(n_predict):
+        ids.append(ord("a") + (sum(prompt) + sum(ids) + (seed if temperature > 0 else 0)) % 26)
+    return ids
 
 
 @dataclass
@@ -71,8 +77,15 @@ class FakeLlamaCpp:
             if self.fail_next:
                 self.fail_next -= 1
                 return httpx.Response(503, text="loading model")
+        if body.get("logit_bias"):  # llama.cpp asked again for one position's probabilities
+            forced = body["logit_bias"][0][0]
+            best = _greedy_next(body["prompt"])
+            top = [{"id": i, "logprob": lp} for i, lp in _top5(best, -0.1)]
+            return httpx.Response(200, json={"tokens": [forced], "stop_type": "limit", "completion_probabilities": [
+                {"id": forced, "logprob": -7.0, "top_logprobs": top}]})
         ids = _reply_ids(body["prompt"], body["seed"], body["temperature"], body["n_predict"])
-        text, stop_type = "", "limit"
+        stop_type = "limit"
+        text = ""
         for k, t in enumerate(ids):
             text += chr(t)
             if any(s in text for s in body["stop"]):
@@ -81,14 +94,9 @@ class FakeLlamaCpp:
         probs = [
             {"id": t, "logprob": -0.1, "top_logprobs": [{"id": i, "logprob": lp} for i, lp in _top5(t, -0.1)]} for t in ids
         ]
-        if not body["stream"]:
-            if stop_type == "word":  # like llama.cpp: the stop word's tokens lose their probabilities
-                probs = probs[:-1]
-            return httpx.Response(200, json={"tokens": ids, "completion_probabilities": probs, "stop_type": stop_type})
-        events = [{"tokens": [t], "completion_probabilities": [p], "stop": False} for t, p in zip(ids, probs)]
-        events.append({"tokens": [], "stop": True, "stop_type": stop_type})
-        sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
-        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+        if stop_type == "word":  # like llama.cpp: the stop word's tokens lose their probabilities
+            probs = probs[:-1]
+        return httpx.Response(200, json={"tokens": ids, "completion_probabilities": probs, "stop_type": stop_type})
 
 
 def _backend(kind: str, handler: Any, **spec_kw: Any) -> ServedBackend:
@@ -115,29 +123,37 @@ def test_top_k_keeps_five_best_when_the_sampled_token_is_sixth() -> None:
     assert ids == [5, 2, 1, 4, 3] and lps == sorted(lps, reverse=True)
 
 
-def test_llamacpp_stream_keeps_the_stop_strings_tokens_and_their_logprobs() -> None:
+def test_llamacpp_positions_without_probabilities_are_asked_again() -> None:
     fake = FakeLlamaCpp()
     b = _backend("llamacpp", fake)
     prompt = [ord(c) for c in "hi"]
-    plain, = b.generate([GenerationRequest(prompt, max_new_tokens=6)])[0]
-    # the fake writes a run of letters; stop at the 3rd letter of that run
-    stop = chr(plain.token_ids[2])
-    stopped, = b.generate([GenerationRequest(prompt, max_new_tokens=6, stop=(stop,))])[0]
-    assert fake.requests[-1]["stream"] is True and fake.requests[0]["stream"] is False
+    plain, = b.generate([GenerationRequest(prompt, 6)])[0]
+    stop = chr(plain.token_ids[2])  # the fake writes a run of letters; stop at the 3rd letter of that run
+    fake.requests.clear()
+    stopped, = b.generate([GenerationRequest(prompt, 6, stop=(stop,))])[0]
     assert stopped.token_ids == plain.token_ids[:3] and stopped.text.endswith(stop)
     assert stopped.finish_reason == "stop" and plain.finish_reason == "length"
-    assert len(stopped.top_logprobs) == 3 and all(len(t) == 5 for t in stopped.top_logprobs)
-    assert stopped.top_ids[0][0] == stopped.token_ids[0]
-    sent = fake.requests[0]
-    assert sent["n_probs"] == 5 and sent["post_sampling_probs"] is False and sent["return_tokens"] is True
-    assert sent["samplers"] == ["temperature", "top_p"] and sent["prompt"] == prompt
+    # the stop token's probabilities were dropped by the server and asked for again, at that position
+    first, again = fake.requests
+    assert again["prompt"] == prompt + stopped.token_ids[:2] and again["n_predict"] == 1 and again["logit_bias"]
+    assert stopped.top_ids == plain.top_ids[:3] and stopped.logprobs == pytest.approx(plain.logprobs[:3])
+    assert first["n_probs"] == 5 and first["post_sampling_probs"] is False and first["return_tokens"] is True
+    assert first["samplers"] == ["temperature", "top_p"] and first["prompt"] == prompt
 
 
-def test_llamacpp_cut_logprobs_are_refused_not_misaligned() -> None:
+def test_llamacpp_token_inside_a_utf8_character_is_a_gap() -> None:
+    proto = PROTOCOLS["llamacpp"](ServerSpec(url="http://x"), None)
+    proto.decode_bytes = CharTokenizer().decode  # id 0xFFFD decodes to U+FFFD: an unfinished character
+    entry = lambda t: {"id": t, "logprob": -0.1, "top_logprobs": [{"id": i, "logprob": lp} for i, lp in _top5(t, -0.1)]}  # noqa: E731
+    out = proto.parse({"tokens": [120, 0xFFFD, 121], "completion_probabilities": [entry(120), entry(121)]}, SampleJob(0, 0, GenerationRequest([1], 3)))
+    assert out.gaps == [1] and out.top_ids[2][0] == 121 and out.logprobs[0] == -0.1
+
+
+def test_llamacpp_entries_that_match_no_token_are_refused() -> None:
     proto = PROTOCOLS["llamacpp"](ServerSpec(url="http://x"), None)
     job = SampleJob(0, 0, GenerationRequest([1], 3))
-    entry = {"id": 5, "logprob": -0.1, "top_logprobs": [{"id": i, "logprob": lp} for i, lp in _top5(5, -0.1)]}
-    with pytest.raises(EngineProtocolError, match="2 tokens but log-probabilities for 1"):
+    entry = {"id": 9, "logprob": -0.1, "top_logprobs": [{"id": i, "logprob": lp} for i, lp in _top5(9, -0.1)]}
+    with pytest.raises(EngineProtocolError, match="1 probability entries do not match 2 tokens"):
         proto.parse({"tokens": [5, 6], "completion_probabilities": [entry], "stop_type": "word"}, job)
 
 

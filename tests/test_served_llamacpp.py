@@ -5,15 +5,18 @@ it is missing.
 
 Tolerance against the transformers backend: both read the same GGUF, whose weights are Q4_1 (transformers
 dequantises them to float32, so the weights are the same numbers), but llama.cpp's CPU kernels quantise the
-activations to 8 bits (Q8_1 blocks) inside every Q4_1 matmul and sum in another order. Measured on this
-prompt: the top-1 token agrees at every position and log-probabilities differ by at most ~0.1 nats (see
-docs/engines.md), so the test asserts |Δ logprob| <= LOGPROB_TOL over the top-5 and the same top-5 ids
-wherever neighbouring ranks are more than 2 * LOGPROB_TOL apart (closer ones may swap).
+activations to 8 bits (Q8_1 blocks) inside every quantised matmul and sum in another order; over 30 layers
+that moves the logits by up to a few tenths. Measured at the same token ids (4 prompts, 189 positions):
+top-5 probabilities within 0.088, confidences c_i within 0.090, a generation's mean confidence within
+0.006, log-probabilities of tokens above p = 0.05 within 0.55 nats, top-1 the same at 184 of 189 positions
+(the 5 others near-ties). The test asserts PROB_TOL, MEAN_CONFIDENCE_TOL, and the same top-1 where the
+reference's top-2 are more than TOP1_GAP apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -28,9 +31,17 @@ from marco.llm.served import ServedBackend
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-LOGPROB_TOL = 0.15
+PROB_TOL = 0.12  # per position: top-5 probabilities and the confidence c_i (measured max 0.09)
+MEAN_CONFIDENCE_TOL = 0.02  # a generation's mean confidence, what scores a node (measured max 0.006)
+TOP1_GAP = 1.2  # nats: log-probabilities of likely tokens differ by up to ~0.55, so closer top-2 may swap
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MARCO_DATA_DIR", ROOT.parent / "shared" / "data"))
+QUESTIONS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have?",
+    "Translate to French: The cat sleeps on the mat.",
+    "A train travels 60 km in 1.5 hours. What is its speed?",
+    "Janet has 16 eggs, eats 3 and bakes with 4. She sells the rest at 2 dollars each. How much does she earn?",
+]
 QUESTION = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]
 
 
@@ -45,7 +56,7 @@ def server(tmp_path_factory):
     if find_llama_server() is None:
         pytest.skip("no llama-server binary: run `make llama-server` (or set $MARCO_LLAMA_SERVER)")
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    s = LlamaServer(_gguf(), slots=8, ctx_per_slot=2048, threads=2, log_path=str(log)).start()
+    s = LlamaServer(_gguf(), slots=8, ctx_per_slot=2048, threads=1, log_path=str(log)).start()
     yield s
     s.stop()
 
@@ -73,26 +84,29 @@ def test_kind_and_tokenizer_are_detected(served, hf) -> None:
 def test_top5_agrees_with_transformers_at_the_same_token_ids(served, hf) -> None:
     import torch
 
-    prompt = served.apply_chat_template(QUESTION)
-    gen = served.generate([GenerationRequest(prompt, 32)])[0][0]
-    assert len(gen.top_ids) == len(gen.token_ids) >= 8
-    ids = torch.tensor([prompt + gen.token_ids[:-1]])
-    with torch.inference_mode():
-        logp = torch.log_softmax(hf.model(input_ids=ids).logits[0, len(prompt) - 1 :].float(), dim=-1)
-    ref_lp, ref_ids = logp.topk(5, dim=-1)
-    worst = 0.0
-    for k in range(len(gen.token_ids)):
-        mine = dict(zip(gen.top_ids[k], gen.top_logprobs[k]))
-        ref = dict(zip(ref_ids[k].tolist(), ref_lp[k].tolist()))
-        assert gen.top_ids[k][0] == ref_ids[k, 0].item(), f"top-1 differs at position {k}"
-        assert gen.logprobs[k] == pytest.approx(logp[k, gen.token_ids[k]].item(), abs=LOGPROB_TOL)
-        for tid in set(mine) & set(ref):
-            worst = max(worst, abs(mine[tid] - ref[tid]))
-        gaps = [ref_lp[k, r].item() - ref_lp[k, r + 1].item() for r in range(4)]
-        for r in range(5):  # a rank is certain when it is well apart from both neighbours
-            if (r == 0 or gaps[r - 1] > 2 * LOGPROB_TOL) and (r == 4 or gaps[r] > 2 * LOGPROB_TOL):
-                assert gen.top_ids[k][r] == ref_ids[k, r].item(), f"rank {r} differs at position {k}"
-    assert worst <= LOGPROB_TOL, worst
+    prompts = [served.apply_chat_template([{"role": "user", "content": q}], "<Thought>\n") for q in QUESTIONS]
+    gens = [g[0] for g in served.generate([GenerationRequest(p, 64) for p in prompts])]
+    worst_p = worst_c = worst_mean_c = 0.0
+    positions = 0
+    for prompt, gen in zip(prompts, gens):
+        assert len(gen.top_ids) == len(gen.token_ids) == len(gen.logprobs) >= 8
+        ids = torch.tensor([prompt + gen.token_ids[:-1]])  # teacher-forced: the same ids on both engines
+        with torch.inference_mode():
+            logp = torch.log_softmax(hf.model(input_ids=ids).logits[0, len(prompt) - 1 :].float(), dim=-1)
+        ref_lp, ref_ids = logp.topk(5, dim=-1)
+        mine_c, ref_c = [], []
+        for k in range(len(gen.token_ids)):
+            positions += 1
+            for tid, lp in zip(gen.top_ids[k], gen.top_logprobs[k]):
+                worst_p = max(worst_p, abs(math.exp(lp) - math.exp(logp[k, tid].item())))
+            if ref_lp[k, 0] - ref_lp[k, 1] > TOP1_GAP:  # no near-tie: both engines rank the same token first
+                assert gen.top_ids[k][0] == ref_ids[k, 0].item(), f"top-1 differs at position {k}"
+            mine_c.append(math.exp(gen.logprobs[k]) / sum(math.exp(x) for x in gen.top_logprobs[k]))
+            ref_c.append(math.exp(logp[k, gen.token_ids[k]].item()) / ref_lp[k].exp().sum().item())
+            worst_c = max(worst_c, abs(mine_c[-1] - ref_c[-1]))
+        worst_mean_c = max(worst_mean_c, abs(sum(mine_c) / len(mine_c) - sum(ref_c) / len(ref_c)))
+    print(f"{positions} positions: max |dp| {worst_p:.4f}, max |dc_i| {worst_c:.4f}, max |d mean c| {worst_mean_c:.4f}")
+    assert worst_p <= PROB_TOL and worst_c <= PROB_TOL and worst_mean_c <= MEAN_CONFIDENCE_TOL
 
 
 def test_greedy_batch_equals_one_by_one(served) -> None:
@@ -113,6 +127,10 @@ def test_stop_strings_n_and_seeds(served) -> None:
     assert stopped.finish_reason == "stop" and " " in stopped.text
     assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
     assert len(stopped.top_logprobs) == len(stopped.token_ids) == len(stopped.logprobs)
+    # the stop token's probabilities (dropped by llama.cpp, asked again) are those of the free run
+    n = len(stopped.token_ids)
+    assert stopped.top_ids == free.top_ids[:n]
+    assert stopped.logprobs == pytest.approx(free.logprobs[:n], abs=1e-3)
     assert served.decode(stopped.token_ids[:-1]).count(" ") == 0  # the last token completed the stop string
     req = GenerationRequest(prompt, 16, temperature=1.0, n=3, seed=11)
     first = served.generate([req])[0]
@@ -177,7 +195,7 @@ def test_queued_batch_runs_through_the_server_and_survives_its_restart(queue_env
     from worker.settings import QueueSettings
 
     # a server of its own (the module's one stays up for the other tests), on a port it can come back to
-    own = LlamaServer(server.model, slots=4, ctx_per_slot=2048, threads=2, log_path=str(tmp_path / "own.log")).start()
+    own = LlamaServer(server.model, slots=4, ctx_per_slot=2048, threads=1, log_path=str(tmp_path / "own.log")).start()
     env = {**queue_env, "MARCO_MODEL_SERVER": f"server+llamacpp:{own.url}?tokenizer=smollm2&retries=1"}
     store = Store.open(env["MARCO_DATABASE_URL"])
     worker = start_worker(env, tmp_path, name="served")

@@ -14,7 +14,7 @@ Shared by the served-model client (:mod:`marco.llm.served`) and the vLLM offline
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
@@ -62,6 +62,7 @@ class SampleOutput:
     top_logprobs: list[list[float]]
     top_ids: list[list[int]]
     finish_reason: str
+    gaps: list[int] = field(default_factory=list)  # positions the engine kept no probabilities for (to fill)
 
     def check(self, where: str) -> None:
         """Fail loudly when the engine's answer is not aligned (one top-5 list per generated token)."""

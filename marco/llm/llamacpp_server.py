@@ -53,7 +53,7 @@ class LlamaServer:
     model: str
     slots: int = 8
     ctx_per_slot: int = 2048
-    threads: int = 2
+    threads: int = 1  # on a small busy machine two spinning threads collapsed to 2 s a token (docs/engines.md)
     batch: int = 512
     cache_ram_mib: int = 512
     port: int = 0

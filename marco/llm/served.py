@@ -18,8 +18,9 @@ position, a per-sample seed, stop strings kept in the output):
 
 - ``llamacpp``: native ``/completion`` with ``n_probs: 5``, ``post_sampling_probs: false`` (log-probabilities
   of the model's softmax, before temperature and top-p) and ``return_tokens``; the sampler chain is pinned to
-  temperature then top-p (llama.cpp's default chain also applies top-k 40 and min-p 0.05). Requests with stop
-  strings are streamed: the non-streamed answer drops the log-probabilities of the stop string's tokens.
+  temperature then top-p (llama.cpp's default chain also applies top-k 40 and min-p 0.05). Positions whose
+  probabilities llama.cpp drops (a stop string's tokens, a token ending inside a UTF-8 character) are asked
+  again, one short request each (see :class:`LlamaCppProtocol`).
 - ``vllm`` / ``openai``: ``/v1/completions`` with ``logprobs: 5``, ``return_tokens_as_token_ids``,
   ``include_stop_str_in_output``, ``seed``. vLLM's log-probabilities are raw under its default
   ``--logprobs-mode raw_logprobs``. A server that does not return token ids is refused (text cannot be
@@ -43,7 +44,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
@@ -138,16 +139,10 @@ class Protocol:
         self.spec = spec
         self.model = model
 
-    def stream(self, job: SampleJob) -> bool:
-        return False
-
     def payload(self, job: SampleJob) -> dict[str, Any]:
         raise NotImplementedError
 
     def parse(self, body: Any, job: SampleJob) -> SampleOutput:
-        raise NotImplementedError
-
-    def parse_stream(self, events: Iterator[dict[str, Any]], job: SampleJob) -> SampleOutput:
         raise NotImplementedError
 
     def where(self) -> str:
@@ -155,15 +150,19 @@ class Protocol:
 
 
 class LlamaCppProtocol(Protocol):
-    """llama.cpp's native ``/completion`` (field names as in its ``tools/server`` sources)."""
+    """llama.cpp's native ``/completion`` (field names as in its ``tools/server`` sources).
+
+    ``return_tokens`` lists every generated token, but llama.cpp keeps no probabilities for two kinds of
+    position: a token that leaves the text inside an unfinished UTF-8 character (a byte piece of a Chinese
+    character, say), and the tokens of a stop string (its final answer drops them). Those positions are
+    asked again, one request each: the prefix up to the position, one token forced to a plain ASCII one
+    by ``logit_bias`` (so llama.cpp keeps that position's probabilities; the bias acts on the sampler, not on
+    the reported raw probabilities), ``n_probs`` 5, or the whole vocabulary when the generated token is not
+    among the top 5.
+    """
 
     kind = "llamacpp"
     path = "/completion"
-
-    def stream(self, job: SampleJob) -> bool:
-        # The final (non-streamed) answer cuts the log-probabilities of the stop string's tokens; the stream
-        # carries every token with its own.
-        return bool(job.request.stop)
 
     def payload(self, job: SampleJob) -> dict[str, Any]:
         r = job.request
@@ -182,52 +181,56 @@ class LlamaCppProtocol(Protocol):
             "post_sampling_probs": False,
             "return_tokens": True,
             "cache_prompt": True,
-            "stream": self.stream(job),
+            "stream": False,
         }
 
-    @staticmethod
-    def _position(entry: dict[str, Any]) -> tuple[int, float, list[int], list[float]]:
-        ids, lps = top_k((int(c["id"]), float(c["logprob"])) for c in entry["top_logprobs"])
-        return int(entry["id"]), float(entry["logprob"]), ids, lps
-
     def parse(self, body: Any, job: SampleJob) -> SampleOutput:
+        """Tokens and the positions llama.cpp kept probabilities for; the others are filled by ``complete``."""
         where = self.where()
-        if not isinstance(body, dict) or "tokens" not in body or "completion_probabilities" not in body and body.get("tokens"):
-            raise EngineProtocolError(f"{where}: /completion answered without tokens or log-probabilities")
+        if not isinstance(body, dict) or "tokens" not in body:
+            raise EngineProtocolError(f"{where}: /completion answered without tokens (is return_tokens supported?)")
         tokens = [int(t) for t in body["tokens"]]
-        out = SampleOutput([], [], [], [], normalise_finish(body.get("stop_type")))
-        for tok, entry in zip(tokens, body.get("completion_probabilities", [])):
-            tid, lp, ids, lps = self._position(entry)
-            if tid != tok:
-                raise EngineProtocolError(f"{where}: token {tok} but log-probabilities for {tid}")
-            out.token_ids.append(tok)
-            out.logprobs.append(lp)
-            out.top_ids.append(ids)
-            out.top_logprobs.append(lps)
-        if len(out.token_ids) != len(tokens):
-            raise EngineProtocolError(f"{where}: {len(tokens)} tokens but log-probabilities for {len(out.token_ids)}")
-        out.check(where)
+        entries = body.get("completion_probabilities") or []
+        if tokens and not entries:
+            raise EngineProtocolError(f"{where}: /completion answered without log-probabilities")
+        out = SampleOutput(tokens, [], [], [], normalise_finish(body.get("stop_type")))
+        out.gaps = self._align(tokens, entries, out)
         return out
 
-    def parse_stream(self, events: Iterator[dict[str, Any]], job: SampleJob) -> SampleOutput:
-        where = self.where()
-        out = SampleOutput([], [], [], [], "length")
-        for event in events:
-            probs = event.get("completion_probabilities") or []
-            for tok, entry in zip(event.get("tokens") or [], probs):
-                tid, lp, ids, lps = self._position(entry)
-                if tid != int(tok):
-                    raise EngineProtocolError(f"{where}: token {tok} but log-probabilities for {tid}")
-                out.token_ids.append(tid)
-                out.logprobs.append(lp)
-                out.top_ids.append(ids)
-                out.top_logprobs.append(lps)
-            if len(event.get("tokens") or []) != len(probs):
-                raise EngineProtocolError(f"{where}: a streamed token came without its log-probabilities")
-            if event.get("stop"):
-                out.finish_reason = normalise_finish(event.get("stop_type"))
-        out.check(where)
-        return out
+    def _align(self, tokens: list[int], entries: list[dict[str, Any]], out: SampleOutput) -> list[int]:
+        """Match llama.cpp's probability entries to token positions; the positions without one."""
+        lps: list[float | None] = [None] * len(tokens)
+        aligned = len(entries) == len(tokens)  # the common case: nothing dropped, no need to look at the text
+        tops: list[tuple[list[int], list[float]] | None] = [None] * len(tokens)
+        j = 0
+        for i, tok in enumerate(tokens):
+            if j < len(entries) and int(entries[j]["id"]) == tok and (aligned or not self._unfinished(tokens, i)):
+                lps[i] = float(entries[j]["logprob"])
+                tops[i] = top_k((int(c["id"]), float(c["logprob"])) for c in entries[j]["top_logprobs"])
+                j += 1
+        if j != len(entries):
+            raise EngineProtocolError(f"{self.where()}: {len(entries)} probability entries do not match {len(tokens)} tokens")
+        gaps = [i for i, lp in enumerate(lps) if lp is None]
+        out.logprobs = lps  # type: ignore[assignment]
+        out.top_ids = [t[0] if t else [] for t in tops]
+        out.top_logprobs = [t[1] if t else [] for t in tops]
+        return gaps
+
+    decode_bytes: Callable[[Sequence[int]], str] | None = None
+
+    def _unfinished(self, tokens: list[int], i: int) -> bool:
+        """Whether the text of ``tokens[: i + 1]`` ends inside a UTF-8 character (llama.cpp then keeps no
+        probabilities for token ``i``)."""
+        if self.decode_bytes is None:
+            return False
+        return self.decode_bytes(tokens[: i + 1]).endswith("\ufffd")
+
+    def fill_payload(self, job: SampleJob, prefix: list[int], n_probs: int, plain_token: int) -> dict[str, Any]:
+        return {
+            "prompt": list(job.request.prompt_ids) + prefix, "n_predict": 1, "temperature": 0.0,
+            "logit_bias": [[plain_token, 100.0]], "n_probs": n_probs, "post_sampling_probs": False,
+            "return_tokens": True, "cache_prompt": True, "stream": False,
+        }
 
 
 class OpenAIProtocol(Protocol):
@@ -400,32 +403,6 @@ class ServerClient:
 
         return self._retrying(f"POST {path}", call)
 
-    def post_stream(self, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """POST and read a server-sent-event stream to its end (the whole stream is retried on failure)."""
-
-        def call() -> list[dict[str, Any]]:
-            events: list[dict[str, Any]] = []
-            with self.http.stream("POST", path, json=body) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    self._check(resp, f"POST {path}")
-                for line in resp.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    try:
-                        event = json.loads(data)
-                    except ValueError:
-                        raise EngineProtocolError(f"model server at {self.spec.url}: unreadable event {data[:120]!r}") from None
-                    if "error" in event:
-                        raise EngineProtocolError(f"model server at {self.spec.url}: {event['error']}")
-                    events.append(event)
-            return events
-
-        return self._retrying(f"POST {path}", call)
-
     def detect(self) -> tuple[str, Any]:
         """The server's kind and what it says about itself (raises a clear error when it is none we know)."""
         props = self.get_json("/props")
@@ -461,6 +438,8 @@ class ServedBackend:
         self.client = client
         self.name = name
         self.kind = protocol.kind
+        if isinstance(protocol, LlamaCppProtocol):
+            protocol.decode_bytes = codec.decode
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="marco-served")
         self._lock = threading.Lock()
 
@@ -501,9 +480,38 @@ class ServedBackend:
     # generation
     def _one(self, job: SampleJob) -> SampleOutput:
         body = self.protocol.payload(job)
-        if self.protocol.stream(job):
-            return self.protocol.parse_stream(iter(self.client.post_stream(self.protocol.path, body)), job)
-        return self.protocol.parse(self.client.post_json(self.protocol.path, body), job)
+        out = self.protocol.parse(self.client.post_json(self.protocol.path, body), job)
+        if out.gaps:
+            self._fill(job, out, out.gaps)
+            out.gaps = []
+        out.check(self.protocol.where())
+        return out
+
+    def _fill(self, job: SampleJob, out: SampleOutput, gaps: list[int]) -> None:
+        """Ask llama.cpp for the probabilities of the positions it did not keep (see LlamaCppProtocol)."""
+        proto = self.protocol
+        assert isinstance(proto, LlamaCppProtocol)
+        plain = self.codec.encode("a")[0]
+        for i in gaps:
+            tok = out.token_ids[i]
+            for attempt in range(2):  # the top 5, then (the generated token ranks lower) the whole vocabulary
+                n_probs = TOP_K_LOGPROBS if attempt == 0 else self.vocab_size
+                body = self.client.post_json(proto.path, proto.fill_payload(job, out.token_ids[:i], n_probs, plain))
+                entries = body.get("completion_probabilities") or []
+                if not entries:
+                    raise EngineProtocolError(f"{proto.where()}: no probabilities for position {i} when asked again")
+                cands = {int(c["id"]): float(c["logprob"]) for c in entries[0]["top_logprobs"]}
+                if tok in cands:
+                    break
+            else:
+                raise EngineProtocolError(f"{proto.where()}: token {tok} is not in the vocabulary's probabilities")
+            out.logprobs[i] = cands[tok]
+            ids, lps = top_k(cands.items())
+            out.top_ids[i], out.top_logprobs[i] = ids, lps
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.codec.tokenizer)  # type: ignore[arg-type]
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
         out: list[list[Generation]] = [[] for _ in requests]
