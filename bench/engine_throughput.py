@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--rollout", type=int, default=384, help="max tokens of one rollout (the product default)")
     ap.add_argument("--children", type=int, default=3)
     ap.add_argument("--slots", type=int, default=16, help="llama-server parallel sequences (-np)")
-    ap.add_argument("--threads", type=int, default=2, help="llama-server threads")
+    ap.add_argument("--threads", type=int, default=1, help="llama-server threads")
     ap.add_argument("--batch", type=int, default=512, help="llama-server logical batch size (-b)")
     ap.add_argument("--raw-tokens", type=int, default=64, help="tokens per row of the n_probs comparison")
     ap.add_argument("--sweep", default="", help="comma-separated slot counts to time raw generation at")
@@ -94,6 +94,7 @@ def main() -> None:
         tokens, secs, correct = search(hf, task, problems, config)
         hf_tps = tokens / secs
         rows.append(("transformers (in-process)", tokens, secs, f"{correct}/{len(problems)} correct"))
+        print(f"transformers: {tokens} tokens in {secs:.1f}s", file=sys.stderr, flush=True)
         del hf
 
     with LlamaServer(gguf, slots=args.slots, threads=args.threads, batch=args.batch) as server:
@@ -101,6 +102,7 @@ def main() -> None:
         served.generate([GenerationRequest(served.encode("Hello"), 4)])
         tokens, secs, correct = search(served, task, problems, config)
         server_tps = tokens / secs
+        print(f"llama-server: {tokens} tokens in {secs:.1f}s", file=sys.stderr, flush=True)
         rows.append((f"llama-server (-np {args.slots} -t {args.threads} -b {args.batch})", tokens, secs,
                      f"{correct}/{len(problems)} correct"))
         reqs = raw_requests(served, task, problems, args.children, args.raw_tokens)
