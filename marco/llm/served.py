@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -441,7 +440,6 @@ class ServedBackend:
         if isinstance(protocol, LlamaCppProtocol):
             protocol.decode_bytes = codec.decode
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="marco-served")
-        self._lock = threading.Lock()
 
     @classmethod
     def connect(cls, spec_text: str, transport: httpx.BaseTransport | None = None) -> "ServedBackend":
