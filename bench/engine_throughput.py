@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--rollout", type=int, default=384, help="max tokens of one rollout (the product default)")
     ap.add_argument("--children", type=int, default=3)
     ap.add_argument("--slots", type=int, default=16, help="llama-server parallel sequences (-np)")
-    ap.add_argument("--threads", type=int, default=1, help="llama-server threads")
+    ap.add_argument("--threads", type=int, default=1, help="compute threads of both engines (torch and llama-server)")
     ap.add_argument("--batch", type=int, default=512, help="llama-server logical batch size (-b)")
     ap.add_argument("--raw-tokens", type=int, default=64, help="tokens per row of the n_probs comparison")
     ap.add_argument("--sweep", default="", help="comma-separated slot counts to time raw generation at")
@@ -89,6 +89,9 @@ def main() -> None:
 
     hf_tps = None
     if not args.skip_hf:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the same cores for both engines
         hf = load_backend("smollm2")
         hf.generate([GenerationRequest(hf.encode("Hello"), 4)])  # warm-up
         tokens, secs, correct = search(hf, task, problems, config)
