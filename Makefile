@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench services clean
+.PHONY: install demo test test-fast bench services clean llama-server
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/marco run --dataset demo --strategy mcts --action ministep:32 --budget 384 --children 3
 
-test: install
+test: install llama-server
 	$(VENV)/bin/pytest
 
 # Unit tests only (no real model, no services): seconds.
@@ -34,6 +34,12 @@ bench: install
 	$(PY) bench/store_bulk.py
 	$(PY) bench/queue_overhead.py
 	$(PY) bench/sft_throughput.py
+
+# llama.cpp's llama-server (the served-model tests and bench/engine_throughput.py use it): built once per
+# machine from the llama-cpp-python sdist into ~/.cache/marco/llama-server/ (or $$MARCO_CACHE); 10+ minutes
+# on 2 cores the first time, nothing afterwards.
+llama-server: install
+	PYTHON=$(PY) sh scripts/build_llama_server.sh
 
 # Start Postgres and Redis on this host if they are down (CI calls this too).
 services:

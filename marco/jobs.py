@@ -130,6 +130,13 @@ def execute_job(
             outcome.status = "done"
     except LeaseLost as exc:
         outcome.status, outcome.error = "lost", str(exc)
+    except ConnectionError as exc:
+        # The model server is down (after the client's own retries): the job goes back to the queue and the
+        # error goes up, so the queue retries it with backoff and it resumes from its stored nodes.
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.warning("job %s released: %s", job_id, reason)
+        store.release_job(job_id, worker, reason)
+        raise
     except Exception as exc:  # the job fails with its reason; the worker goes on with the next job
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.exception("job %s failed", job_id)

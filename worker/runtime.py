@@ -14,6 +14,50 @@ from typing import Any
 
 from worker.settings import QueueSettings
 
+MODEL_SERVER_ENV = "MARCO_MODEL_SERVER"
+
+
+def server_routes(value: str) -> dict[str, str]:
+    """``$MARCO_MODEL_SERVER`` as ``{batch model spec: server spec}`` (``"*"``: every model).
+
+    Either one server spec or URL (``http://vllm:8000`` or ``server+vllm:http://vllm:8000/v1#qwen``) that
+    serves every batch, or ``MODEL=SERVER,...`` pairs (``smollm2=server+llamacpp:http://127.0.0.1:8080``)
+    for a worker whose server holds some of the models (the others load locally).
+    """
+    from marco.llm.served import server_spec_from_env
+
+    routes: dict[str, str] = {}
+    for item in (x.strip() for x in value.split(",")):
+        if not item:
+            continue
+        if item.startswith(("server", "http://", "https://")):
+            routes["*"] = server_spec_from_env(item)
+        else:
+            model, sep, target = item.partition("=")
+            if not sep or not target.strip():
+                raise ValueError(f"${MODEL_SERVER_ENV}: {item!r} is neither a server URL nor MODEL=SERVER")
+            routes[model.strip()] = server_spec_from_env(target)
+    return routes
+
+
+def backend_loader(env: "os._Environ[str] | dict[str, str] | None" = None) -> Any:
+    """The model loader of this worker: batches go to ``$MARCO_MODEL_SERVER`` when it is set (a batch that
+    names a server spec itself, or a model the routes do not cover, loads as named)."""
+    from marco.llm import load_backend
+
+    env = os.environ if env is None else env
+    routes = server_routes(env.get(MODEL_SERVER_ENV, ""))
+    if not routes:
+        return load_backend
+
+    def load(spec: str) -> Any:
+        target = routes.get(spec, routes.get("*"))
+        if target is None or spec.startswith(("server:", "server+", "scripted")):
+            return load_backend(spec)
+        return load_backend(target)
+
+    return load
+
 
 class StoreUnavailable(ConnectionError):
     """The database does not answer (the task retries with backoff)."""
@@ -49,7 +93,7 @@ class WorkerRuntime:
             if self._backends is None:
                 from marco.jobs import BackendCache
 
-                self._backends = BackendCache()
+                self._backends = BackendCache(backend_loader())
             return self._backends
 
     def preload(self, specs: list[str]) -> None:

@@ -40,11 +40,14 @@ def open_store(url: str | None, upgrade: bool = True):  # type: ignore[no-untype
 def load_model(spec: str, store):  # type: ignore[no-untyped-def]
     """``load_backend(spec)``, with ``checkpoint:ID`` resolved through ``store``; a bad spec exits 1."""
     from marco.llm import checkpoint_resolver, load_backend
+    from marco.llm.engine_map import EngineProtocolError
 
     try:
         with checkpoint_resolver(store.checkpoint_path):
             return load_backend(spec)
     except (StoreError, OSError) as exc:  # OSError: a missing file or directory, a hub id that cannot be fetched
+        fail(str(exc).splitlines()[0])  # (a model server that does not answer is a ConnectionError, an OSError)
+    except (ValueError, EngineProtocolError) as exc:  # a malformed server spec, a server of another protocol
         fail(str(exc).splitlines()[0])
 
 

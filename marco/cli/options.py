@@ -44,7 +44,7 @@ Children = typer.Option(3, "--children", "-k", help="Children per MCTS expansion
 Temperature = typer.Option(0.7, "--temperature", "-t", help="Sampling temperature (greedy ignores it).")
 Select = typer.Option("value", "--select", help="How MCTS picks its answer: value | visits | vote.")
 Seed = typer.Option(0, "--seed", help="Seed: the same seed gives the same search.")
-Model = typer.Option("smollm2", "--model", "-m", help="smollm2 (bundled) | a .gguf file | a model dir or HF id | scripted.")
+Model = typer.Option("smollm2", "--model", "-m", help="smollm2 (bundled) | a .gguf file | a model dir or HF id | scripted | checkpoint:ID | server[+llamacpp|vllm|sglang|openai]:http://HOST:PORT[/v1][#MODEL] (a model server, see docs/engines.md) | vllm:MODEL (vLLM in-process).")
 DataDir = typer.Option(
     None, "--data-dir", envvar="MARCO_DATA_DIR", show_envvar=True,
     help="Override the data shipped with marco (MGSM, FLORES-200 zh-en) with this folder; WMT22 zh-en is read from here too.",

@@ -111,8 +111,13 @@ def run(
             solved[1] += 1 if result.correct else 0
             bar.update(job, advance=1, acc=f"{solved[1]}/{solved[0]} correct")
 
-        for job_id in plan.job_ids:
-            outcomes.append(execute_job(store, job_id, backends, worker=f"local-{os.getpid()}", on_progress=tick))
+        try:
+            for job_id in plan.job_ids:
+                outcomes.append(execute_job(store, job_id, backends, worker=f"local-{os.getpid()}", on_progress=tick))
+        except ConnectionError as exc:  # the model server went away: the job is back in the queue, nothing lost
+            console.print(f"[red]error:[/red] {exc}\nbatch {plan.batch_id} is kept (finished searches and stored "
+                          f"nodes stay); when the server is back: marco retry {plan.batch_id} --db {db or '$MARCO_DATABASE_URL'}")
+            raise typer.Exit(1) from None
     wall = time.perf_counter() - t0
     summary = summarize(task, config.label, problems, results, wall)
     console.print(results_table(summary))

