@@ -96,3 +96,5 @@ def enqueue_jobs(store: Any, dispatcher: Dispatcher, job_ids: Sequence[str], pri
     """Send messages for existing jobs (``marco retry``), with each job's own kind."""
     kinds = store.job_kinds(job_ids)
     dispatcher.enqueue([(job_id, kinds[job_id]) for job_id in job_ids if job_id in kinds], priority=priority)
+    if dispatcher.distributed:
+        store.mark_enqueued(list(kinds))  # the scheduler's stranded-job clock restarts from this send

@@ -33,8 +33,8 @@ class StoreBase:
         """
         engine = make_engine(url, **engine_kwargs)
         check_connection(engine)
-        if upgrade and not migrate.is_current(engine):
-            migrate.upgrade(engine)
+        if upgrade:
+            migrate.upgrade_on_open(engine)  # under a Postgres advisory lock; refuses a newer schema
         return cls(engine)
 
     def close(self) -> None:

@@ -196,7 +196,7 @@ class PlanningMixin(StoreBase):
                 for i in s.scalars(
                     update(Job)
                     .where(Job.batch_id == batch_id, Job.status == "failed")
-                    .values(status="queued", error=None, finished_at=None, worker=None, lease_until=None)
+                    .values(status="queued", error=None, finished_at=None, worker=None, lease_until=None, enqueued_at=self._now())
                     .returning(Job.id)
                 )
             ]

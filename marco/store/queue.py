@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Sequence
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import String, and_, cast, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from marco.store.base import StoreBase
@@ -20,16 +20,19 @@ from marco.store.rows import JobClaim, _aware, _is_uuid
 class QueueMixin(StoreBase):
     """Job leases and the queue service the scheduler and workers use."""
 
-    def claim_job(self, job_id: str, worker: str, lease_s: float = 300.0) -> JobClaim | None:
+    def claim_job(self, job_id: str, worker: str, lease_s: float = 300.0, reclaim: bool = False) -> JobClaim | None:
         """Take ``job_id`` if it is queued, or running under an expired lease; None when someone else holds
-        it or it has ended. One atomic ``UPDATE ... RETURNING``, so two workers never both win."""
+        it or it has ended. One atomic ``UPDATE ... RETURNING``, so two workers never both win.
+
+        ``reclaim``: also take it back while this same ``worker`` still holds it (a task retried after a
+        database outage kept its lease, since the outage also kept it from handing the lease back)."""
         now = self._now()
+        claimable = or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now))
+        if reclaim:
+            claimable = or_(claimable, and_(Job.status == "running", Job.worker == worker))
         stmt = (
             update(Job)
-            .where(
-                Job.id == job_id,
-                or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now)),
-            )
+            .where(Job.id == job_id, claimable)
             .values(
                 status="running",
                 attempts=Job.attempts + 1,
@@ -72,6 +75,79 @@ class QueueMixin(StoreBase):
             return session.execute(stmt).rowcount == 1
         with self.sessions.begin() as s:
             return s.execute(stmt).rowcount == 1
+
+    def job_state(self, job_id: str) -> tuple[str, str | None] | None:
+        """``(status, worker)`` of a job (None when it does not exist): one primary-key read."""
+        with self.sessions() as s:
+            row = s.execute(select(Job.status, Job.worker).where(Job.id == job_id)).one_or_none()
+        return None if row is None else (row.status, row.worker)
+
+    def release_job(self, job_id: str, worker: str) -> bool:
+        """Hand a running job back to the queue (a worker shutting down); False when it no longer held it.
+        Its searches resume from the nodes already stored wherever it runs next."""
+        with self.sessions.begin() as s:
+            return (
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+                    .values(status="queued", worker=None, lease_until=None, enqueued_at=self._now())
+                ).rowcount
+                == 1
+            )
+
+    def note_lease_lost(self, job_id: str) -> None:
+        """Count a lease lost by a live worker (its renewals failed, e.g. the database was away longer than
+        the lease): such an attempt is not a worker death and does not count toward ``max_attempts``."""
+        with self.sessions.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(lease_losses=Job.lease_losses + 1))
+
+    def mark_enqueued(self, job_ids: Sequence[str]) -> None:
+        """Record that messages for ``job_ids`` were just sent (``jobs.enqueued_at``)."""
+        ids = [i for i in job_ids if _is_uuid(i)]
+        if ids:
+            with self.sessions.begin() as s:
+                s.execute(update(Job).where(Job.id.in_(ids), Job.status == "queued").values(enqueued_at=self._now()))
+
+    def resend_stranded(self, stale_s: float, max_backoff: int = 4) -> list[tuple[str, str]]:
+        """Queued jobs whose message was sent ``stale_s`` ago (``stale_s * 2**resends``, at most
+        ``2**max_backoff`` times that, for a job already re-sent) and never claimed: their message was
+        probably lost (Redis restarted without persistence, failed over, flushed). Each one's
+        ``enqueued_at`` moves to now and ``resends`` goes up by one, in one conditional UPDATE per job, so two
+        schedulers never both re-send it; returns ``[(job_id, kind)]`` for the caller to send again.
+
+        A message that was not lost but waits behind a long queue gets a duplicate at most once per back-off
+        step; a duplicate is harmless (the claim is atomic: the second delivery finds the job held or ended).
+        """
+        now = self._now()
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Job.id, Job.resends).where(
+                    Job.status == "queued",
+                    func.coalesce(Job.enqueued_at, Job.created_at) < now - timedelta(seconds=stale_s),
+                )
+            ).all()
+        by_resends: dict[int, list[str]] = {}
+        for r in rows:
+            by_resends.setdefault(int(r.resends or 0), []).append(str(r.id))
+        out: list[tuple[str, str]] = []
+        with self.sessions.begin() as s:
+            for n, ids in sorted(by_resends.items()):
+                cutoff = now - timedelta(seconds=stale_s * 2 ** min(n, max_backoff))
+                out.extend(
+                    (str(r.id), r.kind)
+                    for r in s.execute(
+                        update(Job)
+                        .where(
+                            Job.id.in_(ids),
+                            Job.status == "queued",
+                            Job.resends == n,
+                            func.coalesce(Job.enqueued_at, Job.created_at) < cutoff,
+                        )
+                        .values(enqueued_at=now, resends=Job.resends + 1)
+                        .returning(Job.id, Job.kind)
+                    )
+                )
+        return out
 
     def finish_job(self, job_id: str, worker: str | None = None) -> bool:
         """Mark a running job done (only by its lease holder when ``worker`` is given)."""
@@ -140,14 +216,18 @@ class QueueMixin(StoreBase):
         failed: list[str] = []
         with self.sessions.begin() as s:
             if max_attempts is not None:
+                # Only deaths count: an attempt whose live worker lost its lease (``lease_losses``) does not.
+                deaths = Job.attempts - Job.lease_losses
                 rows = s.execute(
                     update(Job)
-                    .where(expired, Job.attempts >= max_attempts)
+                    .where(expired, deaths >= max_attempts)
                     .values(
                         status="failed",
                         finished_at=now,
                         lease_until=None,
-                        error=f"lease expired {max_attempts} times (its worker died each time: out of memory? killed?)",
+                        error=literal(f"lease expired {max_attempts} times with no renewal from its worker (it died "
+                                      "each time: out of memory? killed?); leases lost by a live worker: ")
+                        + cast(Job.lease_losses, String),
                     )
                     .returning(Job.id, Job.batch_id)
                 ).all()
@@ -155,7 +235,10 @@ class QueueMixin(StoreBase):
                 for batch_id in {str(r.batch_id) for r in rows}:
                     self._refresh_batch(s, batch_id)
             requeued = s.execute(
-                update(Job).where(expired).values(status="queued", worker=None, lease_until=None).returning(Job.id, Job.kind)
+                update(Job)
+                .where(expired)
+                .values(status="queued", worker=None, lease_until=None, enqueued_at=now)
+                .returning(Job.id, Job.kind)
             ).all()
         return [(str(r.id), r.kind) for r in requeued], failed
 

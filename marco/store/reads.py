@@ -27,6 +27,11 @@ class ReadsMixin(StoreBase):
             searches = dict(
                 s.execute(select(Search.status, func.count()).where(Search.batch_id == batch_id).group_by(Search.status)).all()
             )
+            resent, losses = s.execute(
+                select(func.coalesce(func.sum(Job.resends), 0), func.coalesce(func.sum(Job.lease_losses), 0)).where(
+                    Job.batch_id == batch_id
+                )
+            ).one()
             agg = s.execute(
                 select(
                     func.count(Search.final_answer),
@@ -45,6 +50,8 @@ class ReadsMixin(StoreBase):
             correct=int(agg[1] or 0),
             scored=int(agg[2] or 0),
             tokens=int(agg[3] or 0),
+            resent=int(resent or 0),
+            lease_losses=int(losses or 0),
         )
 
     def get_batch(self, batch_id: str) -> Batch:

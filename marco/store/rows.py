@@ -62,6 +62,8 @@ class BatchProgress:
     correct: int = 0
     scored: int = 0  # searches with a correct/wrong verdict
     tokens: int = 0
+    resent: int = 0  # messages the scheduler re-sent for jobs stranded in `queued` (issue 10)
+    lease_losses: int = 0  # leases lost by live workers (not deaths)
 
     @property
     def accuracy(self) -> float | None:
@@ -83,6 +85,8 @@ class BatchProgress:
             "scored": self.scored,
             "accuracy": self.accuracy,
             "tokens": self.tokens,
+            "resent": self.resent,
+            "lease_losses": self.lease_losses,
         }
 
 
