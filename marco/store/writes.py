@@ -28,7 +28,10 @@ class WritesMixin(StoreBase):
         if status in ("done", "failed", "cancelled"):
             values["finished_at"] = self._now()
         with self.sessions.begin() as s:
-            s.execute(update(Search).where(Search.id.in_(list(search_ids))).values(**values))
+            stmt = update(Search).where(Search.id.in_(list(search_ids)))
+            if status != "cancelled":
+                stmt = stmt.where(Search.status != "cancelled")  # a cancel is final
+            s.execute(stmt.values(**values))
 
     def write_nodes(self, new_nodes: Sequence[Node], updated_nodes: Sequence[Node] = (), session: Session | None = None) -> None:
         """One bulk ``INSERT ... ON CONFLICT DO NOTHING`` for ``new_nodes`` and one bulk update of
@@ -92,7 +95,8 @@ class WritesMixin(StoreBase):
             )
         t = Search.__table__
         # bind names must differ from column names in an executemany UPDATE
-        stmt = update(t).where(t.c.id == bindparam("sid")).values({k: bindparam("b_" + k) for k in rows[0] if k != "sid"})
+        # a search cancelled meanwhile stays cancelled: late results never turn it into `done`
+        stmt = update(t).where(t.c.id == bindparam("sid"), t.c.status != "cancelled").values({k: bindparam("b_" + k) for k in rows[0] if k != "sid"})
         params = [{("b_" + k if k != "sid" else k): v for k, v in row.items()} for row in rows]
         with self.sessions.begin() as s:
             s.execute(stmt, params)
