@@ -46,6 +46,11 @@ class TickReport:
         return bool(self.requeued or self.resent or self.failed or self.closed_batches or self.stage_jobs)
 
 
+def _ids(ids: list[str], show: int = 10) -> str:
+    """The first ``show`` ids for a log line (a flushed broker can strand thousands)."""
+    return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "")
+
+
 class Scheduler:
     def __init__(self, store: Any, dispatcher: Dispatcher, config: SchedulerConfig | None = None) -> None:
         self.store = store
@@ -53,17 +58,8 @@ class Scheduler:
         self.config = config or SchedulerConfig()
 
     def tick(self) -> TickReport:
-        """One pass: expired leases, finished batches, next stages."""
+        """One pass: lost messages, expired leases, finished batches, next stages."""
         report = TickReport()
-        requeued, report.failed = self.store.requeue_expired(self.config.max_attempts)
-        if requeued:
-            # The jobs are `queued` in the store before their message exists: should this send fail,
-            # they stay queued and `marco retry`/the next submit of messages picks them up.
-            self.dispatcher.enqueue(requeued)
-            report.requeued = [job_id for job_id, _ in requeued]
-            log.warning("re-enqueued %d job(s) whose lease expired: %s", len(requeued), ", ".join(report.requeued))
-        for job_id in report.failed:
-            log.error("job %s failed: its worker died %d times", job_id, self.config.max_attempts)
         stranded = self.store.resend_stranded(self.config.stale_queued_s)
         if stranded:
             # `enqueued_at` already moved forward: should this send fail, the next step of the back-off retries.
@@ -71,8 +67,17 @@ class Scheduler:
             report.resent = [job_id for job_id, _ in stranded]
             log.warning(
                 "re-sent %d job(s) queued for over %.0fs with no claim (their message was lost?): %s",
-                len(stranded), self.config.stale_queued_s, ", ".join(report.resent),
+                len(stranded), self.config.stale_queued_s, _ids(report.resent),
             )
+        requeued, report.failed = self.store.requeue_expired(self.config.max_attempts)
+        if requeued:
+            # The jobs are `queued` in the store before their message exists: should this send fail,
+            # they stay queued and a later tick re-sends them as stranded (or `marco retry` does).
+            self.dispatcher.enqueue(requeued)
+            report.requeued = [job_id for job_id, _ in requeued]
+            log.warning("re-enqueued %d job(s) whose lease expired: %s", len(requeued), _ids(report.requeued))
+        for job_id in report.failed:
+            log.error("job %s failed: its worker died %d times", job_id, self.config.max_attempts)
         self.store.refresh_batches()
         # Batches closed by the workers themselves (the last job's finish closes its batch) count too:
         # every ended batch runs its stage handlers exactly once.

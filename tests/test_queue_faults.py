@@ -338,3 +338,45 @@ def test_many_processes_opening_a_fresh_postgres_database_upgrade_it_once(pg_dat
     with s.sessions() as session:
         assert session.scalar(select(Job.id).limit(1)) is None
     s.close()
+
+
+# --- item 6: one clear error each, nothing half-written -----------------------------------------------
+@pytest.mark.parametrize(
+    ("model", "expect"),
+    [
+        ("nope", "unknown model 'nope': give smollm2"),
+        ("scripted:speed=3", "unknown scripted backend option 'speed'"),
+        ("/no/such/dir", "no model directory at /no/such/dir"),
+        ("/no/such/model.gguf", "no GGUF file at /no/such/model.gguf"),
+    ],
+)
+def test_unknown_model_fails_at_submit_and_writes_nothing(tmp_path, monkeypatch, model: str, expect: str) -> None:
+    from typer.testing import CliRunner
+
+    from marco.cli import app
+
+    monkeypatch.delenv("MARCO_BROKER_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    result = CliRunner().invoke(app, ["submit", "demo", "--strategy", "greedy", "--model", model, "--db", url])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and expect in lines[0] and "nothing was submitted" in lines[0], result.stderr
+    assert Store.open(url).batches() == []
+
+
+def test_unreadable_data_file_is_one_clear_error(tmp_path, monkeypatch) -> None:
+    # Tests run as root here, so a chmod cannot make a file unreadable: the loader raises what open() would.
+    from typer.testing import CliRunner
+
+    import scheduler.submit
+    from marco.cli import app
+
+    def unreadable(request):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "mgsm_en.tsv"))
+
+    monkeypatch.setattr(scheduler.submit, "load_problems", unreadable)
+    monkeypatch.delenv("MARCO_BROKER_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    result = CliRunner().invoke(app, ["submit", "mgsm", "--model", "scripted", "--db", url])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "cannot read the data" in lines[0] and "Permission denied" in lines[0]
+    assert "Traceback" not in result.output

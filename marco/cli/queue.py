@@ -145,11 +145,13 @@ def submit(
         problems = load_problems(request)
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except OSError as exc:  # unreadable data file (permissions, I/O error)
+        _fail(f"cannot read the data: {exc}; nothing was submitted")
     settings = _settings()
     store = _open_store(db)
     try:
-        check_model(store, model)  # an unknown checkpoint:ID fails here, before anything is written
-    except StoreError as exc:
+        check_model(store, model)  # an unknown model or checkpoint:ID fails here, before anything is written
+    except (StoreError, ValueError) as exc:
         _fail(f"{exc}; nothing was submitted")
     dispatcher = make_dispatcher(settings, store=store)
     try:

@@ -138,6 +138,17 @@ def from_spec(spec: str) -> ScriptedBackend:
     """``scripted`` or ``scripted:load=S,round=S,context=N``: a scripted backend that takes ``load`` seconds
     to load, sleeps ``round`` seconds per generate step and accepts prompts under ``context`` tokens (fault
     tests use it to control timing: a slow model load, a round longer than the lease)."""
+    values = parse_spec(spec)
+    if values.get("load"):
+        time.sleep(values["load"])
+    backend = ScriptedBackend(name=spec)
+    backend.round_delay_s = values.get("round", 0.0)
+    backend.max_context = int(values["context"]) if "context" in values else None
+    return backend
+
+
+def parse_spec(spec: str) -> dict[str, float]:
+    """The options of a ``scripted:...`` spec; ``ValueError`` names a bad one."""
     _, _, opts = spec.partition(":")
     values: dict[str, float] = {}
     for part in filter(None, opts.split(",")):
@@ -148,9 +159,4 @@ def from_spec(spec: str) -> ScriptedBackend:
             values[key] = float(raw)
         except ValueError:
             raise ValueError(f"scripted backend option {key} needs a number, got {raw!r}") from None
-    if values.get("load"):
-        time.sleep(values["load"])
-    backend = ScriptedBackend(name=spec)
-    backend.round_delay_s = values.get("round", 0.0)
-    backend.max_context = int(values["context"]) if "context" in values else None
-    return backend
+    return values
