@@ -247,7 +247,7 @@ def status(
 
 @app.command()
 def cancel(batch: str = typer.Argument(..., help="Batch id."), db: str = Db) -> None:
-    """Cancel a batch: its queued jobs are skipped, running ones stop at their next lease renewal."""
+    """Cancel a batch: its queued jobs are skipped, running ones stop within one round."""
     from marco.store import StoreError
 
     store = _open_store(db)
