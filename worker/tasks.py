@@ -163,6 +163,12 @@ def register_tasks(app: Celery) -> dict[str, Task]:
             bind=True,
             acks_late=True,
             reject_on_worker_lost=True,
+            # the body retries transient errors itself (is_transient also knows invalidated connections);
+            # Celery's autoretry stays as the net for any raised past it, with the same back-off
+            autoretry_for=transient_errors(),
+            retry_backoff=2,
+            retry_backoff_max=settings.retry_backoff_max_s,
+            retry_jitter=True,
             max_retries=settings.max_retries,
             soft_time_limit=settings.soft_time_limit_s,
             time_limit=settings.hard_time_limit_s,
