@@ -54,13 +54,15 @@ def test_redis_flushed_with_queued_jobs_is_recovered_by_the_scheduler(store, dis
 
 
 def test_postgres_refusing_connections_mid_batch(store, dispatcher, fault_env, workers, scheduler, proxy) -> None:
-    workers("w1")
+    w1 = workers("w1")
     via_proxy = Store.open(fault_env["MARCO_DATABASE_URL"])
     scheduler(on=via_proxy, stale_queued_s=5.0)
     batch = submit(store, dispatcher, n=6, chunk=2, model="scripted:round=0.3")
     wait_for(lambda: nodes_stored(store, batch) > 0, 60, "nodes")
     proxy.cut()
+    assert store.get_batch(batch.batch_id).status == "running"  # cut mid-batch
     time.sleep(OUTAGE_S)
+    assert "transient error, retry" in w1.output()  # the job retried instead of failing
     mid = store.batch_progress(batch.batch_id)
     assert mid.jobs.get("failed", 0) == 0  # an outage fails nothing
     proxy.restore()
