@@ -226,3 +226,23 @@ def test_scheduler_reports_a_lost_redis_message_in_status(store, dispatcher, fau
     status = marco(["status", batch.batch_id, "--json"], env)
     text = status.communicate(timeout=60)[0]
     assert '"resent": 1' in text, text
+
+
+def test_worker_older_than_the_database_schema_refuses_to_start(pg_database, redis_url, tmp_path) -> None:
+    from sqlalchemy import text
+
+    from worker.harness import _start
+    from worker.launch import celery_command, worker_argv
+
+    url = pg_database()
+    s = Store.open(url)
+    with s.engine.begin() as conn:  # as if a newer Marco had migrated it
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    s.close()
+    env = {"MARCO_BROKER_URL": redis_url, "MARCO_DATABASE_URL": url}
+    proc = _start(celery_command(worker_argv("reason", 1, "old@%h")), env, tmp_path / "old.log", "old")
+    try:
+        assert proc.popen.wait(60) == 78
+        assert "newer than this code knows" in proc.output() and "upgrade Marco" in proc.output()
+    finally:
+        proc.stop()
