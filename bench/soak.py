@@ -13,7 +13,8 @@ per job) runs twice, with the same batch id (the search seeds derive from it) in
 each time on freshly started workers and scheduler:
 
 1. undisturbed: the reference answers and throughput;
-2. disturbed: a worker SIGKILLed (whole process group) every ``--kill-every`` seconds and restarted; once
+2. disturbed: a worker SIGKILLed (whole process group) every ``--kill-every`` seconds (the first one
+   already once 10% of the jobs have ended) and restarted; once
    ``--flush-at`` of the jobs have ended, the Redis database is flushed (every queued and unacknowledged
    message is lost); once ``--cut-at`` have ended, Postgres refuses connections for ``--cut-for`` seconds.
    The faults are tied to progress, so a short run still gets every one of them mid-batch.
@@ -309,6 +310,7 @@ def run_disturbed(
     next_kill = t0 + args.kill_every if "kill" in faults else float("inf")
     last_event = t0  # the last job that ended, or the end of a flush or cut (kills come too often to count)
     last_ended = -1
+    killed = 0
     while True:
         now = time.monotonic()
         counts = job_counts(store, batch_id)
@@ -339,10 +341,12 @@ def run_disturbed(
             proxy.cut()
             cut_until = now + args.cut_for
             note(f"Postgres refuses connections for {args.cut_for:.0f}s ({ended}/{total} jobs ended)")
-        elif now >= next_kill and cut_until is None and status in ("queued", "running"):
+        elif (now >= next_kill or (next_kill < float("inf") and not killed and ended >= 0.1 * total)) \
+                and cut_until is None and status in ("queued", "running"):
             name = rng.choice(sorted(cluster.workers))
             note(f"SIGKILL {name} (pid {cluster.workers[name].pid}) and restart it")
             cluster.kill_and_restart(name)
+            killed += 1
             next_kill = time.monotonic() + args.kill_every
         time.sleep(0.5)
     run.wall_s = time.monotonic() - t0
@@ -408,7 +412,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=2000, help="problems in the batch (one MCTS search each)")
     ap.add_argument("--chunk", type=int, default=10, help="problems per job")
-    ap.add_argument("--budget", type=int, default=96, help="MCTS token budget per search (scripted backend)")
+    ap.add_argument("--budget", type=int, default=384, help="MCTS token budget per search (scripted backend)")
     ap.add_argument("--workers", type=int, default=3, help="worker processes (one pool process each)")
     ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between worker SIGKILLs")
     ap.add_argument("--flush-at", type=float, default=0.2, help="flush Redis once this share of jobs has ended")
