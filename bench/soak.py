@@ -220,6 +220,7 @@ class Cluster:
     scheduler_interval: float
     workers: dict[str, Proc] = field(default_factory=dict)
     scheduler: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
 
     def start(self) -> None:
         for i in range(1, self.n_workers + 1):
@@ -236,6 +237,9 @@ class Cluster:
     def kill_and_restart(self, name: str) -> None:
         self.workers[name].kill(signal.SIGKILL)
         self.workers[name].popen.wait(10)
+        self.restarts += 1
+        log = self.workers[name].log  # the restarted worker writes a fresh log under the same name
+        log.rename(log.with_name(f"{log.stem}.{self.restarts}.killed.log"))
         self.workers[name] = start_worker(self.env, self.log_dir, name=name, queues="reason", ready_timeout_s=120)
 
     def stop(self) -> None:
