@@ -100,7 +100,7 @@ def test_services_are_wired_as_documented(resolved: dict) -> None:
 def test_compose_refuses_to_run_flower_and_postgres_without_secrets() -> None:
     out = _config()
     assert out.returncode != 0
-    assert "POSTGRES_PASSWORD" in out.stderr or "FLOWER_BASIC_AUTH" in out.stderr
+    assert any(f"set {name}" in out.stderr for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"))
 
 
 def _example_env(**overrides: str) -> dict[str, str]:
