@@ -424,6 +424,8 @@ def main() -> None:
     ap.add_argument("--cut-for", type=float, default=25.0, help="seconds Postgres refuses connections")
     ap.add_argument("--lease", type=int, default=10, help="MARCO_LEASE_SECONDS of the workers")
     ap.add_argument("--scheduler-interval", type=float, default=2.0)
+    ap.add_argument("--stale-queued", type=float, default=20.0,
+                    help="MARCO_STALE_QUEUED_SECONDS of the scheduler: re-send a job queued this long and never claimed")
     ap.add_argument("--stall", type=float, default=180.0, help="give up once no job ended for this long after the last fault")
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up on a run after this many seconds")
     ap.add_argument("--seed", type=int, default=0, help="which worker gets killed when")
@@ -456,6 +458,7 @@ def main() -> None:
             "MARCO_BROKER_URL": broker,
             "MARCO_DATABASE_URL": proxied,
             "MARCO_LEASE_SECONDS": str(args.lease),
+            "MARCO_STALE_QUEUED_SECONDS": str(args.stale_queued),
             "OMP_NUM_THREADS": "1",
             **dict(kv.split("=", 1) for kv in args.env),
         }
@@ -468,8 +471,8 @@ def main() -> None:
         for run_name, name in db_names.items():
             # Migrated before any worker starts; the soak itself reads the store directly, never via the proxy.
             stores[run_name] = Store.open(PG_ADMIN.rsplit("/", 1)[0] + "/" + name)
-        print(f"soak: {args.problems} problems in jobs of {args.chunk}, {args.workers} workers, lease {args.lease}s; "
-              f"logs in {log_dir}", flush=True)
+        print(f"soak: {args.problems} problems in jobs of {args.chunk}, {args.workers} workers, lease {args.lease}s, "
+              f"lost messages re-sent after {args.stale_queued:.0f}s; logs in {log_dir}", flush=True)
 
         print("undisturbed run…", flush=True)
         ref = run_undisturbed(stores["undisturbed"], cluster_for("undisturbed"), args, batch_id)
