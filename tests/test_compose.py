@@ -176,6 +176,7 @@ def test_workers_get_a_grace_period_that_covers_a_round_and_the_lease_release(re
         service = resolved["services"][name]
         assert service["stop_signal"] == "SIGTERM", name
         assert _duration_s(service["stop_grace_period"]) == stop_grace_s(lease) == lease + 30, name
+    assert stop_grace_s(lease, round_s=300) == 330  # a measured round bound replaces the lease
     longer = _config(env=_example_env(MARCO_STOP_GRACE_PERIOD="630s"))
     assert longer.returncode == 0, longer.stderr
     assert _duration_s(json.loads(longer.stdout)["services"]["worker-gpu"]["stop_grace_period"]) == 630

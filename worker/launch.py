@@ -76,15 +76,16 @@ def flower_argv(port: int = 5555, address: str = "127.0.0.1", basic_auth: str | 
 STOP_MARGIN_S = 30  # handing the lease back and closing connections, with room for a slow database
 
 
-def stop_grace_s(lease_s: int) -> int:
+def stop_grace_s(lease_s: int, round_s: int | None = None) -> int:
     """Seconds a worker needs between SIGTERM and exit: finish its round, hand back its lease, exit.
 
-    The lease is how long a job may go without a sign of life, so a round fits in one lease; add the
-    margin for the release. Compose's ``stop_grace_period`` uses this (``MARCO_STOP_GRACE_PERIOD``, default
-    ``120 + 30 = 150s`` for the default 120 s lease). A worker killed past it loses nothing: its lease
-    expires and the scheduler re-enqueues the job, which resumes from its stored nodes.
+    ``round_s`` is the longest round expected (one generation step of every running search); by default
+    the lease, which deployments size above a round. Add the margin for the release. Compose's
+    ``stop_grace_period`` is this (``MARCO_STOP_GRACE_PERIOD``, default ``120 + 30 = 150s`` for the default
+    lease). A worker killed past it loses only the round it was in: its lease expires and the scheduler
+    re-enqueues the job, which resumes from its stored rounds.
     """
-    return lease_s + STOP_MARGIN_S
+    return (lease_s if round_s is None else round_s) + STOP_MARGIN_S
 
 
 def celery_command(argv: Sequence[str]) -> list[str]:
