@@ -134,6 +134,15 @@ def test_dockerfile_starts_every_command_through_the_check() -> None:
     assert 'ENTRYPOINT ["python", "-m", "worker.credentials"]' in text
 
 
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_env_files_stay_out_of_git_but_the_example_does_not() -> None:
+    def ignored(name: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT).returncode == 0
+
+    assert ignored(".env") and ignored(".env.production")
+    assert not ignored(".env.example")
+
+
 # --- marco flower / worker / scheduler ------------------------------------------------------------------
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens: a refusal must come before any connection
 
