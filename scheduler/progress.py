@@ -25,6 +25,8 @@ class Snapshot:
     scored: int
     tokens: int
     elapsed_s: float
+    resent: int = 0  # jobs' messages the scheduler re-sent (lost by the broker)
+    lease_losses: int = 0
 
     @property
     def accuracy(self) -> float | None:
@@ -57,6 +59,7 @@ class Snapshot:
             "solved": self.solved, "correct": self.correct, "accuracy": self.accuracy, "tokens": self.tokens,
             "elapsed_s": round(self.elapsed_s, 3), "searches_per_min": round(self.searches_per_min, 3),
             "tokens_per_s": round(self.tokens_per_s, 3), "eta_s": self.eta_s,
+            "resent": self.resent, "lease_losses": self.lease_losses,
         }
 
 
@@ -83,6 +86,8 @@ def snapshot(store: Any, batch_id: str) -> Snapshot:
         scored=progress.scored,
         tokens=progress.tokens,
         elapsed_s=max(0.0, elapsed),
+        resent=progress.resent,
+        lease_losses=progress.lease_losses,
     )
 
 
@@ -98,7 +103,7 @@ def table(snaps: list[Snapshot]) -> Any:
     from rich.table import Table
 
     t = Table(show_lines=False)
-    for col in ("batch", "name", "status", "queued", "running", "done", "failed", "searches", "accuracy", "tokens", "tok/s", "ETA"):
+    for col in ("batch", "name", "status", "queued", "running", "done", "failed", "searches", "accuracy", "tokens", "tok/s", "ETA", "resent"):
         t.add_column(col, justify="right" if col not in ("batch", "name", "status") else "left")
     for s in snaps:
         t.add_row(
@@ -107,5 +112,6 @@ def table(snaps: list[Snapshot]) -> Any:
             f"{s.searches_ended}/{s.searches_total}",
             "-" if s.accuracy is None else f"{s.accuracy:.1%}",
             str(s.tokens), f"{s.tokens_per_s:.1f}", _fmt_eta(s.eta_s),
+            str(s.resent) + (f" ({s.lease_losses} lease lost)" if s.lease_losses else ""),
         )
     return t

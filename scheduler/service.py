@@ -22,10 +22,13 @@ STAGED = "_stages_run"  # set in `batches.config` once the batch's stage handler
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """``interval_s`` between ticks; a job whose worker died ``max_attempts`` times fails for good."""
+    """``interval_s`` between ticks; a job whose worker died ``max_attempts`` times fails for good; a job
+    ``queued`` for ``stale_queued_s`` since its message was sent, and never claimed, is sent again (its
+    message was lost: Redis restarted without persistence, failed over or was flushed)."""
 
     interval_s: float = 10.0
     max_attempts: int = 5
+    stale_queued_s: float = 300.0
     stage_window_s: float = 7 * 24 * 3600.0  # how far back to look for ended batches
 
 
@@ -34,12 +37,18 @@ class TickReport:
     """What one tick did."""
 
     requeued: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     closed_batches: list[str] = field(default_factory=list)
     stage_jobs: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.failed or self.closed_batches or self.stage_jobs)
+        return bool(self.requeued or self.resent or self.failed or self.closed_batches or self.stage_jobs)
+
+
+def _ids(ids: list[str], show: int = 10) -> str:
+    """The first ``show`` ids for a log line (a flushed broker can strand thousands)."""
+    return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "")
 
 
 class Scheduler:
@@ -49,15 +58,24 @@ class Scheduler:
         self.config = config or SchedulerConfig()
 
     def tick(self) -> TickReport:
-        """One pass: expired leases, finished batches, next stages."""
+        """One pass: lost messages, expired leases, finished batches, next stages."""
         report = TickReport()
+        stranded = self.store.resend_stranded(self.config.stale_queued_s)
+        if stranded:
+            # `enqueued_at` already moved forward: should this send fail, the next step of the back-off retries.
+            self.dispatcher.enqueue(stranded)
+            report.resent = [job_id for job_id, _ in stranded]
+            log.warning(
+                "re-sent %d job(s) queued for over %.0fs with no claim (their message was lost?): %s",
+                len(stranded), self.config.stale_queued_s, _ids(report.resent),
+            )
         requeued, report.failed = self.store.requeue_expired(self.config.max_attempts)
         if requeued:
             # The jobs are `queued` in the store before their message exists: should this send fail,
-            # they stay queued and `marco retry`/the next submit of messages picks them up.
+            # they stay queued and a later tick re-sends them as stranded (or `marco retry` does).
             self.dispatcher.enqueue(requeued)
             report.requeued = [job_id for job_id, _ in requeued]
-            log.warning("re-enqueued %d job(s) whose lease expired: %s", len(requeued), ", ".join(report.requeued))
+            log.warning("re-enqueued %d job(s) whose lease expired: %s", len(requeued), _ids(report.requeued))
         for job_id in report.failed:
             log.error("job %s failed: its worker died %d times", job_id, self.config.max_attempts)
         self.store.refresh_batches()
@@ -114,8 +132,8 @@ class Scheduler:
                 report = self.tick()
                 if report:
                     log.info(
-                        "tick: %d requeued, %d failed, %d batch(es) ended, %d stage job(s)",
-                        len(report.requeued), len(report.failed), len(report.closed_batches), len(report.stage_jobs),
+                        "tick: %d requeued, %d re-sent, %d failed, %d batch(es) ended, %d stage job(s)",
+                        len(report.requeued), len(report.resent), len(report.failed), len(report.closed_batches), len(report.stage_jobs),
                     )
             except Exception as exc:  # the database or broker blinked: keep serving
                 log.error("scheduler tick failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -53,9 +53,42 @@ def load_problems(request: SubmitRequest) -> list[Problem]:
 
 def check_model(store: Any, model: str) -> None:
     """Fail before anything is written when ``model`` is ``checkpoint:ID`` and the store has no such checkpoint
-    (raises :class:`~marco.store.StoreError`). Other specs are resolved by the workers that load them."""
+    (raises :class:`~marco.store.StoreError`), or names no loadable model (``ValueError``, see
+    :func:`model_spec_problem`)."""
     if model.startswith("checkpoint:"):
         store.get_checkpoint(model)
+        return
+    problem = model_spec_problem(model)
+    if problem:
+        raise ValueError(problem)
+
+
+def model_spec_problem(spec: str) -> str | None:
+    """Why ``spec`` names no model a worker could load (None when it may): checked at submit, so a typo
+    fails once, before anything is written, instead of failing every job of the batch on the workers.
+    A Hugging Face id (``org/name``) is accepted: the workers' caches are not visible from here."""
+    import os
+
+    if spec in ("scripted", "smollm2"):
+        return None
+    if spec.startswith("scripted:"):
+        from marco.llm.scripted import parse_spec
+
+        try:
+            parse_spec(spec)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if spec.endswith(".gguf"):
+        return None if os.path.isfile(spec) else f"no GGUF file at {spec}"
+    if os.path.isdir(spec):
+        return None
+    if os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1:
+        return f"no model directory at {spec}"
+    if spec.count("/") == 1 and all(spec.split("/")):
+        return None
+    return (f"unknown model {spec!r}: give smollm2, a .gguf file, a model directory, a Hugging Face id "
+            "(org/name) or checkpoint:ID")
 
 
 def submit(store: Any, dispatcher: Dispatcher, request: SubmitRequest, problems: Sequence[Problem] | None = None) -> Any:
@@ -96,3 +129,5 @@ def enqueue_jobs(store: Any, dispatcher: Dispatcher, job_ids: Sequence[str], pri
     """Send messages for existing jobs (``marco retry``), with each job's own kind."""
     kinds = store.job_kinds(job_ids)
     dispatcher.enqueue([(job_id, kinds[job_id]) for job_id in job_ids if job_id in kinds], priority=priority)
+    if dispatcher.distributed:
+        store.mark_enqueued(list(kinds))  # the scheduler's stranded-job clock restarts from this send

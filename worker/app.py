@@ -13,6 +13,14 @@ from worker.settings import QUEUE_FOR_TASK, QUEUES, QueueSettings
 from worker.tasks import register_tasks
 
 
+def preload_alive_timeout(settings: QueueSettings) -> float:
+    """Seconds a new pool process may take before Celery gives up on it: 4 s (Celery's default) plus
+    ``settings.preload_timeout_s`` when ``$MARCO_PRELOAD_MODELS`` names models to load at process start."""
+    import os
+
+    return 4.0 + (float(settings.preload_timeout_s) if os.environ.get("MARCO_PRELOAD_MODELS", "").strip() else 0.0)
+
+
 def create_app(settings: QueueSettings | None = None) -> Celery:
     """A Celery app for ``settings`` (default: from the environment).
 
@@ -57,6 +65,9 @@ def create_app(settings: QueueSettings | None = None) -> Celery:
         task_track_started=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # A pool process must report ready within this time (Celery's default is 4 s); preloading a model in
+        # worker_process_init counts, so the limit follows $MARCO_PRELOAD_TIMEOUT when models are preloaded.
+        worker_proc_alive_timeout=preload_alive_timeout(settings),
     )
     app.conf.marco_settings = settings
     register_tasks(app)

@@ -55,6 +55,7 @@ class QueueSettings:
     lease_s: int = 120
     max_retries: int = 8
     retry_backoff_max_s: int = 600
+    preload_timeout_s: int = 900  # how long a pool process may take to start (preloading its models)
 
     def __post_init__(self) -> None:
         if self.hard_time_limit_s <= self.soft_time_limit_s:
@@ -85,4 +86,5 @@ class QueueSettings:
             lease_s=_int(env, "MARCO_LEASE_SECONDS", cls.lease_s),
             max_retries=_int(env, "MARCO_TASK_MAX_RETRIES", cls.max_retries),
             retry_backoff_max_s=_int(env, "MARCO_RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
+            preload_timeout_s=_int(env, "MARCO_PRELOAD_TIMEOUT", cls.preload_timeout_s),
         )

@@ -75,6 +75,9 @@ def worker(
     settings = _settings()
     if not settings.distributed:
         _fail("no broker configured: set MARCO_BROKER_URL=redis://HOST:6379/0 (without one, `marco submit` runs jobs in-process)")
+    if not settings.database_url:
+        _fail("no store configured: set MARCO_DATABASE_URL to the database jobs are submitted to "
+              "(e.g. postgresql://HOST/marco); a worker never falls back to ./marco.db")
     _refuse_placeholders({"MARCO_BROKER_URL": settings.broker_url, "MARCO_DATABASE_URL": settings.database_url})
     try:
         argv = worker_argv(queues, concurrency, name, pool, loglevel)
@@ -83,6 +86,9 @@ def worker(
     if preload:
         os.environ["MARCO_PRELOAD_MODELS"] = preload
     from worker.app import app as celery_app
+    from worker.app import preload_alive_timeout
+
+    celery_app.conf.worker_proc_alive_timeout = preload_alive_timeout(settings)
 
     celery_app.worker_main(argv)
 
@@ -151,11 +157,13 @@ def submit(
         problems = load_problems(request)
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    except OSError as exc:  # unreadable data file (permissions, I/O error)
+        _fail(f"cannot read the data: {exc}; nothing was submitted")
     settings = _settings()
     store = _open_store(db)
     try:
-        check_model(store, model)  # an unknown checkpoint:ID fails here, before anything is written
-    except StoreError as exc:
+        check_model(store, model)  # an unknown model or checkpoint:ID fails here, before anything is written
+    except (StoreError, ValueError) as exc:
         _fail(f"{exc}; nothing was submitted")
     dispatcher = make_dispatcher(settings, store=store)
     try:
@@ -251,7 +259,7 @@ def status(
 
 @app.command()
 def cancel(batch: str = typer.Argument(..., help="Batch id."), db: str = Db) -> None:
-    """Cancel a batch: its queued jobs are skipped, running ones stop at their next lease renewal."""
+    """Cancel a batch: its queued jobs are skipped, running ones stop within one round."""
     from marco.store import StoreError
 
     store = _open_store(db)
@@ -291,9 +299,14 @@ def scheduler(
     interval: float = typer.Option(10.0, "--interval", help="Seconds between passes."),
     once: bool = typer.Option(False, "--once", help="One pass, then exit (cron, tests)."),
     max_attempts: int = typer.Option(5, "--max-attempts", help="A job whose worker died this many times fails."),
+    stale_queued: float = typer.Option(
+        300.0, "--stale-queued", envvar="MARCO_STALE_QUEUED_SECONDS",
+        help="Re-send a job queued this many seconds since its message was sent and never claimed (lost message).",
+    ),
     db: str = Db,
 ) -> None:
-    """Re-enqueue jobs whose lease expired, close finished batches and start the next pipeline stage."""
+    """Re-enqueue jobs whose lease expired, re-send jobs whose message was lost, close finished batches and
+    start the next pipeline stage."""
     from scheduler.dispatch import BrokerUnavailable, make_dispatcher
     from scheduler.service import Scheduler, SchedulerConfig
 
@@ -302,7 +315,7 @@ def scheduler(
     _refuse_placeholders({"MARCO_BROKER_URL": settings.broker_url, "--db / MARCO_DATABASE_URL": db})
     store = _open_store(db)
     dispatcher = make_dispatcher(settings, store=store)
-    service = Scheduler(store, dispatcher, SchedulerConfig(interval_s=interval, max_attempts=max_attempts))
+    service = Scheduler(store, dispatcher, SchedulerConfig(interval_s=interval, max_attempts=max_attempts, stale_queued_s=stale_queued))
     if once:
         try:
             dispatcher.check()

@@ -61,6 +61,10 @@ def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64)
         from marco.llm.scripted import ScriptedBackend
 
         return ScriptedBackend()
+    if spec.startswith("scripted:"):  # issue 10: scripted:load=S,round=S,context=N (fault tests)
+        from marco.llm.scripted import from_spec
+
+        return from_spec(spec)
     from marco.llm.hf import HFBackend, HFConfig, smollm2_path
 
     if spec.startswith(CHECKPOINT_PREFIX):

@@ -69,6 +69,11 @@ class HFBackend:
         self._pieces: list[str] | None = None
 
     # ------------------------------------------------------------------ loading
+    @property
+    def max_context(self) -> int | None:
+        """Longest sequence (prompt + generation) the model takes, from its config."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     @classmethod
     def load(cls, config: HFConfig, name: str | None = None) -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import time
 from typing import Callable, Sequence
 
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
@@ -58,6 +59,8 @@ class ScriptedBackend:
         self.name = name
         self.calls: list[int] = []  # rows per generate() call, for tests of batching
         self.chunk: int | None = None
+        self.round_delay_s = 0.0  # sleep per generate step: a slow model, for fault tests that need timing
+        self.max_context: int | None = None  # prompt tokens it accepts (None: unlimited)
         if not continuous:
             self.generate_continuous = None  # type: ignore[assignment,method-assign]
 
@@ -73,6 +76,8 @@ class ScriptedBackend:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
         self.calls.append(sum(r.n for r in requests))
+        if self.round_delay_s:
+            time.sleep(self.round_delay_s)
         return [[self._one(r, j) for j in range(r.n)] for r in requests]
 
     def generate_continuous(
@@ -86,6 +91,8 @@ class ScriptedBackend:
         next_id = len(requests)
         while pending:
             self.calls.append(sum(r.n for _, r in pending))
+            if self.round_delay_s:
+                time.sleep(self.round_delay_s)
             take = pending if self.chunk is None else pending[: self.chunk]
             pending = pending[len(take):]
             new = list(refill([(rid, [self._one(r, j) for j in range(r.n)]) for rid, r in take]))
@@ -125,3 +132,31 @@ class ScriptedBackend:
         return Generation(
             token_ids=ids, text=self.decode(ids), logprobs=chosen, top_logprobs=tops, finish_reason=finish,
         )
+
+
+def from_spec(spec: str) -> ScriptedBackend:
+    """``scripted`` or ``scripted:load=S,round=S,context=N``: a scripted backend that takes ``load`` seconds
+    to load, sleeps ``round`` seconds per generate step and accepts prompts under ``context`` tokens (fault
+    tests use it to control timing: a slow model load, a round longer than the lease)."""
+    values = parse_spec(spec)
+    if values.get("load"):
+        time.sleep(values["load"])
+    backend = ScriptedBackend(name=spec)
+    backend.round_delay_s = values.get("round", 0.0)
+    backend.max_context = int(values["context"]) if "context" in values else None
+    return backend
+
+
+def parse_spec(spec: str) -> dict[str, float]:
+    """The options of a ``scripted:...`` spec; ``ValueError`` names a bad one."""
+    _, _, opts = spec.partition(":")
+    values: dict[str, float] = {}
+    for part in filter(None, opts.split(",")):
+        key, _, raw = part.partition("=")
+        if key not in ("load", "round", "context"):
+            raise ValueError(f"unknown scripted backend option {key!r} in {spec!r}; use load=S, round=S, context=N")
+        try:
+            values[key] = float(raw)
+        except ValueError:
+            raise ValueError(f"scripted backend option {key} needs a number, got {raw!r}") from None
+    return values

@@ -79,3 +79,20 @@ def check_connection(engine: Engine) -> None:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions bound to ``engine`` that keep loaded objects usable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a database error worth retrying: the connection was lost or refused, or SQLite was busy
+    (``OperationalError``, ``InterfaceError``, or any DBAPI error that invalidated its connection).
+    Integrity and programming errors are not: retrying them fails the same way."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            return True
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False

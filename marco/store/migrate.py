@@ -62,3 +62,49 @@ def diff(engine: Engine) -> list[Any]:
             conn, opts={"compare_type": True, "target_metadata": Base.metadata}
         )
         return list(compare_metadata(ctx, Base.metadata))
+
+
+MIGRATION_LOCK = 0x6D6172636F  # "marco": the pg_advisory_lock key every process takes around an upgrade
+
+
+def known_revisions() -> set[str]:
+    """Every revision this code's migrations know."""
+    return {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
+def check_not_newer(engine: Engine) -> None:
+    """Raise :class:`~marco.store.db.StoreError` when the database was migrated by newer code (its revision is
+    unknown here): an older worker must not write rows whose meaning it does not know."""
+    from marco.store.db import StoreError
+
+    current = current_revision(engine)
+    if current is not None and current not in known_revisions():
+        raise StoreError(
+            f"database {engine.url.render_as_string(hide_password=True)} has schema revision {current!r}, newer "
+            f"than this code knows (latest {head_revision()!r}): upgrade Marco on this machine before starting it"
+        )
+
+
+def upgrade_on_open(engine: Engine) -> None:
+    """Bring the schema to head, once, however many processes open the database at the same moment.
+
+    On Postgres the check and the upgrade run under a session-level advisory lock, so the first process
+    migrates and the others wait, then find it current. SQLite serialises writers by itself.
+    """
+    check_not_newer(engine)
+    if is_current(engine):
+        return
+    if engine.dialect.name != "postgresql":
+        upgrade(engine)
+        return
+    from sqlalchemy import text
+
+    with engine.connect() as lock_conn:
+        lock_conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
+        try:
+            check_not_newer(engine)
+            if not is_current(engine):
+                upgrade(engine)
+        finally:
+            lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+            lock_conn.commit()

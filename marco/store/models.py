@@ -120,6 +120,11 @@ class Job(_Row, Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # issue 10: when the job's message was last sent (the scheduler re-sends a job queued this long with no
+    # claim), how often the scheduler re-sent it, and how often a live worker lost its lease (not a death)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP"))
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    lease_losses: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class ProblemRow(_Row, Base):

@@ -7,11 +7,10 @@ from typing import Sequence
 
 from marco.search.base import SearchResult
 from marco.search.tree import Node
+from marco.store.heartbeat import Heartbeat, LeaseLost
 from marco.store.store import Store
 
-
-class LeaseLost(RuntimeError):
-    """Another worker took over this job (our lease expired); stop writing."""
+__all__ = ["LeaseLost", "StoreSink"]
 
 
 class StoreSink:
@@ -19,13 +18,17 @@ class StoreSink:
     bulk UPDATE) in one transaction, and final answers as searches end.
 
     With ``job_id``/``worker`` it also renews the job's lease every ``lease_s / 3`` seconds in the same
-    transaction, and raises :class:`LeaseLost` when the lease is gone. ``write_s`` accumulates the time
+    transaction, and raises :class:`LeaseLost` when the lease is gone. With a ``heartbeat`` (which renews the
+    lease from its own thread) it instead checks the job's row in each round's transaction (cancelled, lost)
+    and, once the round is committed, whether the worker is shutting down. ``write_s`` accumulates the time
     spent writing, which is how ``marco run`` reports the store's share of wall time.
     """
 
     def __init__(
-        self, store: Store, job_id: str | None = None, worker: str | None = None, lease_s: float = 300.0
+        self, store: Store, job_id: str | None = None, worker: str | None = None, lease_s: float = 300.0,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
+        self.heartbeat = heartbeat
         self.store = store
         self.job_id = job_id
         self.worker = worker
@@ -39,15 +42,21 @@ class StoreSink:
         t0 = time.perf_counter()
         with self.store.sessions.begin() as s:
             self.store.write_nodes(new_nodes, updated_nodes, session=s)
-            if self.job_id and self.worker and time.monotonic() - self._renewed_at > self.lease_s / 3:
+            if self.heartbeat is not None:
+                self.heartbeat.check(session=s)
+            elif self.job_id and self.worker and time.monotonic() - self._renewed_at > self.lease_s / 3:
                 if not self.store.renew_lease(self.job_id, self.worker, self.lease_s, session=s):
                     raise LeaseLost(f"job {self.job_id} lost its lease; another worker owns it now")
                 self._renewed_at = time.monotonic()
         self.rounds += 1
         self.nodes_written += len(new_nodes)
         self.write_s += time.perf_counter() - t0
+        if self.heartbeat is not None:
+            self.heartbeat.check_shutdown()
 
     def on_finish(self, results: Sequence[SearchResult]) -> None:
         t0 = time.perf_counter()
+        if self.heartbeat is not None:
+            self.heartbeat.check()  # a cancelled or lost job writes no final answers
         self.store.write_results(results)
         self.write_s += time.perf_counter() - t0
