@@ -9,8 +9,9 @@ removes them at the end; the shared servers are never stopped, flushed or reconf
 Workers (``--workers`` real ``celery worker`` processes) and a real ``marco scheduler`` reach Postgres
 through a TCP proxy this script runs, so "the database refuses connections" is the proxy closing its
 port and cutting every open connection. The same scripted MCTS batch (``--problems`` problems, ``--chunk``
-per job) runs twice, with the same batch id (the search seeds derive from it) in two scratch databases,
-each time on freshly started workers and scheduler:
+per job; the scripted model waits ``--round-s`` per generation round, as a real one computes) runs twice,
+with the same batch id (the search seeds derive from it) in two scratch databases, each time on freshly
+started workers and scheduler:
 
 1. undisturbed: the reference answers and throughput;
 2. disturbed: a worker SIGKILLed (whole process group) every ``--kill-every`` seconds (the first one
@@ -277,8 +278,9 @@ def submit_batch(store: Store, env: dict[str, str], args: argparse.Namespace, ba
     config = SearchConfig(
         strategy="mcts", action="ministep:16", budget=args.budget, children=2, max_depth=3, max_answer_tokens=24, seed=1
     )
+    model = f"scripted:round={args.round_s:g}" if args.round_s > 0 else "scripted"
     plan = store.create_batch(
-        problems_for(args.problems), [config], kind="reason", name="soak", model="scripted", task="demo",
+        problems_for(args.problems), [config], kind="reason", name="soak", model=model, task="demo",
         chunk_size=args.chunk, batch_id=batch_id,
     )
     CeleryDispatcher(QueueSettings.from_env(env)).enqueue([(job_id, "reason") for job_id in plan.job_ids])
@@ -417,6 +419,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=2000, help="problems in the batch (one MCTS search each)")
     ap.add_argument("--chunk", type=int, default=10, help="problems per job")
     ap.add_argument("--budget", type=int, default=384, help="MCTS token budget per search (scripted backend)")
+    ap.add_argument("--round-s", type=float, default=0.2,
+                    help="seconds each generation round of the scripted model waits, as a real model would (0: none)")
     ap.add_argument("--workers", type=int, default=3, help="worker processes (one pool process each)")
     ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between worker SIGKILLs")
     ap.add_argument("--flush-at", type=float, default=0.2, help="flush Redis once this share of jobs has ended")
