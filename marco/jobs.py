@@ -188,7 +188,6 @@ def _run_reason_job(
     elif store.finish_job(job_id, worker=worker):
         outcome.status = "done"
     else:  # cancelled or taken over between the last round and now
-        heartbeat.check(session=None)
         state = store.job_state(job_id)
         outcome.status = "cancelled" if state and state[0] == "cancelled" else "lost"
 

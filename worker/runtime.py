@@ -35,9 +35,12 @@ class WorkerRuntime:
         with self._lock:
             if self._store is None:
                 from marco.store import Store, StoreError
+                from marco.store.migrate import SchemaTooNew
 
                 try:
                     self._store = Store.open(self.settings.database_url)
+                except SchemaTooNew:
+                    raise  # not transient: this worker's code is older than the database
                 except StoreError as exc:  # unreachable database: a transient error, worth a retry
                     raise StoreUnavailable(str(exc)) from exc
             return self._store

@@ -80,8 +80,9 @@ def run_job(job_id: str, rt: _runtime.WorkerRuntime | None = None, reclaim: bool
     from marco.store import StoreError
 
     rt = rt or _runtime.current()
+    store = rt.store  # outside the try: an unreachable or too new database is not a missing job
     try:
-        kind = rt.store.get_job(job_id).kind
+        kind = store.get_job(job_id).kind
     except StoreError:
         # Its batch was deleted (a submit that could not enqueue everything): nothing to do, drop it.
         log.warning("job %s is not in the store; message dropped", job_id)
@@ -197,13 +198,33 @@ _shutdown_at = 0.0
 @worker_init.connect
 def _require_database(**_: Any) -> None:
     # Without $MARCO_DATABASE_URL a worker would open ./marco.db, find none of the jobs it is sent and drop
-    # every message as missing: refuse to start instead.
+    # every message as missing: refuse to start instead. Refuse too when the database's schema is newer
+    # than this code (an old worker must not write rows it does not understand).
     if not os.environ.get("MARCO_DATABASE_URL"):
         message = "error: MARCO_DATABASE_URL is not set; a worker must use the store the jobs were submitted to " \
                   "(e.g. MARCO_DATABASE_URL=postgresql://HOST/marco)"
-        print(message, file=sys.stderr, flush=True)
-        log.critical(message)
-        os._exit(78)  # EX_CONFIG; raising here would only be logged by the signal dispatcher
+        _refuse(message)
+    from marco.store.migrate import SchemaTooNew, check_not_newer
+
+    try:
+        from marco.store.db import check_connection, make_engine
+
+        engine = make_engine(os.environ["MARCO_DATABASE_URL"])
+        try:
+            check_connection(engine)
+            check_not_newer(engine)
+        finally:
+            engine.dispose()
+    except SchemaTooNew as exc:
+        _refuse(f"error: {exc}")
+    except Exception as exc:  # unreachable now: start anyway, jobs retry until it answers
+        log.warning("store not checked at start: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _refuse(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    log.critical(message)
+    os._exit(78)  # EX_CONFIG; raising here would only be logged by the signal dispatcher
 
 
 @worker_shutting_down.connect

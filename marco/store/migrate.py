@@ -12,6 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from marco.store.db import StoreError
 from marco.store.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,14 +73,16 @@ def known_revisions() -> set[str]:
     return {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
 
 
-def check_not_newer(engine: Engine) -> None:
-    """Raise :class:`~marco.store.db.StoreError` when the database was migrated by newer code (its revision is
-    unknown here): an older worker must not write rows whose meaning it does not know."""
-    from marco.store.db import StoreError
+class SchemaTooNew(StoreError):
+    """The database's schema is newer than this code: this process must not write to it."""
 
+
+def check_not_newer(engine: Engine) -> None:
+    """Raise :class:`SchemaTooNew` (a :class:`~marco.store.db.StoreError`) when the database was migrated by newer code (its revision is
+    unknown here): an older worker must not write rows whose meaning it does not know."""
     current = current_revision(engine)
     if current is not None and current not in known_revisions():
-        raise StoreError(
+        raise SchemaTooNew(
             f"database {engine.url.render_as_string(hide_password=True)} has schema revision {current!r}, newer "
             f"than this code knows (latest {head_revision()!r}): upgrade Marco on this machine before starting it"
         )

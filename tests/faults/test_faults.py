@@ -54,13 +54,15 @@ def test_redis_flushed_with_queued_jobs_is_recovered_by_the_scheduler(store, dis
 
 
 def test_postgres_refusing_connections_mid_batch(store, dispatcher, fault_env, workers, scheduler, proxy) -> None:
-    workers("w1")
+    w1 = workers("w1")
     via_proxy = Store.open(fault_env["MARCO_DATABASE_URL"])
     scheduler(on=via_proxy, stale_queued_s=5.0)
     batch = submit(store, dispatcher, n=6, chunk=2, model="scripted:round=0.3")
     wait_for(lambda: nodes_stored(store, batch) > 0, 60, "nodes")
     proxy.cut()
+    assert store.get_batch(batch.batch_id).status == "running"  # cut mid-batch
     time.sleep(OUTAGE_S)
+    assert "transient error, retry" in w1.output()  # the job retried instead of failing
     mid = store.batch_progress(batch.batch_id)
     assert mid.jobs.get("failed", 0) == 0  # an outage fails nothing
     proxy.restore()
@@ -224,3 +226,23 @@ def test_scheduler_reports_a_lost_redis_message_in_status(store, dispatcher, fau
     status = marco(["status", batch.batch_id, "--json"], env)
     text = status.communicate(timeout=60)[0]
     assert '"resent": 1' in text, text
+
+
+def test_worker_older_than_the_database_schema_refuses_to_start(pg_database, redis_url, tmp_path) -> None:
+    from sqlalchemy import text
+
+    from worker.harness import _start
+    from worker.launch import celery_command, worker_argv
+
+    url = pg_database()
+    s = Store.open(url)
+    with s.engine.begin() as conn:  # as if a newer Marco had migrated it
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    s.close()
+    env = {"MARCO_BROKER_URL": redis_url, "MARCO_DATABASE_URL": url}
+    proc = _start(celery_command(worker_argv("reason", 1, "old@%h")), env, tmp_path / "old.log", "old")
+    try:
+        assert proc.popen.wait(60) == 78
+        assert "newer than this code knows" in proc.output() and "upgrade Marco" in proc.output()
+    finally:
+        proc.stop()
