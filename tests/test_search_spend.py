@@ -458,9 +458,8 @@ def test_new_mcts_on_the_bundled_model(smollm2):
         below = [k for k in c.children if k.kind == "rollout"]
         assert c.token_ids + (below[0].token_ids if below else []) == source.token_ids
     # what was generated is what the result reports, each token once
-    assert result.tokens == sum(g for g in [sum(n.num_tokens for n in tree if n.kind not in ("root", "reflection")
-                                                    and n.finish_reason != REUSED and not (
-                                                        n.kind == "rollout" and tree.nodes[n.parent_id].finish_reason == REUSED))])
+    copied = {c.id for c in copies} | {k.id for c in copies for k in c.children if k.kind == "rollout"}
+    assert result.tokens == sum(n.num_tokens for n in tree if n.kind not in ("root", "reflection") and n.id not in copied)
     assert sum(r.n for r in sent) < 3 * len(sent)  # expansions of a leaf with a rollout asked for k - 1
     assert "<|" not in (result.answer or "")
     assert result.reflections == sum(n.kind == "reflection" for n in tree)

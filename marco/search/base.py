@@ -30,7 +30,9 @@ class SearchConfig:
     MCTS settings: ``exploration`` is the UCT constant c; ``normalize`` rescales Q to [0, 1] among siblings
     before UCT; ``reuse`` lets a child's stored rollout supply the first of its k children when it is
     expanded (no token generated twice); ``cut_penalty`` is subtracted (floored at 0) from the value of a
-    sample cut by the token limit before it wrote an ``<Output>`` (1.0: such a sample earns nothing);
+    sample cut by the token limit before it wrote an ``<Output>`` (1.0: such a sample earns nothing; the
+    default 0.5 ranks it below every finished sample, whose values lie in ~0.7-0.95, while cut samples keep
+    their order among themselves);
     ``final_value`` is what the final pick compares among answers: ``node`` (the value of the sample that
     produced it) or ``path`` (mean confidence of every generated token from the root to the answer);
     ``reflect_rollouts`` also reflects when a rollout (not only an action) closes the thought.
@@ -52,7 +54,7 @@ class SearchConfig:
     select: str = "value"
     seed: int = 0
     reuse: bool = True
-    cut_penalty: float = 1.0
+    cut_penalty: float = 0.5
     final_value: str = "node"
     normalize: bool = False
     reflect_rollouts: bool = True
