@@ -474,7 +474,7 @@ class _DecodeBatch:
             self.rows = [rows[i] for i in order]
         lens = torch.tensor(self.slots.lens, device=device)
         width = int(max(self.slots.lens)) + 1
-        self.cache.state.update(rows=torch.arange(len(self.rows), device=device), cols=lens, width=width)
+        self.cache.state.update(flat=self.slots.write_index(lens), width=width)
         mask = (torch.arange(width, device=device)[None, :] <= lens[:, None]).long()
         self.logits = b.model(
             input_ids=next_tok[:, None], attention_mask=mask, position_ids=lens[:, None],

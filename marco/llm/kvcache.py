@@ -344,6 +344,13 @@ class SlotKVCache:
         self.lens = [self.lens[i] for i in order]
         return order
 
+    def write_index(self, lens: torch.Tensor) -> torch.Tensor:
+        """Flat indices into a buffer viewed as ``[rows_cap * kv_heads * cols_cap, head_dim]`` of each live
+        row's next column, one per (row, head)."""
+        heads = torch.arange(self.spec.kv_heads, device=lens.device)
+        rows = torch.arange(len(lens), device=lens.device)
+        return ((rows[:, None] * self.spec.kv_heads + heads[None, :]) * self.cols_cap + lens[:, None]).flatten()
+
     def row(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of live row ``i``'s keys and values per layer, ``[kv_heads, lens[i], head_dim]``."""
         n = self.lens[i]
@@ -352,7 +359,9 @@ class SlotKVCache:
 
 def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
     """A transformers ``DynamicCache`` whose layers decode into ``slots``: one new token per live row, written
-    at column ``lens[i]``; attention sees columns ``[0, max(lens) + 1)`` (the caller masks each row's own)."""
+    at column ``lens[i]``; attention sees columns ``[0, max(lens) + 1)`` (the caller masks each row's own).
+    Before each forward the caller sets ``cache.state["flat"]`` (see :meth:`SlotKVCache.write_index`) and
+    ``cache.state["width"]``."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -365,8 +374,11 @@ def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
             st = cache.state
             assert key_states.shape[-2] == 1, "the slot cache decodes one token per row"
-            slots.keys[self.index][st["rows"], :, st["cols"]] = key_states[:, :, 0]
-            slots.values[self.index][st["rows"], :, st["cols"]] = value_states[:, :, 0]
+            # one (row, head) vector per flat index: index_copy_ is a plain row copy, far cheaper than an
+            # advanced-index assignment on CPU
+            d = key_states.shape[-1]
+            slots.keys[self.index].view(-1, d).index_copy_(0, st["flat"], key_states[:, :, 0].reshape(-1, d))
+            slots.values[self.index].view(-1, d).index_copy_(0, st["flat"], value_states[:, :, 0].reshape(-1, d))
             n, w = key_states.shape[0], st["width"]
             return slots.keys[self.index][:n, :, :w], slots.values[self.index][:n, :, :w]
 
@@ -378,5 +390,5 @@ def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
 
     cache = DynamicCache(config=config)
     cache.layers = [SlotLayer(i) for i in range(len(cache.layers))]
-    cache.state = {"rows": None, "cols": None, "width": 1}
+    cache.state = {"flat": None, "width": 1}
     return cache
