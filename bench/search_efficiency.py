@@ -7,14 +7,24 @@
     every tree) against the same searches run one after another.
 (c) Depth per token: mean tree depth reached per 1,000 tokens, with and without rollout reuse.
 
+Each part also prints the process's peak resident memory while it ran and the KV cache's peak bytes
+(slots + prefix cache, inside the ``MARCO_KV_CACHE_MB`` budget).
+
+``--shapes small`` (default): 16 problems, rollouts of at most 96 tokens, budget 768.
+``--shapes default``: the product's defaults as `marco run` uses them: 64 problems (one job, ``--chunk 64``),
+rollouts of at most 384 tokens, budget 1024; sequential MCTS is skipped (hours on a CPU) unless asked.
+
 Last line: ``mcts_vs_raw_throughput: X``.
-Usage: python bench/search_efficiency.py [--problems 16] [--budget 768] [--children 3] [--model smollm2]
+Usage: python bench/search_efficiency.py [--shapes small|default] [--problems N] [--budget N] [--children 3]
+       [--model smollm2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +36,40 @@ from marco.llm.base import GenerationRequest  # noqa: E402
 from marco.search.base import SearchConfig  # noqa: E402
 from marco.search.driver import LockstepDriver  # noqa: E402
 from marco.tasks import default_data_dir, get_task  # noqa: E402
+
+
+SHAPES = {  # problems, budget, rollout
+    "small": (16, 768, 96),
+    "default": (64, 1024, 384),  # marco run's --chunk, --budget and SearchConfig.max_answer_tokens
+}
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a ``with`` block, sampled every 20 ms from /proc."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
 
 
 def depth_per_token(backend, task, problems, config: SearchConfig) -> float:  # type: ignore[no-untyped-def]
@@ -45,13 +89,21 @@ def depth_per_token(backend, task, problems, config: SearchConfig) -> float:  # 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=16)
-    ap.add_argument("--budget", type=int, default=768, help="tokens per search")
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="small", help="preset problems/budget/rollout")
+    ap.add_argument("--problems", type=int, default=None)
+    ap.add_argument("--budget", type=int, default=None, help="tokens per search")
     ap.add_argument("--children", type=int, default=3)
-    ap.add_argument("--rollout", type=int, default=96, help="max tokens of one rollout")
+    ap.add_argument("--rollout", type=int, default=None, help="max tokens of one rollout")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--sequential", action="store_true", help="run sequential MCTS with --shapes default too")
     args = ap.parse_args()
+    preset = SHAPES[args.shapes]
+    args.problems = args.problems or preset[0]
+    args.budget = args.budget or preset[1]
+    args.rollout = args.rollout or preset[2]
+    if args.shapes == "default" and not args.sequential:
+        args.skip_sequential = True
 
     backend = load_backend(args.model)
     data = default_data_dir()
@@ -63,16 +115,24 @@ def main() -> None:
     # warm-up (allocator, kernels) so the first measured call is not penalised
     backend.generate([GenerationRequest(backend.encode("Hello"), 4)])
 
+    kv = getattr(backend, "kv_budget", None)
+    memory: dict[str, tuple[int, int | None]] = {}  # part -> (peak RSS, peak KV cache bytes)
+
     def cold() -> None:  # every measured run starts with an empty prefix cache
         cache = getattr(backend, "prefix_cache", None)
         if cache is not None:
             cache.clear()
+        if kv is not None:
+            kv.reset_limit()
+            kv.peak = kv.used
 
     cold()
     driver = LockstepDriver(backend, task, config)
     t = time.perf_counter()
-    results = driver.run(problems)
+    with PeakRSS() as rss:
+        results = driver.run(problems)
     mcts_s = time.perf_counter() - t
+    memory["lockstep MCTS"] = (rss.peak, kv.peak if kv is not None else None)
     tokens = driver.stats.generated_tokens
     width = len(problems) * args.children
 
@@ -83,25 +143,37 @@ def main() -> None:
             for i, p in enumerate(prompts)]
     cold()
     t = time.perf_counter()
-    raw = backend.generate(reqs)
+    with PeakRSS() as rss:
+        raw = backend.generate(reqs)
     raw_s = time.perf_counter() - t
+    memory["raw batched generate"] = (rss.peak, kv.peak if kv is not None else None)
     raw_tokens = sum(g.num_tokens for gs in raw for g in gs)
 
     seq_s = None
     if not args.skip_sequential:
         cold()
         t = time.perf_counter()
-        for p in problems:
-            LockstepDriver(backend, task, config).run([p])
+        with PeakRSS() as rss:
+            for p in problems:
+                LockstepDriver(backend, task, config).run([p])
         seq_s = time.perf_counter() - t
+        memory["sequential MCTS"] = (rss.peak, kv.peak if kv is not None else None)
 
     mcts_tps, raw_tps = tokens / mcts_s, raw_tokens / raw_s
-    print(f"model {args.model} · {len(problems)} problems · mcts ministep:32 k={args.children} budget {args.budget}")
-    print(f"{'run':<28}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
-    print(f"{'lockstep MCTS':<28}{tokens:>8}{mcts_s:>10.1f}{mcts_tps:>10.1f}")
-    print(f"{'raw batched generate':<28}{raw_tokens:>8}{raw_s:>10.1f}{raw_tps:>10.1f}")
+    mib = 1 << 20
+
+    def mem(part: str) -> str:
+        rss_b, kv_b = memory[part]
+        return f"{rss_b / mib:>10.0f}{(f'{kv_b / mib:.0f}' if kv_b is not None else '-'):>9}"
+
+    budget = f" · KV budget {kv.total / mib:.0f} MiB" if kv is not None else ""
+    print(f"model {args.model} · {len(problems)} problems · mcts ministep:32 k={args.children} budget {args.budget}"
+          f" · rollouts <= {args.rollout} tokens ({args.shapes} shapes){budget} · load {os.getloadavg()[0]:.1f}")
+    print(f"{'run':<28}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'peak RSS MiB':>14}{'KV MiB':>9}")
+    print(f"{'lockstep MCTS':<28}{tokens:>8}{mcts_s:>10.1f}{mcts_tps:>10.1f}    {mem('lockstep MCTS')}")
+    print(f"{'raw batched generate':<28}{raw_tokens:>8}{raw_s:>10.1f}{raw_tps:>10.1f}    {mem('raw batched generate')}")
     if seq_s is not None:
-        print(f"{'sequential MCTS':<28}{tokens:>8}{seq_s:>10.1f}{tokens / seq_s:>10.1f}")
+        print(f"{'sequential MCTS':<28}{tokens:>8}{seq_s:>10.1f}{tokens / seq_s:>10.1f}    {mem('sequential MCTS')}")
     st = driver.stats
     print(f"rounds {st.rounds} · model calls {st.backend_calls} · mean width {st.rows / max(1, st.backend_calls):.1f}"
           f" · time in model {st.generate_s / mcts_s:.0%}")

@@ -116,3 +116,23 @@ def test_continuous_batching_matches_round_by_round_lockstep(smollm2, data_dir):
         trees.append([[(n.id, n.token_ids, n.visits) for n in r.tree] for r in results])
         assert all(0 < r.tokens <= 128 for r in results)
     assert trees[0] == trees[1]
+
+
+def test_a_small_kv_budget_changes_neither_the_search_nor_the_peak_limit(smollm2, data_dir):
+    """Continuous-batched MCTS with a KV budget of a row or two gives the same trees as with a roomy one,
+    and the cache (slots + prefill + prefix cache) never holds more than the budget."""
+    from marco.llm.hf import HFBackend
+
+    task = get_task("mgsm")
+    problems = task.load(str(data_dir), ["en"], 2)
+    config = SearchConfig(strategy="mcts", action="ministep:16", budget=96, children=2, max_answer_tokens=32, seed=2)
+    trees = []
+    backends = [HFBackend(smollm2.model, smollm2.tokenizer, "smollm2", kv_cache_mb=mb) for mb in (1024, 48)]
+    for backend in backends:
+        results = LockstepDriver(backend, task, config).run(problems)
+        trees.append([[(n.id, n.token_ids, n.visits) for n in r.tree] for r in results])
+    assert trees[0] == trees[1]
+    roomy, small = backends
+    assert small.kv_budget.total == 48 << 20 and small.kv_budget.over_budget_admissions == 0
+    assert small.kv_budget.peak <= small.kv_budget.total < roomy.kv_budget.peak
+    assert small.peak_rows < roomy.peak_rows

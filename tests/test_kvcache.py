@@ -29,3 +29,173 @@ def test_lru_eviction_by_bytes():
     assert cache.bytes <= 2 * one
     assert cache.lookup([2] * 9)[0] is None
     assert cache.lookup([1] * 9)[1] == 8 and cache.lookup([3] * 9)[1] == 8
+
+
+# ------------------------------------------------------------------ the backend's KV budget on a tiny model
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from marco.llm.base import GenerationRequest  # noqa: E402
+from marco.llm.kvcache import KVBudget, resolve_kv_cache_bytes  # noqa: E402
+
+VOCAB = 96
+
+
+class CharTokenizer:
+    """Token id t is the character chr(32 + t); id 0 (a space) doubles as end-of-sequence and padding."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [min(VOCAB - 1, max(0, ord(c) - 32)) for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:  # type: ignore[no-untyped-def]
+        return "".join(chr(32 + int(t)) for t in ids)
+
+    def batch_decode(self, seqs):  # type: ignore[no-untyped-def]
+        return [self.decode(s) for s in seqs]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A random 2-layer Llama in float64 (ties between logits are then vanishingly unlikely)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads only spin, and badly on a loaded machine
+    yield LlamaForCausalLM(config).to(torch.float64).eval()
+    torch.set_num_threads(threads)
+
+
+def backend(model, kv_cache_mb=None, kv_bytes=None, **kw):  # type: ignore[no-untyped-def]
+    from marco.llm.hf import HFBackend
+
+    b = HFBackend(model, CharTokenizer(), "tiny", kv_cache_mb=kv_cache_mb or 64, **kw)
+    if kv_bytes is not None:  # budgets below one MiB, in bytes
+        b.kv_budget = KVBudget(kv_bytes, b.prefix_cache, kw.get("prefix_cache_bytes"))
+    return b
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation by plain full forward passes, no cache at all."""
+    ids, lps = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(n):
+            logp = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            t = int(logp.argmax())
+            ids.append(t)
+            lps.append(float(logp[t]))
+    return ids[len(prompt):], lps
+
+
+def tiny_requests(seed: int = 0) -> list[GenerationRequest]:
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for i in range(7):
+        prompt = rng.integers(1, VOCAB, size=int(rng.integers(3, 40))).tolist()
+        sampled = i % 2 == 1
+        reqs.append(GenerationRequest(prompt, int(rng.integers(4, 30)), temperature=0.8 if sampled else 0.0,
+                                      top_p=0.9, n=3 if sampled else 1, seed=i, ignore_eos=True))
+    return reqs
+
+
+def as_tuples(out):  # type: ignore[no-untyped-def]
+    return [[(g.token_ids, g.finish_reason) for g in gs] for gs in out]
+
+
+def test_greedy_rows_equal_plain_forward_passes(tiny_model):
+    b = backend(tiny_model)
+    reqs = tiny_requests()
+    out = b.generate(reqs)
+    for req, gens in zip(reqs, out):
+        assert len(gens) == req.n and all(g.num_tokens == req.max_new_tokens for g in gens)
+        if req.temperature == 0:
+            toks, lps = reference_greedy(tiny_model, list(req.prompt_ids), req.max_new_tokens)
+            assert gens[0].token_ids == toks
+            np.testing.assert_allclose(gens[0].logprobs, lps, atol=1e-6)
+
+
+def test_tiny_budget_admits_rows_one_by_one_and_outputs_do_not_change(tiny_model):
+    rng = np.random.default_rng(1)
+    reqs = [GenerationRequest(rng.integers(1, VOCAB, size=30).tolist(), 20, temperature=0.7 * (i % 2), n=1 + i % 2,
+                              seed=i, ignore_eos=True) for i in range(5)]
+    roomy = backend(tiny_model)
+    expected = roomy.generate(reqs)
+    # room for one row (30 + 20 columns) and its prefill's 30, nothing more: rows (even a request's two
+    # samples) go through one at a time
+    tiny = backend(tiny_model, kv_bytes=(50 + 30) * roomy.kv_spec.token_bytes)
+    got = tiny.generate(reqs)
+    assert as_tuples(got) == as_tuples(expected)
+    for a, b in zip(got, expected):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-9)
+    assert tiny.peak_rows == 1 < roomy.peak_rows
+    assert tiny.kv_budget.over_budget_admissions == 0
+    assert tiny.kv_budget.peak <= tiny.kv_budget.total
+
+
+def test_rows_wait_for_memory_and_peak_stays_within_the_budget_under_continuous_batching(tiny_model):
+    reqs = tiny_requests(2)
+    roomy = backend(tiny_model)
+    # room for about six rows of 128 columns: fewer than the 13 rows the first requests alone would open
+    budgeted = backend(tiny_model, kv_bytes=6 * 128 * roomy.kv_spec.token_bytes)
+    results = []
+    for b in (roomy, budgeted):
+        out: dict[int, list] = {}
+        extra = list(tiny_requests(3))
+
+        def refill(done):  # type: ignore[no-untyped-def]
+            out.update(done)
+            # rows keep joining and leaving: hand in two new requests per refill while there are any
+            new, extra[:] = extra[:2], extra[2:]
+            return new
+
+        b.generate_continuous(reqs, refill)
+        results.append({k: as_tuples([v])[0] for k, v in out.items()})
+    assert len(results[0]) == 2 * len(reqs)
+    assert results[1] == results[0]
+    assert 1 < budgeted.peak_rows < roomy.peak_rows  # memory, not the row limit, held rows back
+    assert budgeted.kv_budget.peak <= budgeted.kv_budget.total
+    assert budgeted.kv_budget.over_budget_admissions == 0
+
+
+def test_prefix_cache_gives_up_space_to_live_rows(tiny_model):
+    token = 2 * 2 * 2 * 8 * 8  # layers x (k, v) x kv heads x head dim x float64 bytes
+    b = backend(tiny_model, kv_bytes=4000 * token)
+    assert b.kv_spec.token_bytes == token
+    rng = np.random.default_rng(5)
+    # many finished short sequences fill the prefix cache ...
+    warm = [GenerationRequest(rng.integers(1, VOCAB, size=60).tolist(), 4, ignore_eos=True) for _ in range(40)]
+    for k in range(0, len(warm), 8):
+        b.generate(warm[k : k + 8])
+    assert b.prefix_cache.bytes >= 40 * 63 * token > b.kv_budget.total // 2
+    filled = len(b.prefix_cache.entries)
+    # ... then a wide batch of long rows needs the room (8 x 300 columns + an 8 x 100 prefill): the prefix
+    # cache shrinks, the budget holds
+    wide = [GenerationRequest(rng.integers(1, VOCAB, size=100).tolist(), 200, ignore_eos=True) for _ in range(8)]
+    out = b.generate(wide)
+    assert all(g[0].num_tokens == 200 for g in out)
+    assert len(b.prefix_cache.entries) < filled
+    assert b.kv_budget.peak <= b.kv_budget.total
+    assert b.peak_rows == 8
+
+
+def test_budget_setting_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_kv_cache_bytes(300, cpu) == 300 << 20
+    monkeypatch.setenv("MARCO_KV_CACHE_MB", "123")
+    assert resolve_kv_cache_bytes(None, cpu) == 123 << 20
+    monkeypatch.setenv("MARCO_KV_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="MARCO_KV_CACHE_MB"):
+        resolve_kv_cache_bytes(None, cpu)
+    monkeypatch.delenv("MARCO_KV_CACHE_MB")
+    assert 256 << 20 <= resolve_kv_cache_bytes(None, cpu) <= 8 << 30
+    with pytest.raises(ValueError):
+        resolve_kv_cache_bytes(0, cpu)

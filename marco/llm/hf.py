@@ -9,6 +9,7 @@ how requests were batched, stop strings per request, and finished rows dropped f
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
-from marco.llm.kvcache import PrefixKVCache, growing_cache
+from marco.llm.kvcache import KVBudget, KVSpec, PrefixKVCache, SlotKVCache, resolve_kv_cache_bytes, slot_cache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,7 +33,10 @@ class HFConfig:
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
     max_batch_rows: int = 64
     threads: int | None = None
-    prefix_cache_bytes: int = 2 << 30  # 0 disables automatic prefix caching
+    # KV cache budget in MiB (running rows + prefix cache); None: $MARCO_KV_CACHE_MB, else an eighth of RAM
+    # (256 MiB .. 8 GiB) on CPU or half the free GPU memory on CUDA
+    kv_cache_mb: int | None = None
+    prefix_cache_bytes: int | None = None  # extra cap on the prefix cache inside the budget; 0 disables it
 
 
 def _row_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
@@ -44,16 +50,21 @@ class HFBackend:
     """A :class:`~marco.llm.base.Backend` over a transformers causal LM."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64, prefix_cache_bytes: int = 2 << 30
+        self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64, prefix_cache_bytes: int | None = None,
+        kv_cache_mb: int | None = None,
     ) -> None:
         self.model = model
-        self.prefix_cache = PrefixKVCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.device = next(model.parameters()).device
+        self.kv_spec = KVSpec.of(model.config, next(model.parameters()).dtype, self.device)
+        budget = resolve_kv_cache_bytes(kv_cache_mb, self.device)
+        self.prefix_cache = PrefixKVCache(budget) if prefix_cache_bytes != 0 else None
+        self.kv_budget = KVBudget(budget, self.prefix_cache, prefix_cache_bytes)
         self.offload_cache = False
         self.refill_fraction = 0.5  # measured: refilling at half width beat 3/4 by ~10% (fewer cache merges)
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_rows = max_batch_rows
-        self.device = next(model.parameters()).device
+        self.peak_rows = 0  # most rows decoded at once (the budget can keep it below max_batch_rows)
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(gen_eos, int):
@@ -89,7 +100,7 @@ class HFBackend:
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, dtype_name), **kwargs)
         model.to(device).eval()
         return cls(model, tokenizer, name or config.model, max_batch_rows=config.max_batch_rows,
-                   prefix_cache_bytes=config.prefix_cache_bytes)
+                   prefix_cache_bytes=config.prefix_cache_bytes, kv_cache_mb=config.kv_cache_mb)
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str) -> list[int]:
@@ -141,21 +152,19 @@ class HFBackend:
         refill: Callable[[list[tuple[int, list[Generation]]]], Sequence[GenerationRequest]] | None,
     ) -> dict[int, list[Generation]]:
         batch = _DecodeBatch(self)
-        queue: list[tuple[int, GenerationRequest]] = list(enumerate(requests))
+        # (request id, request, first sample not yet admitted): a request's samples may join a few at a time
+        queue: list[tuple[int, GenerationRequest, int]] = [(i, r, 0) for i, r in enumerate(requests)]
         next_id = len(requests)
         completed: list[tuple[int, list[Generation]]] = []
         results: dict[int, list[Generation]] = {}
         peak = 0
         while True:
-            if queue and (not batch.rows or batch.width + queue[0][1].n <= self.max_batch_rows):
-                admit: list[tuple[int, GenerationRequest]] = []
-                room = self.max_batch_rows - batch.width
-                while queue and (not admit and not batch.rows or queue[0][1].n <= room):
-                    rid, req = queue.pop(0)
-                    admit.append((rid, req))
-                    room -= req.n
-                batch.add(admit)
-                peak = max(peak, batch.width)
+            if queue and batch.width < self.max_batch_rows:
+                admit = self._admit(batch, queue)
+                if admit:
+                    batch.add(admit)
+                    peak = max(peak, batch.width)
+                    self.peak_rows = max(self.peak_rows, batch.width)
             if batch.rows:
                 completed.extend(batch.step())
             if refill is None:
@@ -164,11 +173,40 @@ class HFBackend:
             elif completed and (not batch.rows or batch.width <= self.refill_fraction * peak):
                 new = list(refill(completed))
                 completed = []
-                queue.extend((next_id + k, r) for k, r in enumerate(new))
+                queue.extend((next_id + k, r, 0) for k, r in enumerate(new))
                 next_id += len(new)
                 peak = batch.width
             if not batch.rows and not queue and not completed:
                 return results
+
+    def _admit(
+        self, batch: "_DecodeBatch", queue: list[tuple[int, GenerationRequest, int]]
+    ) -> list[tuple[int, GenerationRequest, int, int]]:
+        """Take rows from the head of ``queue`` while they fit: by count (``max_batch_rows``) and by memory
+        (the KV budget must hold every live row's prompt + ``max_new_tokens``, see :meth:`_DecodeBatch.fits`).
+        An empty batch always takes one row, so a budget smaller than one row slows a run but never stalls it."""
+        take: list[tuple[int, GenerationRequest, int, int]] = []
+        room = self.max_batch_rows - batch.width
+        peeks: dict[int, int] = {}
+        while queue and room > 0:
+            rid, req, first = queue[0]
+            k = min(req.n - first, room)
+            while k and not batch.fits([*take, (rid, req, first, k)], peeks):
+                k -= 1
+            if not k:
+                if batch.rows or take:
+                    break  # wait for memory: rows leave as they finish
+                k = 1
+                self.kv_budget.over_budget_admissions += 1
+                log.warning("KV cache budget (%d MiB) is smaller than one row of %d tokens: admitting it alone",
+                            self.kv_budget.total >> 20, len(req.prompt_ids) + req.max_new_tokens)
+            take.append((rid, req, first, k))
+            room -= k
+            if first + k < req.n:
+                queue[0] = (rid, req, first + k)
+                break
+            queue.pop(0)
+        return take
 
     def _stop_mask(self, stops: tuple[str, ...]) -> np.ndarray:
         """Token ids whose text could complete one of ``stops`` (a cheap pre-filter before decoding)."""
@@ -182,18 +220,31 @@ class HFBackend:
             self._stop_masks[stops] = mask
         return mask
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the prompts, reusing cached prefixes: returns the KV cache, last logits, mask and positions.
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, list[int], int, int]:
+        """Run the prompts, reusing cached prefixes, into a temporary cache.
 
-        Row layout: ``[pad][cached prefix][pad][uncached suffix]``; pads are masked out, so a row's
-        tokens need not be contiguous, and position ids count only real tokens.
+        Returns the cache, the last logits, each prompt's cached length ``m`` and the layout's widths
+        ``lc`` and ``ls``. Row layout: ``[pad][cached prefix][pad][uncached suffix]`` (``lc`` + ``ls`` columns);
+        pads are masked out, so a row's tokens need not be contiguous, and position ids count only real tokens.
         """
-        device = self.device
+        from transformers import DynamicCache
+
+        device, budget = self.device, self.kv_budget
         hits = [self.prefix_cache.lookup(p) if self.prefix_cache is not None else (None, 0) for p in prompts]
         cached = [m for _, m in hits]
         suffixes = [p[m:] for p, m in zip(prompts, cached)]
         lc, ls = max(cached), max(len(x) for x in suffixes)
         rows = len(prompts)
+        # the temporary cache counts against the budget; the prefix cache makes room (entries this prefill
+        # reads stay alive until it ends even if evicted, so they count too)
+        budget.transient = rows * (lc + ls) * self.kv_spec.token_bytes
+        budget.reset_limit()
+        if self.prefix_cache is not None:
+            budget.transient += sum(
+                e.nbytes for e in {id(e): e for e, _ in hits if e is not None}.values()
+                if e.eid not in self.prefix_cache.entries
+            )
+            budget.note()
         ids = torch.full((rows, ls), self.pad_id, dtype=torch.long)
         mask = torch.zeros((rows, lc + ls), dtype=torch.long)
         positions = torch.zeros((rows, ls), dtype=torch.long)
@@ -203,10 +254,10 @@ class HFBackend:
             mask[k, lc + ls - len(suf) :] = 1
             positions[k, ls - len(suf) :] = torch.arange(m, m + len(suf))
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = growing_cache(self.model.config)
+        cache = DynamicCache(config=self.model.config)
         if lc:
+            ref = next(e for e, _ in hits if e is not None)
             for layer in range(self.model.config.num_hidden_layers):
-                ref = next(e for e, _ in hits if e is not None)
                 heads, dim = ref.keys[layer].shape[0], ref.keys[layer].shape[2]
                 keys = ref.keys[layer].new_zeros((rows, heads, lc, dim))
                 values = ref.keys[layer].new_zeros((rows, heads, lc, dim))
@@ -215,21 +266,25 @@ class HFBackend:
                         keys[k, :, lc - m :] = entry.keys[layer][:, :m]
                         values[k, :, lc - m :] = entry.values[layer][:, :m]
                 cache.update(keys.to(device), values.to(device), layer)
+            del ref
+        del hits
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
             **{self._cache_kw: cache},
         ).logits[:, -1, :]
-        return cache, logits, mask, positions
+        budget.transient = rows * (lc + ls) * self.kv_spec.token_bytes
+        return cache, logits, cached, lc, ls
 
-    def _remember(self, cache: Any, mask: torch.Tensor, b: int, ids: list[int]) -> None:
-        """Copy batch row ``b``'s KV (its real positions only) into the prefix cache."""
+    def _remember(self, slots: SlotKVCache, i: int, ids: list[int]) -> None:
+        """Copy live row ``i``'s KV into the prefix cache."""
         assert self.prefix_cache is not None
-        valid = mask[b].bool()
-        if int(valid.sum()) != len(ids):  # pragma: no cover - a layout bug would corrupt the cache
+        if slots.lens[i] != len(ids):  # pragma: no cover - a layout bug would corrupt the cache
             return
-        keys = [layer.keys[b][:, valid].to("cpu" if self.offload_cache else layer.keys.device) for layer in cache.layers]
-        values = [layer.values[b][:, valid].to("cpu" if self.offload_cache else layer.values.device) for layer in cache.layers]
+        keys, values = slots.row(i)
+        if self.offload_cache:
+            keys, values = [k.cpu() for k in keys], [v.cpu() for v in values]
         self.prefix_cache.insert(ids, keys, values)
+        self.kv_budget.note()
 
     def _sample(
         self,
@@ -297,71 +352,83 @@ def smollm2_path() -> tuple[str, str]:
 
 
 class _DecodeBatch:
-    """The rows being decoded together: their KV cache, mask, positions, next-token logits and outputs.
+    """The rows being decoded together: their KV slots, next-token logits and outputs.
 
-    Rows can join at any step (their prompts are prefilled and their caches merged in, left-padded to a
-    common length) and leave as soon as they finish.
+    Rows join at any step (their prompts are prefilled into a temporary cache and copied into free slots)
+    and leave as soon as they finish (their slot is refilled by moving the last row, see
+    :class:`~marco.llm.kvcache.SlotKVCache`). A row's tokens occupy columns ``[0, length)`` of its slot, so
+    its position ids are its column indices and the attention mask is ``column <= length``.
     """
 
     def __init__(self, backend: HFBackend) -> None:
         self.b = backend
         self.device = backend.device
-        self.cache: Any = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.slots = SlotKVCache(backend.kv_spec, backend.kv_budget, backend.max_batch_rows)
+        self.cache = slot_cache(backend.model.config, self.slots)
         self.logits: torch.Tensor | None = None
-        self.rows: list[_Row] = []  # live rows, in batch order
-        self.pending: dict[int, list[_Row]] = {}  # request id -> all its rows
+        self.rows: list[_Row] = []  # live rows, in slot order
+        self.pending: dict[int, list[_Row | None]] = {}  # request id -> its rows (None: not admitted yet)
         self.eos = torch.tensor(backend.eos_ids, device=self.device)
 
     @property
     def width(self) -> int:
         return len(self.rows)
 
-    def add(self, items: list[tuple[int, GenerationRequest]]) -> None:
-        b, device = self.b, self.device
-        unique: dict[int, int] = {}
+    def fits(self, take: list[tuple[int, GenerationRequest, int, int]], peeks: dict[int, int]) -> bool:
+        """Whether the live rows plus ``take`` fit the KV budget: every row reserves its prompt +
+        ``max_new_tokens`` columns (slots are one rectangle, so the longest reservation sets the width), plus
+        the temporary cache of their prefill. The prefix cache does not count: it gives up what rows need."""
+        b = self.b
+        rows = self.width + sum(k for *_, k in take)
+        cols = max((len(r.req.prompt_ids) + r.req.max_new_tokens for r in self.rows), default=0)
+        cols = max(cols, *(len(req.prompt_ids) + req.max_new_tokens for _, req, _, _ in take))
+        cached: list[int] = []
+        for rid, req, _, _ in take:
+            if rid not in peeks:
+                peeks[rid] = b.prefix_cache.peek(req.prompt_ids) if b.prefix_cache is not None else 0
+            cached.append(peeks[rid])
+        lc = max(cached)
+        ls = max(len(req.prompt_ids) - m for (_, req, _, _), m in zip(take, cached))
+        temp = len(take) * (lc + ls) * b.kv_spec.token_bytes
+        return self.slots.bytes_after_growth(rows, cols) + temp <= b.kv_budget.total
+
+    def add(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:
+        """Admit samples ``first .. first + count - 1`` of each ``(rid, request, first, count)``."""
+        b, device, slots = self.b, self.device, self.slots
         new_rows: list[_Row] = []
-        for rid, req in items:
-            unique[rid] = len(unique)
-            rows = [
-                _Row(rid, j, req, _row_generator(req.seed, j, device) if req.temperature > 0 else None,
-                     b._stop_mask(tuple(req.stop)) if req.stop else None)
-                for j in range(req.n)
-            ]
-            self.pending[rid] = rows
-            new_rows.extend(rows)
-        cache, logits, mask, positions = b._prefill([list(req.prompt_ids) for _, req in items])
-        fan = torch.tensor([unique[r.rid] for r in new_rows], device=device)
-        if len(new_rows) != len(items):
-            cache.batch_select_indices(fan)
-            logits, mask, positions = logits[fan], mask[fan], positions[fan]
-        next_pos = positions[:, -1] + 1
-        if not self.rows:
-            self.cache, self.logits, self.mask, self.next_pos = cache, logits, mask, next_pos
-        else:
-            self._merge(cache, mask)
-            assert self.logits is not None
-            self.logits = torch.cat([self.logits, logits])
-            self.next_pos = torch.cat([self.next_pos, next_pos])
+        fan: list[int] = []
+        for u, (rid, req, first, count) in enumerate(items):
+            rows = self.pending.setdefault(rid, [None] * req.n)
+            for j in range(first, first + count):
+                rows[j] = _Row(rid, j, req, _row_generator(req.seed, j, device) if req.temperature > 0 else None,
+                               b._stop_mask(tuple(req.stop)) if req.stop else None)
+                new_rows.append(rows[j])  # type: ignore[arg-type]
+                fan.append(u)
+        prompts = [list(req.prompt_ids) for _, req, _, _ in items]
+        tmp, logits, cached, lc, ls = b._prefill(prompts)
+        start = slots.rows
+        cols = max(len(r.req.prompt_ids) + r.req.max_new_tokens for r in [*self.rows, *new_rows])
+        slots.reserve(start + len(new_rows), cols)
+        # copy each prompt's real columns (cached prefix, then suffix) to columns [0, len) of its rows' slots
+        width = max(len(p) for p in prompts)
+        src = torch.zeros((len(prompts), width), dtype=torch.long)
+        for u, (p, m) in enumerate(zip(prompts, cached)):
+            src[u, :m] = torch.arange(lc - m, lc)
+            src[u, m : len(p)] = torch.arange(lc + ls - (len(p) - m), lc + ls)
+        src = src.to(device)
+        fan_t = torch.tensor(fan, device=device)
+        dst = torch.arange(start, start + len(new_rows), device=device)
+        for layer, tl in enumerate(tmp.layers):
+            for buf, t in ((slots.keys[layer], tl.keys), (slots.values[layer], tl.values)):
+                idx = src[:, None, :, None].expand(t.shape[0], t.shape[1], width, t.shape[3])
+                buf[dst, :, :width] = t.gather(2, idx)[fan_t]
+        del tmp
+        b.kv_budget.transient = 0
+        b.kv_budget.reset_limit()
+        slots.lens.extend(len(r.req.prompt_ids) for r in new_rows)
+        logits = logits[fan_t]
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.rows.extend(new_rows)
-
-    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
-        """Append another batch's rows, left-padding whichever cache is shorter."""
-        l1, l2 = self.mask.shape[1], mask.shape[1]
-        length = max(l1, l2)
-
-        def pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-            if n == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = n
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, length - l1, 2), pad(theirs.keys, length - l2, 2)])
-            mine.values = torch.cat([pad(mine.values, length - l1, 2), pad(theirs.values, length - l2, 2)])
-        self.mask = torch.cat([pad(self.mask, length - l1, 1), pad(mask, length - l2, 1)])
 
     def step(self) -> list[tuple[int, list[Generation]]]:
         """Sample one token for every row, retire finished rows, and run the model on the rest."""
@@ -395,30 +462,31 @@ class _DecodeBatch:
                 keep.append(i)
                 continue
             if b.prefix_cache is not None:
-                b._remember(self.cache, self.mask, i, list(req.prompt_ids) + row.tokens[:-1])
+                b._remember(self.slots, i, list(req.prompt_ids) + row.tokens[:-1])
             row.done = True
             siblings = self.pending[row.rid]
-            if all(s.done for s in siblings):
+            if all(s is not None and s.done for s in siblings):
                 del self.pending[row.rid]
-                done.append((row.rid, [s.generation(b) for s in siblings]))
-        if len(keep) != len(rows):
-            sel = torch.tensor(keep, dtype=torch.long, device=device)
-            if keep:
-                self.cache.batch_select_indices(sel)
-            self.mask, self.next_pos, next_tok = self.mask[sel], self.next_pos[sel], next_tok[sel]
-            self.rows = [rows[i] for i in keep]
-        if not self.rows:
-            self.cache, self.logits = None, None
-            self.mask = self.mask[:, :0]
+                done.append((row.rid, [s.generation(b) for s in siblings if s is not None]))
+        if not keep:
+            self.rows, self.logits = [], None
+            self.slots.release()
             return done
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        if len(keep) != len(rows):
+            order = self.slots.remove(keep)
+            sel = torch.tensor(order, dtype=torch.long, device=device)
+            next_tok = next_tok[sel]
+            self.rows = [rows[i] for i in order]
+        lens = torch.tensor(self.slots.lens, device=device)
+        width = int(max(self.slots.lens)) + 1
+        self.cache.state.update(flat=self.slots.write_index(lens), width=width)
+        mask = (torch.arange(width, device=device)[None, :] <= lens[:, None]).long()
         self.logits = b.model(
-            input_ids=next_tok[:, None], attention_mask=self.mask, position_ids=self.next_pos[:, None],
+            input_ids=next_tok[:, None], attention_mask=mask, position_ids=lens[:, None],
             use_cache=True, **{b._cache_kw: self.cache},
         ).logits[:, -1, :]
-        self.next_pos = self.next_pos + 1
+        self.slots.lens = [n + 1 for n in self.slots.lens]
         return done
-
 
 @dataclass(eq=False)
 class _Row:

@@ -1,18 +1,30 @@
-"""Automatic prefix caching for the transformers backend.
+"""The transformers backend's KV memory: one budget for the running batch's slots and the prefix cache.
 
-A search re-sends long prefixes every round: the system prompt, the question and every step so far. The
-keys and values of a prefix do not depend on what follows it, so the backend keeps the KV tensors of the
-sequences it has processed and, for a new request, prefills only the part after the longest cached
-prefix (the idea of vLLM's automatic prefix caching, at block granularity, with LRU eviction by bytes).
+- :class:`SlotKVCache`: the keys and values of the rows being decoded, in per-layer buffers
+  ``[rows, kv_heads, columns, head_dim]`` allocated once and grown rarely. Row ``i`` of the batch owns slot
+  ``i`` and its tokens sit in columns ``[0, length)``, so a token's column is its position. A row that
+  leaves frees its slot by moving the batch's last row into it (one row copied, never the whole cache); a
+  row that joins writes into the next free slot.
+- :class:`PrefixKVCache`: automatic prefix caching. A search re-sends long prefixes every round: the
+  system prompt, the question and every step so far. The keys and values of a prefix do not depend on what
+  follows it, so the backend keeps the KV tensors of the sequences it has processed and, for a new request,
+  prefills only the part after the longest cached prefix (the idea of vLLM's automatic prefix caching, at
+  block granularity, with LRU eviction by bytes).
+- :class:`KVBudget`: both live inside ``kv_cache_mb`` (``MARCO_KV_CACHE_MB``); the prefix cache gets what
+  the slots leave and gives it back when rows need it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 BLOCK = 16
 
@@ -97,6 +109,22 @@ class PrefixKVCache:
         while self.bytes > self.max_bytes and self.entries:
             self._evict()
 
+    def peek(self, ids: Sequence[int]) -> int:
+        """Length of the cached prefix :meth:`lookup` would return, without touching LRU order or stats."""
+        m = 0
+        for h in block_hashes(ids[: len(ids) - 1], self.block):
+            hit = self.index.get(h)
+            if hit is None or hit[0] not in self.entries:
+                break
+            m = hit[1]
+        return m
+
+    def limit(self, max_bytes: int) -> None:
+        """Cap the cache at ``max_bytes``, evicting least recently used entries now."""
+        self.max_bytes = max(0, max_bytes)
+        while self.bytes > self.max_bytes and self.entries:
+            self._evict()
+
     def _evict(self) -> None:
         eid, entry = self.entries.popitem(last=False)
         self.bytes -= entry.nbytes
@@ -114,51 +142,253 @@ class PrefixKVCache:
         return self.hits_tokens / self.lookups_tokens if self.lookups_tokens else 0.0
 
 
-def growing_layer_class() -> type:
-    """A transformers ``DynamicLayer`` that appends into preallocated buffers (capacity doubles) rather
-    than concatenating the whole cache at every decode step, which is O(length) copying per token."""
+
+# ---------------------------------------------------------------------------------------------- budget
+
+ENV_KV_CACHE_MB = "MARCO_KV_CACHE_MB"
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Shape of one token's keys and values across the model's layers."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of keys + values one token occupies in every layer."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, config: Any, dtype: torch.dtype, device: torch.device) -> "KVSpec":
+        """From a transformers model config (``num_key_value_heads`` defaults to ``num_attention_heads``)."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, dtype, device)
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """The budget when none is set: an eighth of the machine's memory on CPU (clamped to 256 MiB .. 8 GiB),
+    half the free GPU memory (after the weights are loaded) on CUDA."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        total = 16 << 30
+    return int(min(max(total // 8, 256 << 20), 8 << 30))
+
+
+def resolve_kv_cache_bytes(kv_cache_mb: int | None, device: torch.device) -> int:
+    """``kv_cache_mb`` if given, else ``$MARCO_KV_CACHE_MB``, else :func:`default_kv_cache_bytes`."""
+    if kv_cache_mb is None:
+        env = os.environ.get(ENV_KV_CACHE_MB, "").strip()
+        if env:
+            try:
+                kv_cache_mb = int(env)
+            except ValueError:
+                raise ValueError(f"{ENV_KV_CACHE_MB}={env!r} is not a whole number of MiB (e.g. 2048)") from None
+    if kv_cache_mb is None:
+        return default_kv_cache_bytes(device)
+    if kv_cache_mb <= 0:
+        raise ValueError(f"kv_cache_mb must be positive (got {kv_cache_mb}); it is the KV cache budget in MiB")
+    return kv_cache_mb << 20
+
+
+class KVBudget:
+    """The bytes the KV cache may use: the running batch's slots, the prefill's temporary cache and the prefix
+    cache together. The prefix cache is limited to what the other two leave (and to its own cap); ``peak``
+    records the most ever held at once, for tests and benchmarks."""
+
+    def __init__(self, total: int, prefix: PrefixKVCache | None = None, prefix_cap: int | None = None) -> None:
+        self.total = total
+        self.prefix = prefix
+        self.prefix_cap = prefix_cap if prefix_cap is not None else total
+        self.slots = 0  # bytes allocated by SlotKVCache buffers
+        self.transient = 0  # bytes of a prefill's temporary cache
+        self.peak = 0
+        self.over_budget_admissions = 0  # a row admitted alone although it needs more than the whole budget
+        self.reset_limit()
+
+    @property
+    def prefix_bytes(self) -> int:
+        return self.prefix.bytes if self.prefix is not None else 0
+
+    @property
+    def used(self) -> int:
+        return self.slots + self.transient + self.prefix_bytes
+
+    def reset_limit(self) -> None:
+        """Give the prefix cache whatever the slots and the prefill leave (evicting if that shrank)."""
+        if self.prefix is not None:
+            self.prefix.limit(min(self.prefix_cap, self.total - self.slots - self.transient))
+        self.note()
+
+    def note(self) -> None:
+        self.peak = max(self.peak, self.used)
+
+
+def _round_up(x: int, step: int) -> int:
+    return -(-x // step) * step
+
+
+class SlotKVCache:
+    """KV buffers of a running batch: ``keys[layer]`` is ``[rows_cap, kv_heads, cols_cap, head_dim]``.
+
+    Live row ``i`` owns slot ``i``; its ``lens[i]`` tokens fill columns ``[0, lens[i])``, so column = position
+    and no row is ever shifted. Columns past a row's length hold stale (finite) values and are masked out.
+    Buffers grow (rarely: rows rounded up to 8, columns to 64) one layer at a time, so growing never holds
+    two whole copies at once; they are zero-initialised because a masked NaN would still poison attention.
+    """
+
+    ROW_STEP = 8
+    COL_STEP = 64
+
+    def __init__(self, spec: KVSpec, budget: KVBudget, max_rows: int) -> None:
+        self.spec = spec
+        self.budget = budget
+        self.max_rows = max_rows
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.rows_cap = 0
+        self.cols_cap = 0
+        self.lens: list[int] = []
+        self.grows = 0  # buffer reallocations (each copies the live rows once)
+        self.moves = 0  # rows moved into a freed slot
+
+    @property
+    def rows(self) -> int:
+        return len(self.lens)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows_cap * self.cols_cap * self.spec.token_bytes
+
+    def bytes_after_growth(self, rows: int, cols: int) -> int:
+        """Bytes the buffers would hold (peak while growing included) to fit ``rows`` x ``cols``."""
+        r, c = max(self.rows_cap, rows), max(self.cols_cap, cols)
+        if (r, c) == (self.rows_cap, self.cols_cap):
+            return self.nbytes
+        # growing layer by layer: the new buffers plus one old layer's buffers at the worst moment
+        return r * c * self.spec.token_bytes + self.nbytes // max(1, self.spec.layers)
+
+    def reserve(self, rows: int, cols: int) -> None:
+        """Make room for ``rows`` slots of ``cols`` columns, keeping the live rows' contents."""
+        if rows <= self.rows_cap and cols <= self.cols_cap:
+            return
+        r, c = max(self.rows_cap, rows), max(self.cols_cap, cols)
+        # round up for headroom when the budget allows it, so the next joins rarely reallocate
+        rr, cr = min(max(r, self.max_rows), _round_up(r, self.ROW_STEP)), _round_up(c, self.COL_STEP)
+        room = self.budget.total - self.budget.transient
+        if self.bytes_after_growth(rr, cr) <= room:
+            r, c = rr, cr
+        elif self.bytes_after_growth(r, cr) <= room:
+            c = cr
+        # the prefix cache gives up what the new buffers need
+        self.budget.slots = self.bytes_after_growth(r, c)
+        self.budget.reset_limit()
+        s, live, width = self.spec, self.rows, self.width
+        for layer in range(s.layers):
+            for bufs in (self.keys, self.values):
+                new = torch.zeros((r, s.kv_heads, c, s.head_dim), dtype=s.dtype, device=s.device)
+                if layer < len(bufs):
+                    if live:
+                        new[:live, :, :width] = bufs[layer][:live, :, :width]
+                    bufs[layer] = new
+                else:
+                    bufs.append(new)
+        self.rows_cap, self.cols_cap = r, c
+        self.grows += 1
+        self.budget.slots = self.nbytes
+        self.budget.reset_limit()
+
+    @property
+    def width(self) -> int:
+        """Columns in use: the longest live row."""
+        return max(self.lens, default=0)
+
+    def release(self) -> None:
+        """Free the buffers (the batch is empty)."""
+        self.keys, self.values, self.lens = [], [], []
+        self.rows_cap = self.cols_cap = 0
+        self.budget.slots = 0
+        self.budget.reset_limit()
+
+    def remove(self, keep: list[int]) -> list[int]:
+        """Keep the live rows at indices ``keep`` (ascending). Each freed slot below the new row count is
+        filled by moving one surviving row from the end, so only moved rows are copied.
+
+        Returns ``order``: new slot ``i`` holds the row that was at ``order[i]``.
+        """
+        n = len(keep)
+        staying = set(keep)
+        order = list(range(n))
+        holes = [i for i in range(n) if i not in staying]
+        movers = [i for i in keep if i >= n]
+        for hole, src in zip(holes, movers):
+            order[hole] = src
+        if holes:
+            w = max(self.lens[s] for s in movers)
+            dst = torch.tensor(holes, device=self.spec.device)
+            src_t = torch.tensor(movers, device=self.spec.device)
+            for bufs in (self.keys, self.values):
+                for buf in bufs:
+                    buf[dst, :, :w] = buf[src_t, :, :w]
+            self.moves += len(holes)
+        self.lens = [self.lens[i] for i in order]
+        return order
+
+    def write_index(self, lens: torch.Tensor) -> torch.Tensor:
+        """Flat indices into a buffer viewed as ``[rows_cap * kv_heads * cols_cap, head_dim]`` of each live
+        row's next column, one per (row, head)."""
+        heads = torch.arange(self.spec.kv_heads, device=lens.device)
+        rows = torch.arange(len(lens), device=lens.device)
+        return ((rows[:, None] * self.spec.kv_heads + heads[None, :]) * self.cols_cap + lens[:, None]).flatten()
+
+    def row(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of live row ``i``'s keys and values per layer, ``[kv_heads, lens[i], head_dim]``."""
+        n = self.lens[i]
+        return [k[i, :, :n].clone() for k in self.keys], [v[i, :, :n].clone() for v in self.values]
+
+
+def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
+    """A transformers ``DynamicCache`` whose layers decode into ``slots``: one new token per live row, written
+    at column ``lens[i]``; attention sees columns ``[0, max(lens) + 1)`` (the caller masks each row's own).
+    Before each forward the caller sets ``cache.state["flat"]`` (see :meth:`SlotKVCache.write_index`) and
+    ``cache.state["width"]``."""
+    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    class GrowingLayer(DynamicLayer):
-        _kbuf: torch.Tensor | None = None
-        _vbuf: torch.Tensor | None = None
+    class SlotLayer(DynamicLayer):
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+            self.is_initialized = True
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-                self.lazy_initialization(key_states, value_states)
-                self.keys, self.values = key_states, value_states
-                self._kbuf = self._vbuf = None
-                return self.keys, self.values
-            n, add = self.keys.shape[-2], key_states.shape[-2]
-            buf = self._kbuf
-            # reallocate when full, or when someone replaced the tensors (row selection, merges)
-            if buf is None or n + add > buf.shape[-2] or self.keys.data_ptr() != buf.data_ptr() or buf.shape[0] != self.keys.shape[0]:
-                cap = max(64, 2 * (n + add))
-                shape = (*self.keys.shape[:-2], cap, self.keys.shape[-1])
-                self._kbuf = self.keys.new_empty(shape)
-                self._vbuf = self.values.new_empty(shape)
-                self._kbuf[..., :n, :] = self.keys
-                self._vbuf[..., :n, :] = self.values
-            assert self._kbuf is not None and self._vbuf is not None
-            self._kbuf[..., n : n + add, :] = key_states
-            self._vbuf[..., n : n + add, :] = value_states
-            self.keys = self._kbuf[..., : n + add, :]
-            self.values = self._vbuf[..., : n + add, :]
-            return self.keys, self.values
+            st = cache.state
+            assert key_states.shape[-2] == 1, "the slot cache decodes one token per row"
+            # one (row, head) vector per flat index: index_copy_ is a plain row copy, far cheaper than an
+            # advanced-index assignment on CPU
+            d = key_states.shape[-1]
+            slots.keys[self.index].view(-1, d).index_copy_(0, st["flat"], key_states[:, :, 0].reshape(-1, d))
+            slots.values[self.index].view(-1, d).index_copy_(0, st["flat"], value_states[:, :, 0].reshape(-1, d))
+            n, w = key_states.shape[0], st["width"]
+            return slots.keys[self.index][:n, :, :w], slots.values[self.index][:n, :, :w]
 
-    return GrowingLayer
+        def get_seq_length(self) -> int:
+            return cache.state["width"] - 1
 
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return cache.state["width"] - 1 + query_length, 0
 
-_GROWING: type | None = None
-
-
-def growing_cache(config: object):  # type: ignore[no-untyped-def]
-    """A ``DynamicCache`` whose layers grow in place (see :func:`growing_layer_class`)."""
-    global _GROWING
-    from transformers import DynamicCache
-
-    if _GROWING is None:
-        _GROWING = growing_layer_class()
     cache = DynamicCache(config=config)
-    cache.layers = [_GROWING() for _ in cache.layers]
+    cache.layers = [SlotLayer(i) for i in range(len(cache.layers))]
+    cache.state = {"flat": None, "width": 1}
     return cache
