@@ -22,6 +22,7 @@ from marco.cli import queue as _queue  # noqa: E402,F401
 from marco.cli import data as _data  # noqa: E402,F401
 from marco.cli import synthesize as _synthesize  # noqa: E402,F401
 from marco.cli import pipeline as _pipeline  # noqa: E402,F401
+from marco.cli import compare as _compare  # noqa: E402,F401
 
 
 def main() -> None:
