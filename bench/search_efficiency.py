@@ -5,6 +5,7 @@
     limit this machine allows for that batch.
 (b) Lockstep vs sequential: the same P searches advanced together (one model call per round across
     every tree) against the same searches run one after another.
+(c) Depth per token: mean tree depth reached per 1,000 tokens, with and without rollout reuse.
 
 Last line: ``mcts_vs_raw_throughput: X``.
 Usage: python bench/search_efficiency.py [--problems 16] [--budget 768] [--children 3] [--model smollm2]
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,6 +26,21 @@ from marco.llm.base import GenerationRequest  # noqa: E402
 from marco.search.base import SearchConfig  # noqa: E402
 from marco.search.driver import LockstepDriver  # noqa: E402
 from marco.tasks import default_data_dir, get_task  # noqa: E402
+
+
+def depth_per_token(backend, task, problems, config: SearchConfig) -> float:  # type: ignore[no-untyped-def]
+    """(c) Rollout reuse: mean tree depth reached per 1,000 generated tokens, the same MCTS with and
+    without reuse on the same problems. Prints both and returns with / without."""
+    rates = {}
+    for reuse in (False, True):
+        results = LockstepDriver(backend, task, replace(config, reuse=reuse)).run(problems)
+        depth = sum(r.depth for r in results) / len(results)
+        tokens = sum(r.tokens for r in results) / len(results)
+        rates[reuse] = 1000 * depth / max(tokens, 1)
+        print(f"{'MCTS ' + ('with' if reuse else 'without') + ' rollout reuse':<28}{tokens:>8.0f} tokens/problem"
+              f"  depth {depth:.2f}  depth per 1k tokens {rates[reuse]:.2f}")
+    print(f"depth_per_1k_tokens_reuse_vs_none: {rates[True] / max(rates[False], 1e-9):.2f}")
+    return rates[True] / max(rates[False], 1e-9)
 
 
 def main() -> None:
@@ -91,6 +108,7 @@ def main() -> None:
     print(f"answers: {sum(r.correct or False for r in results)}/{len(results)} correct")
     if seq_s is not None:
         print(f"lockstep_vs_sequential_speedup: {seq_s / mcts_s:.2f}")
+    depth_per_token(backend, task, problems, config)
     print(f"mcts_vs_raw_throughput: {mcts_tps / raw_tps:.3f}")
 
 

@@ -45,6 +45,8 @@ _THOUGHT_END = re.compile(r"</thought>", re.IGNORECASE)
 _OUTPUT_START = re.compile(r"<output>", re.IGNORECASE)
 _OUTPUT_END = re.compile(r"</output>", re.IGNORECASE)
 _PARTIAL_TAG = re.compile(r"</?[A-Za-z]{0,8}$")
+# ChatML-style special tokens (<|im_end|>, <|endoftext|>, ...), whatever the tokenizer
+_SPECIAL_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>")
 
 
 def system_prompt(style: str = "english") -> str:
@@ -83,6 +85,15 @@ def split_thought_output(text: str) -> tuple[str, str | None]:
     closes = list(_THOUGHT_END.finditer(head))
     thought = head[: closes[-1].start()] if closes else head
     return thought.strip(), output
+
+
+def strip_special_tokens(text: str, specials: tuple[str, ...] | list[str] = ()) -> str:
+    """``text`` without tokenizer special tokens: every ``<|...|>`` marker and each of ``specials`` (a
+    tokenizer's ``all_special_tokens``), so an end-of-sequence token never reaches an extracted answer."""
+    for token in specials:
+        if token and token.strip():
+            text = text.replace(token, "")
+    return _SPECIAL_TOKEN.sub("", text)
 
 
 def output_text(text: str) -> str | None:

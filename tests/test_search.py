@@ -31,7 +31,8 @@ def run(config: SearchConfig, probs=None, backend=None, sink=None, continuous=Tr
 
 @pytest.mark.parametrize("strategy", ["greedy", "sc", "bon", "mcts"])
 def test_one_batched_call_per_round_across_all_searches(strategy):
-    config = SearchConfig(strategy=strategy, budget=400, n=3, children=2)
+    # chains of at most 100 tokens: the budget pays for a first wave of all 3
+    config = SearchConfig(strategy=strategy, budget=400, n=3, children=2, max_answer_tokens=100)
     results, driver, backend = run(config, problems(5), continuous=False)
     assert len(backend.calls) == driver.stats.backend_calls
     width = {"greedy": 1, "sc": 3, "bon": 3, "mcts": 2}[strategy]
@@ -183,9 +184,15 @@ def stored_nodes(sink: RecordingSink) -> dict[str, list[Node]]:
     return out
 
 
-@pytest.mark.parametrize("strategy,reflect", [("mcts", False), ("mcts", True), ("sc", True)])
-def test_resume_after_a_crash_equals_an_uninterrupted_run(strategy, reflect):
-    cfg = SearchConfig(strategy=strategy, budget=700, children=3, reflect=reflect, action="ministep:9")
+@pytest.mark.parametrize("strategy,reflect,extra", [
+    ("mcts", False, {}), ("mcts", True, {}), ("mcts", False, {"reuse": False}), ("mcts", True, {"action": "step"}),
+    ("mcts", False, {"normalize": True, "final_value": "path", "select": "vote"}),
+    ("sc", True, {}), ("sc", False, {"max_answer_tokens": 60}), ("bon", False, {"max_answer_tokens": 60}),
+    ("greedy", True, {}),
+])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(strategy, reflect, extra):
+    cfg = SearchConfig(**{"strategy": strategy, "budget": 700, "children": 3, "reflect": reflect,
+                          "action": "ministep:9", **extra})
     probs = problems(3)
     full, _, _ = run(cfg, probs)
     sink = CrashingSink(after_round=2)

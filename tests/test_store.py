@@ -199,7 +199,7 @@ def test_results_are_written_once_searches_end(store: Store) -> None:
     assert progress.accuracy == 0.5
     with store.sessions() as s:
         row = s.get(Search, plan.search_ids[0])
-        assert (row.final_answer, row.correct, row.tokens, row.strategy, row.label) == ("1", True, 50, "greedy", "greedy")
+        assert (row.final_answer, row.correct, row.tokens, row.strategy, row.label) == ("1", True, 50, "greedy", config.label)
 
 
 def test_two_workers_ending_the_last_two_jobs_at_once_close_the_batch(pg_url: str) -> None:

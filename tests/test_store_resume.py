@@ -106,7 +106,8 @@ def _check_resume(store: Store, backend: Backend, problems: list[Problem], confi
 @pytest.mark.parametrize("crash_after", [1, 3])
 def test_resume_equals_uninterrupted_scripted(store: Store, crash_after: int) -> None:
     problems = [Problem("mgsm", "en", i, f"What is 40 + {i}?", ("42",)) for i in range(3)]
-    config = SearchConfig(strategy="mcts", action="ministep:6", budget=600, children=2, max_rounds=12, seed=7,
+    # budget 1000: the search stops when the budget cannot pay for a typical rollout, so it must last > 3 rounds
+    config = SearchConfig(strategy="mcts", action="ministep:6", budget=1000, children=2, max_rounds=12, seed=7,
                           reflect=True)
     _check_resume(store, ScriptedBackend(), problems, config, crash_after, spec="scripted")
 

@@ -67,14 +67,16 @@ def test_report_table_json_and_plot(store: Store, db_url: str, batch, tmp_path: 
     out = _cli("report", batch.batch_id, "--json", db=db_url)
     assert out.exit_code == 0, out.output
     rep = json.loads(out.output)
-    assert rep["langs"] == ["en", "zh"] and [r["label"] for r in rep["rows"]] == ["greedy", "mcts/ministep:6"]
+    labels = sorted(c.label for c in (SearchConfig(strategy="mcts", action="ministep:6", budget=300, children=2, seed=1),
+                                      SearchConfig(strategy="greedy", budget=200)))
+    assert rep["langs"] == ["en", "zh"] and [r["label"] for r in rep["rows"]] == labels
     for r in rep["rows"]:
         searches = store.find_searches(batch.batch_id, strategy=r["label"], limit=None)
         assert r["overall"] == pytest.approx(sum(bool(s.correct) for s in searches) / len(searches))
         assert r["tokens_per_problem"] == pytest.approx(sum(s.tokens for s in searches) / len(searches))
     png = tmp_path / "acc.png"
     text = _cli("report", batch.batch_id, "--plot", str(png), db=db_url)
-    assert text.exit_code == 0 and "mcts/ministep:6" in text.output and "tokens/problem" in text.output
+    assert text.exit_code == 0 and "mcts/ministep:6/k2" in text.output and "tokens/problem" in text.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -108,11 +108,17 @@ def submit(
     action: str = o.Action,
     reflect: bool = o.Reflect,
     budget: int = o.Budget,
-    n: int = o.N,
+    n: str = o.N,
     children: int = typer.Option(3, "--children", help="Children per MCTS expansion."),
     temperature: float = o.Temperature,
     select: str = o.Select,
     seed: int = o.Seed,
+    exploration: float = o.Exploration,
+    top_p: float = o.TopP,
+    reuse: bool = o.Reuse,
+    cut_penalty: float = o.CutPenalty,
+    final_value: str = o.FinalValue,
+    normalize: bool = o.Normalize,
     model: str = o.Model,
     name: str = typer.Option(None, "--name", help="Batch name (default: dataset and id)."),
     priority: int = typer.Option(0, "--priority", help="0-9, higher runs first."),
@@ -129,7 +135,8 @@ def submit(
     from scheduler.submit import SubmitRequest, check_model, load_problems
     from scheduler.submit import submit as do_submit
 
-    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
+    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
+                             top_p, reuse, cut_penalty, final_value, normalize).config()
     langs = [x.strip() for x in lang.split(",") if x.strip()] if lang else None
     try:
         request = SubmitRequest(

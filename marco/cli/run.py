@@ -55,11 +55,17 @@ def run(
     action: str = o.Action,
     reflect: bool = o.Reflect,
     budget: int = o.Budget,
-    n: int = o.N,
+    n: str = o.N,
     children: int = o.Children,
     temperature: float = o.Temperature,
     select: str = o.Select,
     seed: int = o.Seed,
+    exploration: float = o.Exploration,
+    top_p: float = o.TopP,
+    reuse: bool = o.Reuse,
+    cut_penalty: float = o.CutPenalty,
+    final_value: str = o.FinalValue,
+    normalize: bool = o.Normalize,
     model: str = o.Model,
     db: str = DbOption,
     chunk: int = typer.Option(64, "--chunk", help="Problems per job of the stored batch (searched in lockstep)."),
@@ -74,7 +80,8 @@ def run(
     from marco.jobs import BackendCache, execute_job
     from marco.cli.db import load_model
 
-    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
+    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
+                             top_p, reuse, cut_penalty, final_value, normalize).config()
     console = Console()
     try:
         task = get_task(dataset)

@@ -23,11 +23,17 @@ def solve(
     action: str = o.Action,
     reflect: bool = o.Reflect,
     budget: int = o.Budget,
-    n: int = o.N,
+    n: str = o.N,
     children: int = o.Children,
     temperature: float = o.Temperature,
     select: str = o.Select,
     seed: int = o.Seed,
+    exploration: float = o.Exploration,
+    top_p: float = o.TopP,
+    reuse: bool = o.Reuse,
+    cut_penalty: float = o.CutPenalty,
+    final_value: str = o.FinalValue,
+    normalize: bool = o.Normalize,
     model: str = o.Model,
     task_name: str = typer.Option("mgsm", "--task", help="Prompt and answer format: mgsm (a number) or translation."),
     lang: str = typer.Option("en", "--lang", help="Language of the question (sets the answer instruction)."),
@@ -41,7 +47,8 @@ def solve(
     from marco.jobs import BackendCache, execute_job
     from marco.cli.db import load_model
 
-    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed).config()
+    config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
+                             top_p, reuse, cut_penalty, final_value, normalize).config()
     task = get_task(task_name)
     problem = Problem(dataset="solve", lang=lang, index=0, question=question)
     console = Console(stderr=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -10,23 +12,37 @@ from marco.tasks.base import Problem, Score
 
 STRATEGIES = ("greedy", "sc", "bon", "mcts")
 SELECTIONS = ("value", "visits", "vote")
+FINAL_VALUES = ("node", "path")
 REFLECTION = "Wait! Maybe I made some mistakes! I need to rethink from scratch."
+LABEL_MAX = 100  # searches.label is a String(100)
 
 
 @dataclass
 class SearchConfig:
-    """How one problem is searched. Every strategy respects ``budget`` (generated tokens per problem).
+    """How one problem is searched. Every strategy may spend the whole ``budget`` (generated tokens per
+    problem) and reports what it spent.
 
     ``action`` is ``step`` (a reasoning step ends at a blank line inside ``<Thought>``) or
-    ``ministep:N`` (exactly N generated tokens). ``children`` is k, the children per MCTS expansion;
-    ``n`` the samples of self-consistency and best-of-N.
+    ``ministep:N`` (exactly N generated tokens). ``children`` is k, the children per MCTS expansion.
+    ``n`` caps the chains of self-consistency and best-of-N; 0 (``--n auto``) draws chains in waves for as
+    long as the budget pays for another one.
+
+    MCTS settings: ``exploration`` is the UCT constant c; ``normalize`` rescales Q to [0, 1] among siblings
+    before UCT; ``reuse`` lets a child's stored rollout supply the first of its k children when it is
+    expanded (no token generated twice); ``cut_penalty`` is subtracted (floored at 0) from the value of a
+    sample cut by the token limit before it wrote an ``<Output>`` (1.0: such a sample earns nothing; the
+    default 0.5 ranks it below every finished sample, whose values lie in ~0.7-0.95, while cut samples keep
+    their order among themselves);
+    ``final_value`` is what the final pick compares among answers: ``node`` (the value of the sample that
+    produced it) or ``path`` (mean confidence of every generated token from the root to the answer);
+    ``reflect_rollouts`` also reflects when a rollout (not only an action) closes the thought.
     """
 
     strategy: str = "mcts"
     action: str = "ministep:32"
     reflect: bool = False
     budget: int = 2048
-    n: int = 4
+    n: int = 0
     children: int = 3
     max_rounds: int = 64
     max_depth: int = 12
@@ -37,15 +53,30 @@ class SearchConfig:
     max_step_tokens: int = 128
     select: str = "value"
     seed: int = 0
+    reuse: bool = True
+    cut_penalty: float = 0.5
+    final_value: str = "node"
+    normalize: bool = False
+    reflect_rollouts: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.select not in SELECTIONS:
             raise ValueError(f"unknown selection {self.select!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.final_value not in FINAL_VALUES:
+            raise ValueError(f"unknown final value {self.final_value!r}; choose one of {', '.join(FINAL_VALUES)}")
         self.ministep_tokens  # validates action
         if self.budget <= 0:
             raise ValueError("budget must be a positive number of tokens")
+        if self.n < 0:
+            raise ValueError("n must be 0 (auto: as many chains as the budget pays) or a positive cap")
+        if self.children <= 0:
+            raise ValueError("children (k) must be at least 1")
+        if self.exploration < 0:
+            raise ValueError("exploration (the UCT constant c) must be >= 0")
+        if self.cut_penalty < 0:
+            raise ValueError("cut_penalty must be >= 0")
 
     @property
     def ministep_tokens(self) -> int | None:
@@ -59,11 +90,36 @@ class SearchConfig:
 
     @property
     def label(self) -> str:
-        """Short name for tables, e.g. ``mcts/ministep:32+reflect``."""
-        base = self.strategy if self.strategy != "mcts" else f"mcts/{self.action}"
-        if self.strategy in ("sc", "bon"):
-            base = f"{self.strategy}@{self.n}"
-        return base + ("+reflect" if self.reflect else "")
+        """The search's identity in the store and its row name in tables: every setting that changes the
+        result, e.g. ``mcts/ministep:32/k3/c0.5/b1024/t0.7/p0.95/value`` or ``sc@auto/b1024/t0.7/p0.95``.
+        Settings at their defaults that only some searches change are left out (``+reflect``,
+        ``/noreuse``, ``/s3`` ...); a label longer than the store's column ends in a hash of the config."""
+        if self.strategy == "greedy":
+            parts = ["greedy", f"b{self.budget}"]
+        elif self.strategy in ("sc", "bon"):
+            parts = [f"{self.strategy}@{self.n or 'auto'}", f"b{self.budget}", f"t{self.temperature:g}",
+                     f"p{self.top_p:g}"]
+        else:
+            parts = [f"mcts/{self.action}", f"k{self.children}", f"c{self.exploration:g}", f"b{self.budget}",
+                     f"t{self.temperature:g}", f"p{self.top_p:g}", self.select]
+        defaults = SearchConfig.__dataclass_fields__
+        extras = {
+            "noreuse": self.strategy == "mcts" and not self.reuse,
+            "norm": self.strategy == "mcts" and self.normalize,
+            f"cut{self.cut_penalty:g}": self.strategy == "mcts" and self.cut_penalty != defaults["cut_penalty"].default,
+            f"final-{self.final_value}": self.strategy == "mcts" and self.final_value != "node",
+            "norollrefl": self.strategy == "mcts" and self.reflect and not self.reflect_rollouts,
+            f"ans{self.max_answer_tokens}": self.max_answer_tokens != defaults["max_answer_tokens"].default,
+            f"stepmax{self.max_step_tokens}": self.action == "step" and self.max_step_tokens != defaults["max_step_tokens"].default,
+            f"rounds{self.max_rounds}": self.strategy == "mcts" and self.max_rounds != defaults["max_rounds"].default,
+            f"depth{self.max_depth}": self.strategy == "mcts" and self.max_depth != defaults["max_depth"].default,
+            f"s{self.seed}": self.seed != 0,
+        }
+        label = "/".join(parts + [k for k, on in extras.items() if on]) + ("+reflect" if self.reflect else "")
+        if len(label) > LABEL_MAX:
+            digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+            label = label[: LABEL_MAX - 9] + "~" + digest
+        return label
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,3 +151,13 @@ class SearchResult:
     @property
     def correct(self) -> bool | None:
         return None if self.score is None else self.score.correct
+
+    @property
+    def reflections(self) -> int:
+        """Reflection nodes in the tree (how often the search appended the reflection sentence)."""
+        return sum(1 for n in self.tree if n.kind == "reflection")
+
+    @property
+    def depth(self) -> int:
+        """Deepest non-rollout node of the tree (0: only the root)."""
+        return max((n.depth for n in self.tree if n.kind != "rollout"), default=0)

@@ -2,32 +2,51 @@
 
 One round of one search:
 
-1. **Select** a leaf from the root by UCT, ``Q + c * sqrt(ln N_parent / n)`` (unvisited children first).
+1. **Select** a leaf from the root by UCT, ``Q + c * sqrt(ln N_parent / n)`` (unvisited children first;
+   with ``normalize``, Q is rescaled to [0, 1] among the siblings first).
 2. **Expand and roll out** in one generation call: k samples continue the leaf to a final answer. Each
    sample is cut into the child's action (a step or a mini-step of N tokens) and the rest of the sample,
-   the rollout. Sampling the action and then its continuation from the same model is the same
-   distribution as sampling the whole continuation at once, so no tokens are generated twice.
-3. **Evaluate**: the child's value is the mean token confidence ``v = mean_i c_i`` over every token of
-   that sample (action and rollout).
-4. **Back-propagate** ``v`` to the child and all its ancestors.
+   the rollout, stored under the child. Sampling the action and then its continuation from the same
+   model is the same distribution as sampling the whole continuation at once.
+3. **Rollout reuse** (``reuse``): a leaf's stored rollout is already a sample from that leaf, so when the
+   leaf is expanded the rollout supplies the first of its k children (its first action, and the rest as
+   that child's rollout) with no generation; only k - 1 samples are requested. Those nodes carry the
+   finish reason ``reused`` and are not counted again: no token is generated twice, and the tree grows
+   deeper for the same tokens. The reused child inherits the simulation that ran through it (1 visit,
+   that simulation's value), which its ancestors have counted already.
+4. **Evaluate**: a sample's value is the mean token confidence ``v = mean_i c_i`` over every token of the
+   sample; a sample cut by the token limit before it wrote an ``<Output>`` gets ``max(0, v - cut_penalty)``.
+5. **Back-propagate** ``v`` to the child and all its ancestors.
 
-With reflection, a child whose action closes the thought is cut before ``</Thought>`` and gets the
-reflection sentence as its own node, from which later rounds continue.
-The final answer follows the best path by value (or visits), or is a confidence-weighted vote.
+Stopping: a typical sample is the mean length of the samples so far; the search stops expanding when the
+budget left cannot pay for the samples an expansion needs (k, or k - 1 with reuse) of that length (the
+first expansion takes what the budget allows). Rollouts are never shrunk below that.
+
+With reflection, a sample that closes the thought is cut before ``</Thought>`` and the reflection sentence
+becomes a node of its own, from which later rounds continue, once per path: when the action closes the
+thought, under the child; when the rollout does (``reflect_rollouts``), the rollout's part inside the
+thought becomes a ``step`` node under the child, with the reflection under it.
+
+The final answer prefers finished nodes (ended by the model, with an answer) over ones cut by a length
+limit. ``select``: ``value`` (or ``visits``) follows the best child from the root, among children with
+such answers below them, then takes the best answer below; ``vote`` is a value-weighted majority of the
+answers. The value of an answer in the final pick is ``final_value``: its sample's value (``node``) or the
+mean confidence of every generated token from the root to it (``path``).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Callable, Sequence
 
 from marco.llm.base import Generation, GenerationRequest
+from marco.prompts import output_text, thought_closed
 from marco.search.actions import THOUGHT_END, action_length, last_prefix_before
 from marco.search.linear import majority
-from marco.search.state import SearchState, mean_value
+from marco.search.state import REUSED, SearchState, mean_value, prefer_finished
 from marco.search.tree import Node
 
-MIN_ROLLOUT_TOKENS = 8
 MAX_RESELECT = 8
 
 
@@ -43,11 +62,20 @@ class MCTSSearch(SearchState):
     def expandable(self, node: Node) -> bool:
         return not node.terminal and node.depth < self.config.max_depth
 
-    def uct(self, parent: Node, child: Node) -> float:
+    # ------------------------------------------------------------------ selection
+    def uct(self, parent: Node, child: Node, q: float | None = None) -> float:
         if child.visits == 0:
             return math.inf
         explore = self.config.exploration * math.sqrt(math.log(max(parent.visits, 1)) / child.visits)
-        return child.q + explore
+        return (child.q if q is None else q) + explore
+
+    def sibling_q(self, kids: Sequence[Node]) -> dict[str, float]:
+        """Q of each visited child, rescaled to [0, 1] among its siblings when ``normalize`` is on."""
+        qs = {k.id: k.q for k in kids if k.visits > 0}
+        if not self.config.normalize or not qs:
+            return qs
+        lo, hi = min(qs.values()), max(qs.values())
+        return {i: (q - lo) / (hi - lo) if hi > lo else 0.5 for i, q in qs.items()}
 
     def select(self) -> Node:
         node = self.tree.root
@@ -55,23 +83,55 @@ class MCTSSearch(SearchState):
             kids = self.children(node)
             if not kids:
                 return node
-            node = max(kids, key=lambda c: (self.uct(node, c), -c.index))
+            qs = self.sibling_q(kids)
+            parent = node
+            node = max(kids, key=lambda c: (self.uct(parent, c, qs.get(c.id)), -c.index))
 
-    def max_new(self) -> int:
-        return min(self.config.max_answer_tokens, self.budget_left // self.config.children)
+    # ------------------------------------------------------------------ budget
+    def stored_rollout(self, leaf: Node) -> Node | None:
+        """The rollout a leaf's expansion can reuse (none once the leaf has children of its own)."""
+        if not self.config.reuse or self.children(leaf):
+            return None
+        return next((c for c in leaf.children if c.kind == "rollout" and c.token_ids), None)
+
+    def samples(self) -> int:
+        """Samples generated so far: fresh action nodes (made in a later round than their parent)."""
+        return sum(
+            1 for n in self.tree
+            if n.kind in ("step", "ministep") and n.finish_reason != REUSED
+            and self.tree.nodes[n.parent_id].round < n.round  # type: ignore[index]
+        )
+
+    def typical_sample(self) -> float | None:
+        """Mean length of the samples so far (None before the first expansion)."""
+        count = self.samples()
+        return self.tokens_spent / count if count else None
 
     def plan(self) -> list[GenerationRequest]:
         self.pending = None
-        if self.round >= self.config.max_rounds or self.max_new() < MIN_ROLLOUT_TOKENS:
-            self.done = True
-            return []
+        c = self.config
         for _ in range(MAX_RESELECT):
+            if self.round >= c.max_rounds:
+                self.done = True
+                return []
             leaf = self.select()
-            if self.expandable(leaf):
-                self.pending, self.idle_plans = leaf, 0
-                return [self.request(leaf, self.config.children, self.max_new())]
-            # a finished (or too deep) leaf: re-score it, which makes UCT look elsewhere next time
-            self.backprop(leaf, leaf.value if leaf.value is not None else 0.0)
+            if not self.expandable(leaf):
+                # a finished (or too deep) leaf: re-score it, which makes UCT look elsewhere next time
+                self.backprop(leaf, leaf.value if leaf.value is not None else 0.0)
+                continue
+            need = c.children - (1 if self.stored_rollout(leaf) is not None else 0)
+            if need == 0:  # k = 1 with reuse: the stored rollout is the whole expansion
+                self.round += 1
+                self._reuse(leaf)
+                continue
+            typical = self.typical_sample()
+            left = self.budget_left
+            max_new = min(c.max_answer_tokens, left // need)
+            if max_new < 1 or (typical is not None and left < need * typical):
+                self.done = True
+                return []
+            self.pending, self.idle_plans = leaf, 0
+            return [self.request(leaf, need, max_new)]
         self.idle_plans += 1
         self.done = self.idle_plans >= 4 or not any(self.expandable(n) for n in self.tree if n.kind != "rollout")
         return []
@@ -81,70 +141,146 @@ class MCTSSearch(SearchState):
         if leaf is None:
             return
         self.round += 1
+        if self.stored_rollout(leaf) is not None:
+            self._reuse(leaf)
         for gen in generations[0]:
             self._expand(leaf, gen)
         self.pending = None
 
+    # ------------------------------------------------------------------ expansion
+    def sample_value(self, leaf: Node, ids: Sequence[int], conf: Sequence[float], finish: str | None) -> float:
+        """Mean confidence of a sample; a sample cut by the token limit before any ``<Output>`` is penalised."""
+        value = mean_value(conf) or 0.0
+        if finish == "length" and output_text(self.text_of(leaf, ids)) is None:
+            value = max(0.0, value - self.config.cut_penalty)
+        return value
+
+    def _split(self, leaf: Node, ids: Sequence[int]) -> tuple[int, int | None]:
+        """(action length, where the thought closes in the sample when a reflection should go there)."""
+        c = self.config
+        path = self.tree.path_ids(leaf)
+        k = action_length(self.backend.decode, ids, c.ministep_tokens, c.max_step_tokens, path,
+                          thought_open=not thought_closed(self.backend.decode(path)))
+        if not c.reflect or self.has_reflection(leaf):
+            return k, None
+        close = last_prefix_before(self.backend.decode, ids, THOUGHT_END)
+        if close is None or close == 0:
+            return k, None
+        return k, close
+
     def _expand(self, leaf: Node, gen: Generation) -> None:
+        """A new sample from ``leaf``: its action becomes a child, the rest that child's rollout."""
         if not gen.token_ids:
             return
         c = self.config
-        conf = self.confidences(gen)
-        value = mean_value(conf) or 0.0
-        ids = gen.token_ids
-        k = action_length(self.backend.decode, ids, c.ministep_tokens, c.max_step_tokens)
-        reflect_here = False
-        if c.reflect and not self.has_reflection(leaf):
-            cut = last_prefix_before(self.backend.decode, ids[:k], THOUGHT_END)
-            if cut is not None and cut > 0:
-                k, reflect_here = cut, True
-        kind = "ministep" if c.ministep_tokens is not None else "step"
-        ended = k == len(ids) and gen.finish_reason == "stop"
-        child = self.add_node(leaf, kind, ids[:k], conf[:k], value=value, terminal=ended,
-                              finish_reason=gen.finish_reason if k == len(ids) else None)
-        if ended:
-            child.answer = self.extract(self.text_of(child))
+        ids, conf = gen.token_ids, self.confidences(gen)
+        value = self.sample_value(leaf, ids, conf, gen.finish_reason)
+        k, close = self._split(leaf, ids)
+        in_action = close is not None and close <= k
+        if in_action:
+            k = close  # type: ignore[assignment]
+        child = self._action_node(leaf, ids, conf, k, value, gen.finish_reason, copy=False)
+        end = child
         if k < len(ids):
-            rollout = self.add_node(child, "rollout", ids[k:], conf[k:], value=value,
-                                    terminal=gen.finish_reason == "stop", finish_reason=gen.finish_reason)
-            rollout.answer = self.extract(self.text_of(rollout))
-        if reflect_here:
+            if close is not None and not in_action and c.reflect_rollouts:
+                # the rollout closes the thought: its part inside the thought becomes a step with the
+                # reflection under it; the model's own closing stays as that step's rollout
+                end = self.add_node(child, "step", ids[k:close], conf[k:close], value=value)
+                self._rollout(end, ids[close:], conf[close:], value, gen.finish_reason)
+                self.add_reflection(end)
+            else:
+                self._rollout(child, ids[k:], conf[k:], value, gen.finish_reason)
+        if in_action:
             self.add_reflection(child)
-        self.backprop(child, value)
+        self.backprop(end, value)
+
+    def _reuse(self, leaf: Node) -> None:
+        """The first child of ``leaf`` from its stored rollout, with no generation. It inherits the
+        simulation that ran through it (one visit, its value), which the ancestors counted already."""
+        rollout = self.stored_rollout(leaf)
+        assert rollout is not None
+        ids, conf = rollout.token_ids, rollout.confidences
+        value = rollout.value if rollout.value is not None else 0.0
+        k, close = self._split(leaf, ids)
+        in_action = close is not None and close <= k
+        if in_action:
+            k = close  # type: ignore[assignment]
+        child = self._action_node(leaf, ids, conf, k, value, rollout.finish_reason, copy=True,
+                                  ended=rollout.terminal)
+        if k < len(ids):
+            self._rollout(child, ids[k:], conf[k:], value, rollout.finish_reason, terminal=rollout.terminal)
+        if in_action:
+            self.add_reflection(child)
+        child.visits, child.value_sum = 1, value
+        self.touched[child.id] = child
+
+    def _action_node(
+        self, leaf: Node, ids: Sequence[int], conf: Sequence[float], k: int, value: float, finish: str | None,
+        copy: bool, ended: bool | None = None,
+    ) -> Node:
+        kind = "ministep" if self.config.ministep_tokens is not None else "step"
+        whole = k == len(ids)
+        done = whole and (finish == "stop" if ended is None else ended)
+        reason = REUSED if copy else (finish if whole else None)
+        child = self.add_node(leaf, kind, ids[:k], conf[:k], value=value, terminal=done, finish_reason=reason)
+        if done:
+            child.answer = self.extract(self.text_of(child))
+        return child
+
+    def _rollout(
+        self, parent: Node, ids: Sequence[int], conf: Sequence[float], value: float, finish: str | None,
+        terminal: bool | None = None,
+    ) -> Node:
+        node = self.add_node(parent, "rollout", ids, conf, value=value,
+                             terminal=finish == "stop" if terminal is None else terminal, finish_reason=finish)
+        node.answer = self.extract(self.text_of(node))
+        return node
 
     # ------------------------------------------------------------------ final answer
-    def answer_nodes(self) -> list[Node]:
-        """Nodes holding an answer: finished ones when there are any, else truncated rollouts."""
-        nodes = [n for n in self.tree if n.answer is not None and (n.terminal or n.kind == "rollout")]
-        finished = [n for n in nodes if n.terminal]
-        return finished or nodes
+    def answer_nodes(self, copies: bool = False) -> list[Node]:
+        """Nodes holding an answer (finished ones first, see :func:`prefer_finished`). Without ``copies``
+        each sample counts once (a reused rollout's copies are left out), as a vote needs."""
+        nodes = [n for n in self.tree if n.answer is not None and (n.terminal or n.kind == "rollout")
+                 and (copies or not self.is_copy(n))]
+        return prefer_finished(nodes) if nodes else []
+
+    def final_value(self, node: Node) -> float:
+        """What the final pick compares: the node's value, or the mean confidence of its whole path."""
+        if self.config.final_value == "path":
+            conf = [c for n in self.tree.path(node) for c in n.confidences]
+            return mean_value(conf) or 0.0
+        return node.value or 0.0
 
     def choose(self) -> Node | None:
         if self.config.select == "vote":
-            return weighted_vote(self.answer_nodes())
+            return weighted_vote(self.answer_nodes(), self.final_value)
+        pool = self.answer_nodes(copies=True)
+        paths = {n.id: {p.id for p in self.tree.path(n)} for n in pool}
+        reach = set().union(*paths.values()) if paths else set()
         key = (lambda n: (n.q, n.visits)) if self.config.select == "value" else (lambda n: (n.visits, n.q))
         node = self.tree.root
         while True:
-            kids = [k for k in self.children(node) if k.visits > 0]
+            kids = [k for k in self.children(node) if k.visits > 0 and k.id in reach]
             if not kids:
                 break
             node = max(kids, key=key)
-        if node.answer is not None:
+        if node.id in paths:
             return node
-        # an unfinished leaf: its best-valued simulation below it gives the answer
-        below = [n for n in self.answer_nodes() if node.id in {p.id for p in self.tree.path(n)}]
+        # an unfinished node: the best answer below it
+        below = [n for n in pool if node.id in paths[n.id]]
         if below:
-            return max(below, key=lambda n: n.value or 0.0)
-        return weighted_vote(self.answer_nodes())
+            return max(below, key=self.final_value)
+        return weighted_vote(self.answer_nodes(), self.final_value)
 
 
-def weighted_vote(nodes: list[Node]) -> Node | None:
-    """The best node of the answer with the largest summed value."""
+def weighted_vote(nodes: list[Node], value: Callable[[Node], float] | None = None) -> Node | None:
+    """The best node of the answer with the largest summed value (``value``: the node's own by default)."""
+    value = value or (lambda n: n.value or 0.0)
     groups: dict[str, list[Node]] = defaultdict(list)
     for n in nodes:
         if n.answer is not None:
             groups[n.answer].append(n)
     if not groups:
         return majority(nodes)
-    best = max(groups.values(), key=lambda g: sum(n.value or 0.0 for n in g))
-    return max(best, key=lambda n: n.value or 0.0)
+    best = max(groups.values(), key=lambda g: sum(value(n) for n in g))
+    return max(best, key=value)

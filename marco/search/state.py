@@ -14,13 +14,16 @@ from typing import Sequence
 
 from marco.confidence import rollout_value, token_confidences
 from marco.llm.base import Backend, Generation, GenerationRequest
-from marco.prompts import ASSISTANT_PREFIX
+from marco.prompts import ASSISTANT_PREFIX, OUTPUT_END, strip_special_tokens
 from marco.search.base import REFLECTION, SearchConfig, SearchResult
 from marco.search.tree import Node, NodeKind, Tree, make_id
 from marco.tasks.base import Problem, Task
 
 ANSWER_BEARING = ("answer", "rollout", "step", "ministep")
 REFLECTION_TEXT = "\n" + REFLECTION + "\n"
+# finish_reason of an action node made from a stored rollout (rollout reuse): its tokens, and those of the
+# rollout under it, were generated once already and are not counted again
+REUSED = "reused"
 
 
 def derive_seed(*parts: object) -> int:
@@ -46,6 +49,8 @@ class SearchState:
         self.backend = backend
         self.config = config
         self.prompt_ids = backend.apply_chat_template(task.messages(problem), ASSISTANT_PREFIX)
+        tokenizer = getattr(backend, "tokenizer", None)
+        self.special_tokens: tuple[str, ...] = tuple(getattr(tokenizer, "all_special_tokens", None) or ())
         self.tree = Tree(search_id)
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
@@ -84,9 +89,17 @@ class SearchState:
         return new, touched
 
     # ------------------------------------------------------------------ helpers
+    def is_copy(self, node: Node) -> bool:
+        """True for nodes whose tokens were generated once already (made from a reused rollout)."""
+        if node.finish_reason == REUSED:
+            return True
+        return node.kind == "rollout" and node.parent_id is not None and \
+            self.tree.nodes[node.parent_id].finish_reason == REUSED
+
     @property
     def tokens_spent(self) -> int:
-        return sum(n.num_tokens for n in self.tree if n.kind not in ("root", "reflection"))
+        """Generated tokens: every node's own tokens, except the inserted reflection sentences and copies."""
+        return sum(n.num_tokens for n in self.tree if n.kind not in ("root", "reflection") and not self.is_copy(n))
 
     @property
     def budget_left(self) -> int:
@@ -117,9 +130,11 @@ class SearchState:
         return any(n.kind == "reflection" for n in self.tree.path(node))
 
     def request(self, node: Node, n: int, max_new: int, greedy: bool = False, stop: tuple[str, ...] = ()) -> GenerationRequest:
+        """``n`` samples continuing ``node``. Every request stops at ``</Output>`` (the answer is complete
+        there; the stop string is kept), besides any ``stop`` of the caller."""
         c = self.config
         return GenerationRequest(
-            prompt_ids=self.prefix_ids(node), max_new_tokens=max(1, max_new), stop=stop,
+            prompt_ids=self.prefix_ids(node), max_new_tokens=max(1, max_new), stop=tuple(stop) + (OUTPUT_END,),
             temperature=0.0 if greedy else c.temperature, top_p=1.0 if greedy else c.top_p, n=n,
             seed=derive_seed(c.seed, node.id, len(node.children)),
         )
@@ -129,7 +144,8 @@ class SearchState:
         return token_confidences(gen.logprobs, gen.top_logprobs)
 
     def extract(self, text: str) -> str | None:
-        return self.task.extract(text, self.problem)
+        """The task's answer in ``text``, read with the tokenizer's special tokens (``<|im_end|>`` ...) removed."""
+        return self.task.extract(strip_special_tokens(text, self.special_tokens), self.problem)
 
     def backprop(self, node: Node, value: float) -> None:
         for n in self.tree.path(node):
@@ -156,3 +172,18 @@ class SearchState:
 
 def mean_value(confidences: Sequence[float]) -> float | None:
     return rollout_value(confidences)
+
+
+def finished(node: Node) -> bool:
+    """Ended by the model (a stop string or end-of-sequence), not cut by a length limit, with an answer."""
+    return node.terminal and node.answer is not None
+
+
+def prefer_finished(nodes: Sequence[Node]) -> list[Node]:
+    """The one final-answer rule of every strategy: finished nodes when there are any, else the nodes with
+    an answer (cut by a length limit), else all of them."""
+    done = [n for n in nodes if finished(n)]
+    if done:
+        return done
+    answered = [n for n in nodes if n.answer is not None]
+    return answered or list(nodes)
