@@ -248,3 +248,33 @@ def test_arith_is_deterministic_and_its_splits_do_not_overlap() -> None:
     assert tune.extract("so <Output>13</Output>", a[0]) == "13"
     with pytest.raises(ValueError, match="English only"):
         tune.load(None, ["zh"], 3)
+
+
+@pytest.mark.slow
+def test_compare_on_the_real_model(smollm2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny real compare: SmolLM2, 2 arith problems, greedy / sc / MCTS at one small budget."""
+    import marco.cli.db
+
+    monkeypatch.setattr(marco.cli.db, "load_model", lambda spec, store: smollm2)
+    db = tmp_path / "real.db"
+    result = runner.invoke(app, [
+        "compare", "--dataset", "arith", "--limit", "2", "--strategies", "greedy,sc,mcts:ministep:16",
+        "--budgets", "96", "--db", f"sqlite:///{db}", "--plot", str(tmp_path / "real.png"),
+    ], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = stored(db)
+    assert len(rows) == 2 * 3 and all(r["status"] == "done" for r in rows)
+    assert all(0 < r["tokens"] <= 96 for r in rows)  # every strategy spends, none beyond its budget
+    from marco.compare.table import build_comparison
+    from marco.store import Store
+
+    store = Store.open(f"sqlite:///{db}")
+    comp = build_comparison(store, store.batches(1)[0].id)
+    assert [(r.strategy, r.budget, r.problems) for r in comp.rows] == [
+        ("greedy", 96, 2), ("sc", 96, 2), ("mcts:ministep:16", 96, 2)]
+    for row in comp.rows:
+        assert row.tokens_per_problem == pytest.approx(
+            sum(r["tokens"] for r in rows if r["config"]["strategy"] == row.strategy.split(":")[0]) / 2)
+        assert row.wall_s > 0
+    assert len(comp.paired) == 2 and (tmp_path / "real.png").exists()
+    assert "paired against greedy" in result.output
