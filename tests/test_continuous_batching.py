@@ -7,7 +7,7 @@ merge) and a request whose prompt extends a finished row (prefix-cache hit: the
 5 top token ids and log-probabilities as ``model(input_ids)`` on that row's own tokens, with no cache and
 no padding.
 
-Tolerance: |Δ log-probability| <= 1e-3 (float32 on CPU; padding, cache merges and a different batch shape
+Tolerance: |Δ log-probability| <= 2e-4 (measured max 2e-5; float32 on CPU; padding, cache merges and a different batch shape
 change the summation order, not the maths). A top-5 id may differ from the reference only where the two
 tokens are tied within that tolerance in the reference.
 """
@@ -22,7 +22,7 @@ from marco.llm.base import Generation, GenerationRequest
 
 pytestmark = pytest.mark.slow
 
-ATOL = 1e-3
+ATOL = 2e-4
 
 QUESTIONS = [
     "Hi?",
