@@ -42,7 +42,7 @@ def test_specs_parse_into_configs() -> None:
     [
         ("beam", "unknown strategy 'beam'"),
         ("mcts:ministep:x", "unknown action"),
-        ("sc:0", "positive number of samples"),
+        ("sc:0", "positive cap on the chains"),
         ("greedy:3", "greedy takes no argument"),
         ("sc+reflect", "+reflect is an MCTS action"),
         ("mcts/k", "/KEY=VALUE"),

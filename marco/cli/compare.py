@@ -46,8 +46,9 @@ def compare(
     limit: int = typer.Option(None, "--limit", help="Problems per language."),
     strategies: str = typer.Option(
         "greedy,sc,bon,mcts:ministep:32", "--strategies", "-s",
-        help="Comma-separated specs, each NAME or NAME:ARG, optionally +reflect and /KEY=VALUE settings: greedy, sc, bon (sc:8 = 8 samples), "
-        "mcts:ministep:32, mcts:step, mcts:step+reflect; /KEY=VALUE sets any other search setting, "
+        help="Comma-separated specs, each NAME or NAME:ARG, optionally +reflect and /KEY=VALUE settings: "
+        "greedy, sc, bon (sc:8 = at most 8 chains; default: as many as the budget pays), mcts:ministep:32, "
+        "mcts:step, mcts:step+reflect; /KEY=VALUE sets any other search setting, "
         "e.g. mcts:ministep:32/k=4/c=0.5 (k children, c exploration, t temperature).",
     ),
     budgets: str = typer.Option("256,512,1024", "--budgets", "-b",

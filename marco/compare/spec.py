@@ -2,7 +2,8 @@
 
 A spec is ``NAME[:ACTION][+reflect][/KEY=VALUE...]``:
 
-- ``greedy``, ``sc``, ``bon`` (``sc:8`` / ``bon:8``: N samples; the search's own default otherwise),
+- ``greedy``, ``sc``, ``bon`` (``sc:8`` / ``bon:8``: at most 8 chains; otherwise the search's default, as many
+  as the budget pays),
 - ``mcts:ministep:32``, ``mcts:step`` (``mcts`` alone: ministep:32),
 - ``+reflect`` adds the reflection action (MCTS),
 - ``/KEY=VALUE`` sets any other :class:`~marco.search.base.SearchConfig` field, e.g.
@@ -95,7 +96,7 @@ def parse_strategy(text: str) -> StrategySpec:
         values["action"] = rest or "ministep:32"
     elif strategy in ("sc", "bon") and rest:
         if not rest.isdigit() or int(rest) <= 0:
-            raise SpecError(f"{text!r}: write {strategy}:N with N a positive number of samples")
+            raise SpecError(f"{text!r}: write {strategy}:N with N a positive cap on the chains")
         values["n"] = int(rest)
     elif rest:
         raise SpecError(f"{text!r}: greedy takes no argument")
