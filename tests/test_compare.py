@@ -215,8 +215,10 @@ def test_compare_end_to_end_table_matches_the_stored_searches(tmp_path: Path, mo
     again = json.loads(rep.output)
     assert [(r["strategy"], r["budget"], r["accuracy"]) for r in again["rows"]] == [
         (r.strategy, r.budget, r.accuracy) for r in comp.rows]
-    text = runner.invoke(app, ["report", comp.batch_id, "--db", f"sqlite:///{db}", "--baseline", "sc"], env={"COLUMNS": "200"})
+    text = runner.invoke(app, ["report", comp.batch_id, "--db", f"sqlite:///{db}", "--baseline", "sc",
+                                "--markdown", str(tmp_path / "again.md")], env={"COLUMNS": "200"})
     assert text.exit_code == 0 and "paired against sc" in text.output
+    assert "| vs sc@ |" in (tmp_path / "again.md").read_text()
 
 
 def test_compare_errors_before_loading_anything(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ def report(
     plot: Path = typer.Option(None, "--plot", help="Also write accuracy vs tokens spent to this PNG."),
     baseline: str = typer.Option(None, "--baseline", help="`marco compare` batches: pair every strategy against "
                                  "this one (default: the batch's, usually greedy)."),
+    markdown: Path = typer.Option(None, "--markdown", help="`marco compare` batches: also write the tables as "
+                                  "markdown to this file."),
     db: str = DbOption,
 ) -> None:
     """Rows: strategy/action; columns: languages; plus tokens and seconds per problem.
@@ -30,7 +32,7 @@ def report(
     from marco.report.tables import batch_report, format_metric
 
     store = open_store(db)
-    if _show_comparison(store, batch, as_json, plot, baseline):
+    if _show_comparison(store, batch, as_json, plot, baseline, markdown):
         return
     try:
         rep = batch_report(store, store.resolve_batch(batch))
@@ -66,7 +68,8 @@ def report(
         typer.echo(f"wrote {plot}")
 
 
-def _show_comparison(store, batch: str, as_json: bool, plot: Path | None, baseline: str | None) -> bool:  # type: ignore[no-untyped-def]
+def _show_comparison(store, batch: str, as_json: bool, plot: Path | None, baseline: str | None,  # type: ignore[no-untyped-def]
+                     markdown: Path | None = None) -> bool:
     """Print a `marco compare` batch as its comparison; False for any other batch."""
     from marco.cli.compare import print_comparison
     from marco.compare.table import build_comparison, is_comparison
@@ -78,6 +81,10 @@ def _show_comparison(store, batch: str, as_json: bool, plot: Path | None, baseli
         comp = build_comparison(store, batch_id, baseline)
     except StoreError as exc:
         fail(str(exc))
+    if markdown is not None:
+        from marco.compare.render import markdown as to_markdown
+
+        markdown.write_text(to_markdown(comp), encoding="utf-8")
     if as_json:
         typer.echo(json.dumps(comp.to_dict(), ensure_ascii=False, indent=2))
         if plot is not None:
