@@ -25,8 +25,12 @@ def print_comparison(comp: Any, console: Console, plot: Path | None = None) -> N
     console.print(accuracy_table(comp))
     if comp.paired:
         console.print(paired_table(comp))
+    elif any(r.strategy == comp.baseline for r in comp.rows):
+        console.print(f"(no paired test yet: no strategy besides {comp.baseline} has finished searches)")
     else:
-        console.print(f"(no paired test: the batch has no {comp.baseline} runs)")
+        console.print(f"(no paired test: the batch has no finished {comp.baseline} searches; try --baseline)")
+    if comp.status in ("queued", "running"):
+        console.print(f"(batch {comp.status}: partial results, from the searches finished so far)")
     if plot is not None:
         from marco.compare.plot import plot_comparison
 
