@@ -5,7 +5,11 @@ Q (mean token confidence) lives in a narrow band (~0.7-0.95), so a large c makes
 breadth-first: the tree stays shallow. This prints, per setting, accuracy, tokens spent, the mean depth
 the tree reached and the depth of the chosen answer, so the default c can be picked from numbers.
 
-Usage: python bench/uct_sweep.py [--problems 16] [--budget 512] [--cs 0.1,0.25,0.5,1,2] [--model smollm2]
+``--model band`` runs a scripted model of that regime instead (fast, many problems): chains of 4 steps,
+each step right with probability 0.6 (one wrong step makes the answer wrong); token confidences lie in
+~0.74-0.90, about 0.06 higher on right steps, with noise, the way SmolLM2's do.
+
+Usage: python bench/uct_sweep.py [--problems 16] [--budget 512] [--cs 0.1,0.25,0.5,1,2] [--model smollm2|band]
 Last line: ``best_c: X`` (highest accuracy; ties broken by depth reached).
 """
 
@@ -48,6 +52,34 @@ def arithmetic_problems(count: int, seed: int = 0) -> list[Problem]:
     return out
 
 
+def band_responder(prefix: str, rng: random.Random) -> str:
+    """Four steps, each right (" ok") with probability 0.6; the answer is 42 only if every step was right."""
+    if "</Thought>" in prefix:
+        return ""
+    done = prefix.count("\n\n")
+    wrong = "oops" in prefix
+    out = []
+    for i in range(done, 4):
+        ok = rng.random() < 0.6
+        wrong = wrong or not ok
+        out.append(f"Step {i + 1}: {'ok, carry on' if ok else 'oops, slip up'} with the numbers.\n\n")
+    answer = str(40 + rng.randint(3, 9)) if wrong else "42"
+    return "".join(out) + f"So {answer}.\n</Thought>\n<Output>{answer}</Output>"
+
+
+def band_scorer(text: str, position: int) -> float:
+    """~0.86 on right steps, ~0.80 after a slip, +-0.06 deterministic noise per token."""
+    noise = (hash_unit(text) - 0.5) * 0.12
+    base = 0.80 if "oops" in text.rpartition("\n\n")[2] or "oops" in text[-60:] else 0.86
+    return base + noise
+
+
+def hash_unit(text: str) -> float:
+    import hashlib
+
+    return int.from_bytes(hashlib.md5(text.encode()).digest()[:4], "big") / 2**32
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=16)
@@ -61,9 +93,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
-    backend = load_backend(args.model)
+    if args.model == "band":
+        from marco.llm.scripted import ScriptedBackend
+
+        backend = ScriptedBackend(band_responder, band_scorer)
+    else:
+        backend = load_backend(args.model)
     task = get_task("demo")
     problems = arithmetic_problems(args.problems)
+    if args.model == "band":
+        problems = [Problem("demo", "en", p.index, p.question, ("42",)) for p in problems]
     settings = [(float(c), False) for c in args.cs.split(",")]
     if args.normalize:
         settings += [(c, True) for c, _ in settings]
