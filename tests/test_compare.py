@@ -92,6 +92,11 @@ def test_wilson_interval_matches_hand_computed_values() -> None:
     low, high = wilson_interval(1, 10)
     assert (round(low, 4), round(high, 4)) == (0.0179, 0.4042)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):  # the interval always holds p̂, exactly at the edges (the plot draws p̂ - low)
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        for k in (1, n // 3, n - 1):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
 

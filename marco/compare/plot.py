@@ -21,7 +21,7 @@ def plot_comparison(comp: Comparison, path: str | Path) -> Path:
         rows = sorted((r for r in comp.rows if r.strategy == name), key=lambda r: r.tokens_per_problem)
         xs = [r.tokens_per_problem for r in rows]
         ys = [100 * r.accuracy for r in rows]
-        err = [[100 * (r.accuracy - r.low) for r in rows], [100 * (r.high - r.accuracy) for r in rows]]
+        err = [[max(0.0, 100 * (r.accuracy - r.low)) for r in rows], [max(0.0, 100 * (r.high - r.accuracy)) for r in rows]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i % 10}", label=name, alpha=0.9, lw=1.5,
                     elinewidth=0.8)
         for r, x, y in zip(rows, xs, ys):
