@@ -24,6 +24,7 @@ from marco.cli import synthesize as _synthesize  # noqa: E402,F401
 from marco.cli import pipeline as _pipeline  # noqa: E402,F401
 from marco.cli import export as _export  # noqa: E402,F401
 from marco.cli import ui as _ui  # noqa: E402,F401
+from marco.cli import compare as _compare  # noqa: E402,F401
 
 
 def main() -> None:

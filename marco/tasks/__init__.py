@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from marco.tasks.arith import Arith, heldout as arith_heldout
 from marco.tasks.base import DatasetInfo, Problem, Score, Task
 from marco.tasks.data import DataError, default_data_dir
 from marco.tasks.demo import Demo
@@ -18,6 +19,8 @@ _TASKS: dict[str, Callable[[], Task]] = {
     "demo": Demo,
     "flores200": lambda: Translation(corpus="flores200"),
     "wmt22": lambda: Translation(corpus="wmt22"),
+    "arith": Arith,  # generated tuning set (issue 8); "arith-heldout" is its held-out split
+    "arith-heldout": arith_heldout,
 }
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 
