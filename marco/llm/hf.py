@@ -187,7 +187,7 @@ class HFBackend:
         An empty batch always takes one row, so a budget smaller than one row slows a run but never stalls it."""
         take: list[tuple[int, GenerationRequest, int, int]] = []
         room = self.max_batch_rows - batch.width
-        peeks: dict[int, int] = {}
+        peeks: dict[int, tuple[int, int, int]] = {}
         while queue and room > 0:
             rid, req, first = queue[0]
             k = min(req.n - first, room)
@@ -374,7 +374,7 @@ class _DecodeBatch:
     def width(self) -> int:
         return len(self.rows)
 
-    def fits(self, take: list[tuple[int, GenerationRequest, int, int]], peeks: dict[int, int]) -> bool:
+    def fits(self, take: list[tuple[int, GenerationRequest, int, int]], peeks: dict[int, tuple[int, int, int]]) -> bool:
         """Whether the live rows plus ``take`` fit the KV budget: every row reserves its prompt +
         ``max_new_tokens`` columns (slots are one rectangle, so the longest reservation sets the width), plus
         the temporary cache of their prefill. The prefix cache does not count: it gives up what rows need."""
@@ -383,13 +383,18 @@ class _DecodeBatch:
         cols = max((len(r.req.prompt_ids) + r.req.max_new_tokens for r in self.rows), default=0)
         cols = max(cols, *(len(req.prompt_ids) + req.max_new_tokens for _, req, _, _ in take))
         cached: list[int] = []
+        pinned: dict[int, int] = {}  # prefix-cache entries the prefill reads stay alive until it ends
         for rid, req, _, _ in take:
             if rid not in peeks:
-                peeks[rid] = b.prefix_cache.peek(req.prompt_ids) if b.prefix_cache is not None else 0
-            cached.append(peeks[rid])
+                entry, m = b.prefix_cache.peek_entry(req.prompt_ids) if b.prefix_cache is not None else (None, 0)
+                peeks[rid] = (m, entry.eid if entry is not None else -1, entry.nbytes if entry is not None else 0)
+            m, eid, nbytes = peeks[rid]
+            cached.append(m)
+            if eid >= 0:
+                pinned[eid] = nbytes
         lc = max(cached)
         ls = max(len(req.prompt_ids) - m for (_, req, _, _), m in zip(take, cached))
-        temp = len(take) * (lc + ls) * b.kv_spec.token_bytes
+        temp = len(take) * (lc + ls) * b.kv_spec.token_bytes + sum(pinned.values())
         return self.slots.bytes_after_growth(rows, cols) + temp <= b.kv_budget.total
 
     def add(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:

@@ -111,13 +111,17 @@ class PrefixKVCache:
 
     def peek(self, ids: Sequence[int]) -> int:
         """Length of the cached prefix :meth:`lookup` would return, without touching LRU order or stats."""
-        m = 0
+        return self.peek_entry(ids)[1]
+
+    def peek_entry(self, ids: Sequence[int]) -> tuple[Entry | None, int]:
+        """The entry and prefix length :meth:`lookup` would return, without touching LRU order or stats."""
+        best: tuple[Entry | None, int] = (None, 0)
         for h in block_hashes(ids[: len(ids) - 1], self.block):
             hit = self.index.get(h)
             if hit is None or hit[0] not in self.entries:
                 break
-            m = hit[1]
-        return m
+            best = (self.entries[hit[0]], hit[1])
+        return best
 
     def limit(self, max_bytes: int) -> None:
         """Cap the cache at ``max_bytes``, evicting least recently used entries now."""
