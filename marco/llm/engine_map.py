@@ -218,3 +218,23 @@ class TextCodec:
     def apply_chat_template(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
         return self.encode(str(text) + assistant_prefix)
+
+
+ContinuousRefill = Callable[[list[tuple[int, list[Generation]]]], Sequence[GenerationRequest]]
+
+
+def generate_all(
+    generate_continuous: Callable[[Sequence[GenerationRequest], ContinuousRefill], None],
+    requests: Sequence[GenerationRequest],
+) -> list[list[Generation]]:
+    """A plain ``generate`` on top of an engine's ``generate_continuous``: collect every request's samples,
+    refill nothing."""
+    out: list[list[Generation]] = [[] for _ in requests]
+
+    def refill(done: list[tuple[int, list[Generation]]]) -> list[GenerationRequest]:
+        for rid, gens in done:
+            out[rid] = gens
+        return []
+
+    generate_continuous(requests, refill)
+    return out

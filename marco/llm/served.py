@@ -56,6 +56,7 @@ from marco.llm.engine_map import (
     SampleOutput,
     TextCodec,
     from_logprob_dicts,
+    generate_all,
     normalise_finish,
     top_k,
     vllm_sampling_kwargs,
@@ -512,15 +513,7 @@ class ServedBackend:
         return len(self.codec.tokenizer)  # type: ignore[arg-type]
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
-        out: list[list[Generation]] = [[] for _ in requests]
-
-        def refill(done: list[tuple[int, list[Generation]]]) -> list[GenerationRequest]:
-            for rid, gens in done:
-                out[rid] = gens
-            return []
-
-        self.generate_continuous(requests, refill)
-        return out
+        return generate_all(self.generate_continuous, requests)
 
     def generate_continuous(
         self,

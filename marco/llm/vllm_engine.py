@@ -20,6 +20,7 @@ from marco.llm.engine_map import (
     SampleOutput,
     TextCodec,
     from_logprob_dicts,
+    generate_all,
     normalise_finish,
     vllm_sampling_kwargs,
 )
@@ -88,15 +89,7 @@ class VLLMBackend:
 
     # generation
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
-        out: list[list[Generation]] = [[] for _ in requests]
-
-        def refill(done: list[tuple[int, list[Generation]]]) -> list[GenerationRequest]:
-            for rid, gens in done:
-                out[rid] = gens
-            return []
-
-        self.generate_continuous(requests, refill)
-        return out
+        return generate_all(self.generate_continuous, requests)
 
     def generate_continuous(
         self,
