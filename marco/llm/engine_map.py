@@ -238,3 +238,22 @@ def generate_all(
 
     generate_continuous(requests, refill)
     return out
+
+
+class CodecBackend:
+    """Text and ``generate`` for a backend that holds a :class:`TextCodec` as ``codec`` and implements
+    ``generate_continuous`` (the served client and the vLLM engine)."""
+
+    codec: "TextCodec"
+
+    def encode(self, text: str) -> list[int]:
+        return self.codec.encode(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.codec.decode(token_ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> list[int]:
+        return self.codec.apply_chat_template(messages, assistant_prefix)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
+        return generate_all(self.generate_continuous, requests)  # type: ignore[attr-defined]

@@ -56,7 +56,7 @@ from marco.llm.engine_map import (
     SampleOutput,
     TextCodec,
     from_logprob_dicts,
-    generate_all,
+    CodecBackend,
     normalise_finish,
     top_k,
     vllm_sampling_kwargs,
@@ -426,7 +426,7 @@ class _Retryable(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ backend
-class ServedBackend:
+class ServedBackend(CodecBackend):
     """A :class:`~marco.llm.base.Backend` whose model runs in a server (see the module docstring)."""
 
     def __init__(
@@ -466,16 +466,6 @@ class ServedBackend:
             ) from None
         return cls(spec, protocol, codec, client, name=spec_text)
 
-    # text
-    def encode(self, text: str) -> list[int]:
-        return self.codec.encode(text)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.codec.decode(token_ids)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> list[int]:
-        return self.codec.apply_chat_template(messages, assistant_prefix)
-
     # generation
     def _one(self, job: SampleJob) -> SampleOutput:
         body = self.protocol.payload(job)
@@ -511,9 +501,6 @@ class ServedBackend:
     @property
     def vocab_size(self) -> int:
         return len(self.codec.tokenizer)  # type: ignore[arg-type]
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
-        return generate_all(self.generate_continuous, requests)
 
     def generate_continuous(
         self,

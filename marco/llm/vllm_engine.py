@@ -20,7 +20,7 @@ from marco.llm.engine_map import (
     SampleOutput,
     TextCodec,
     from_logprob_dicts,
-    generate_all,
+    CodecBackend,
     normalise_finish,
     vllm_sampling_kwargs,
 )
@@ -44,7 +44,7 @@ def output_to_sample(output: Any, where: str = "vLLM engine") -> SampleOutput:
     return from_logprob_dicts(list(output.token_ids), positions, normalise_finish(output.finish_reason), where)
 
 
-class VLLMBackend:
+class VLLMBackend(CodecBackend):
     """A :class:`~marco.llm.base.Backend` over ``vllm.LLMEngine``."""
 
     def __init__(self, engine: Any, codec: TextCodec, name: str, make_params: Callable[..., Any],
@@ -77,20 +77,7 @@ class VLLMBackend:
         return cls(engine, TextCodec(engine.get_tokenizer()), name or f"vllm:{model}", make_params,
                    lambda ids: TokensPrompt(prompt_token_ids=ids))
 
-    # text
-    def encode(self, text: str) -> list[int]:
-        return self.codec.encode(text)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.codec.decode(token_ids)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> list[int]:
-        return self.codec.apply_chat_template(messages, assistant_prefix)
-
     # generation
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
-        return generate_all(self.generate_continuous, requests)
-
     def generate_continuous(
         self,
         requests: Sequence[GenerationRequest],

@@ -17,18 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from marco.report.html import node_payload
 from marco.store.db import StoreError
 from marco.store.models import Batch, Model, NodeRow, ProblemRow, Search
+from marco.store.rows import _is_uuid
 from marco.store.store import Store, row_to_node
 
 NODES = NodeRow.__table__
 MAX_PER_PAGE = 200
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
 
 
 def _iso(value: Any) -> str | None:
