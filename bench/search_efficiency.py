@@ -97,8 +97,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--sequential", action="store_true", help="run sequential MCTS with --shapes default too")
+    ap.add_argument("--skip-depth", action="store_true", help="skip (c), the depth-per-token part")
     args = ap.parse_args()
     preset = SHAPES[args.shapes]
+    custom = any(v is not None for v in (args.problems, args.budget, args.rollout))
     args.problems = args.problems or preset[0]
     args.budget = args.budget or preset[1]
     args.rollout = args.rollout or preset[2]
@@ -168,7 +170,8 @@ def main() -> None:
 
     budget = f" · KV budget {kv.total / mib:.0f} MiB" if kv is not None else ""
     print(f"model {args.model} · {len(problems)} problems · mcts ministep:32 k={args.children} budget {args.budget}"
-          f" · rollouts <= {args.rollout} tokens ({args.shapes} shapes){budget} · load {os.getloadavg()[0]:.1f}")
+          f" · rollouts <= {args.rollout} tokens ({'custom' if custom else args.shapes} shapes){budget}"
+          f" · load {os.getloadavg()[0]:.1f}")
     print(f"{'run':<28}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'peak RSS MiB':>14}{'KV MiB':>9}")
     print(f"{'lockstep MCTS':<28}{tokens:>8}{mcts_s:>10.1f}{mcts_tps:>10.1f}    {mem('lockstep MCTS')}")
     print(f"{'raw batched generate':<28}{raw_tokens:>8}{raw_s:>10.1f}{raw_tps:>10.1f}    {mem('raw batched generate')}")
@@ -180,7 +183,8 @@ def main() -> None:
     print(f"answers: {sum(r.correct or False for r in results)}/{len(results)} correct")
     if seq_s is not None:
         print(f"lockstep_vs_sequential_speedup: {seq_s / mcts_s:.2f}")
-    depth_per_token(backend, task, problems, config)
+    if not args.skip_depth:
+        depth_per_token(backend, task, problems, config)
     print(f"mcts_vs_raw_throughput: {mcts_tps / raw_tps:.3f}")
 
 
