@@ -187,6 +187,7 @@ def stored_nodes(sink: RecordingSink) -> dict[str, list[Node]]:
 @pytest.mark.parametrize("strategy,reflect,extra", [
     ("mcts", False, {}), ("mcts", True, {}), ("mcts", False, {"reuse": False}), ("mcts", True, {"action": "step"}),
     ("mcts", False, {"normalize": True, "final_value": "path", "select": "vote"}),
+    ("mcts", False, {"fill": True, "widen": True}),
     ("sc", True, {}), ("sc", False, {"max_answer_tokens": 60}), ("bon", False, {"max_answer_tokens": 60}),
     ("greedy", True, {}),
 ])

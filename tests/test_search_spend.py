@@ -187,6 +187,41 @@ def test_mcts_stops_when_the_budget_cannot_pay_for_k_typical_rollouts():
     assert min(req.max_new_tokens for req in backend.requests) >= 20
 
 
+@pytest.mark.parametrize("budget", [700, 1500, 3000])
+def test_fill_lets_the_last_expansion_take_what_the_budget_pays(budget):
+    base = SearchConfig(strategy="mcts", action="ministep:8", budget=budget, children=3, max_rounds=500)
+    plain, _ = run(base, problems(4))
+    filled, backend = run(SearchConfig(**{**base.to_dict(), "fill": True}), problems(4), Recording())
+    for f in filled:
+        samples = [n for n in f.tree if n.kind == "ministep" and n.finish_reason != REUSED
+                   and f.tree.nodes[n.parent_id].round < n.round]
+        typical = f.tokens / len(samples)
+        assert f.tokens <= budget
+        assert f.tokens >= budget - typical - 1  # at most one sample short, like the sc/bon waves
+    assert sum(f.tokens for f in filled) > sum(p.tokens for p in plain)
+    # the last expansion has fewer than k samples, none of them shrunk below a typical length
+    assert any(req.n < 2 for req in backend.requests)
+    assert min(req.max_new_tokens for req in backend.requests) >= 20
+
+
+def quick_responder(prefix: str, rng: random.Random) -> str:
+    """Every sample answers at once: the first expansion's children are all finished leaves."""
+    return f"</Thought>\n<Output>{rng.choice(['41', '42', '42'])}</Output>"
+
+
+def test_widen_grows_new_chains_from_the_root_when_every_leaf_is_finished():
+    base = SearchConfig(strategy="mcts", action="ministep:32", budget=400, children=3)
+    plain, _ = run(base, problems(3), ScriptedBackend(quick_responder))
+    wide, _ = run(SearchConfig(**{**base.to_dict(), "widen": True}), problems(3), ScriptedBackend(quick_responder))
+    for p, w in zip(plain, wide):
+        assert len(p.tree.root.children) == 3 and p.tokens < 100  # the tree is exhausted after one expansion
+        kids = [n for n in w.tree.root.children if n.kind == "ministep"]
+        assert len(kids) > 3 and all(n.terminal for n in kids)
+        assert w.tokens <= 400
+        assert w.tokens >= 400 - 3 * (w.tokens / len(kids)) - 1
+        assert len({n.token_ids and tuple(n.token_ids) for n in kids}) > 1  # new samples, not repeats
+
+
 # --------------------------------------------------------------------------------------------------------
 # </Output> and special tokens
 
@@ -413,7 +448,7 @@ def test_the_label_names_every_setting_that_changes_the_result():
         ("budget", 512), ("children", 4), ("exploration", 0.5), ("temperature", 0.9), ("top_p", 0.8),
         ("action", "step"), ("reflect", True), ("select", "vote"), ("seed", 3), ("reuse", False),
         ("cut_penalty", 0.2), ("final_value", "path"), ("normalize", True), ("max_answer_tokens", 200),
-        ("max_rounds", 10), ("max_depth", 5))]
+        ("max_rounds", 10), ("max_depth", 5), ("fill", True), ("widen", True))]
     variants += [SearchConfig(strategy="sc", n=4), SearchConfig(strategy="sc"), SearchConfig(strategy="bon"),
                  SearchConfig(strategy="greedy")]
     labels = [c.label for c in [base] + variants]

@@ -10,6 +10,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # help texts are plain text: specs like server[+llamacpp]:http://HOST[/v1] must not be read as markup
+    rich_markup_mode=None,
 )
 
 # Command modules register themselves on `app` when imported (keep one import per module).

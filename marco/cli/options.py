@@ -30,6 +30,8 @@ class SearchOptions:
     cut_penalty: float = SearchConfig.cut_penalty
     final_value: str = SearchConfig.final_value
     normalize: bool = SearchConfig.normalize
+    fill: bool = SearchConfig.fill
+    widen: bool = SearchConfig.widen
 
     def config(self) -> SearchConfig:
         try:
@@ -38,6 +40,7 @@ class SearchOptions:
                 n=parse_n(self.n), children=self.children, temperature=self.temperature, select=self.select,
                 seed=self.seed, exploration=self.exploration, top_p=self.top_p, reuse=self.reuse,
                 cut_penalty=self.cut_penalty, final_value=self.final_value, normalize=self.normalize,
+                fill=self.fill, widen=self.widen,
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
@@ -69,6 +72,8 @@ Reuse = typer.Option(SearchConfig.reuse, "--reuse/--no-reuse", help="MCTS: a chi
 CutPenalty = typer.Option(SearchConfig.cut_penalty, "--cut-penalty", help="MCTS: subtracted from the value of a rollout cut by the token limit before an <Output> (1: no reward).")
 FinalValue = typer.Option(SearchConfig.final_value, "--final-value", help="MCTS final pick compares: node (its sample's value) | path (mean confidence from the root).")
 Normalize = typer.Option(SearchConfig.normalize, "--normalize/--no-normalize", help="MCTS: rescale Q to [0, 1] among siblings before UCT.")
+Fill = typer.Option(SearchConfig.fill, "--fill/--no-fill", help="MCTS: when the budget left cannot pay for k typical samples, the last expansion takes as many as it pays (spends the budget like sc/bon).")
+Widen = typer.Option(SearchConfig.widen, "--widen/--no-widen", help="MCTS: when every selected leaf is finished, grow new chains from the root while the budget pays.")
 Model = typer.Option("smollm2", "--model", "-m", help="smollm2 (bundled) | a .gguf file | a model dir or HF id | scripted | checkpoint:ID | server[+llamacpp|vllm|sglang|openai]:http://HOST:PORT[/v1][#MODEL] (a model server, see docs/engines.md) | vllm:MODEL (vLLM in-process).")
 DataDir = typer.Option(
     None, "--data-dir", envvar="MARCO_DATA_DIR", show_envvar=True,

@@ -138,6 +138,8 @@ def submit(
     cut_penalty: float = o.CutPenalty,
     final_value: str = o.FinalValue,
     normalize: bool = o.Normalize,
+    fill: bool = o.Fill,
+    widen: bool = o.Widen,
     model: str = o.Model,
     name: str = typer.Option(None, "--name", help="Batch name (default: dataset and id)."),
     priority: int = typer.Option(0, "--priority", help="0-9, higher runs first."),
@@ -157,7 +159,8 @@ def submit(
     from scheduler.submit import submit as do_submit
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill,
+                             widen).config()
     langs = [x.strip() for x in lang.split(",") if x.strip()] if lang else None
     try:
         request = SubmitRequest(

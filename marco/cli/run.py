@@ -67,6 +67,8 @@ def run(
     cut_penalty: float = o.CutPenalty,
     final_value: str = o.FinalValue,
     normalize: bool = o.Normalize,
+    fill: bool = o.Fill,
+    widen: bool = o.Widen,
     model: str = o.Model,
     db: str = DbOption,
     chunk: int = typer.Option(64, "--chunk", help="Problems per job of the stored batch (searched in lockstep)."),
@@ -84,7 +86,8 @@ def run(
     from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill,
+                             widen).config()
     console = Console()
     try:
         dataset = task_name(dataset, testset)

@@ -34,6 +34,8 @@ def solve(
     cut_penalty: float = o.CutPenalty,
     final_value: str = o.FinalValue,
     normalize: bool = o.Normalize,
+    fill: bool = o.Fill,
+    widen: bool = o.Widen,
     model: str = o.Model,
     task_name: str = typer.Option("mgsm", "--task", help="Prompt and answer format: mgsm (a number) or translation."),
     lang: str = typer.Option("en", "--lang", help="Language of the question (sets the answer instruction)."),
@@ -48,7 +50,8 @@ def solve(
     from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill,
+                             widen).config()
     task = get_task(task_name)
     problem = Problem(dataset="solve", lang=lang, index=0, question=question)
     console = Console(stderr=True)

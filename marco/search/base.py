@@ -36,6 +36,10 @@ class SearchConfig:
     ``final_value`` is what the final pick compares among answers: ``node`` (the value of the sample that
     produced it) or ``path`` (mean confidence of every generated token from the root to the answer);
     ``reflect_rollouts`` also reflects when a rollout (not only an action) closes the thought.
+    ``fill``: when the budget left cannot pay for a whole expansion (k samples of the typical length), the
+    last one takes as many samples as it pays for instead of stopping, so MCTS spends its budget as the
+    sc/bon waves do. ``widen``: when every leaf the selection reaches is finished, the root gets new
+    children (whole new chains) while the budget pays, instead of the search ending early.
     """
 
     strategy: str = "mcts"
@@ -58,6 +62,8 @@ class SearchConfig:
     final_value: str = "node"
     normalize: bool = False
     reflect_rollouts: bool = True
+    fill: bool = False
+    widen: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -109,6 +115,8 @@ class SearchConfig:
             f"cut{self.cut_penalty:g}": self.strategy == "mcts" and self.cut_penalty != defaults["cut_penalty"].default,
             f"final-{self.final_value}": self.strategy == "mcts" and self.final_value != "node",
             "norollrefl": self.strategy == "mcts" and self.reflect and not self.reflect_rollouts,
+            "fill": self.strategy == "mcts" and self.fill,
+            "widen": self.strategy == "mcts" and self.widen,
             f"ans{self.max_answer_tokens}": self.max_answer_tokens != defaults["max_answer_tokens"].default,
             f"stepmax{self.max_step_tokens}": self.action == "step" and self.max_step_tokens != defaults["max_step_tokens"].default,
             f"rounds{self.max_rounds}": self.strategy == "mcts" and self.max_rounds != defaults["max_rounds"].default,

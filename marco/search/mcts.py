@@ -20,7 +20,10 @@ One round of one search:
 
 Stopping: a typical sample is the mean length of the samples so far; the search stops expanding when the
 budget left cannot pay for the samples an expansion needs (k, or k - 1 with reuse) of that length (the
-first expansion takes what the budget allows). Rollouts are never shrunk below that.
+first expansion takes what the budget allows). Rollouts are never shrunk below that. With ``fill`` the
+last expansion takes as many samples as the budget pays instead (at least one of typical length), and with
+``widen`` a tree whose selections all reach finished leaves grows new chains from the root; both make MCTS
+spend its budget as the sc/bon waves do.
 
 With reflection, a sample that closes the thought is cut before ``</Thought>`` and the reflection sentence
 becomes a node of its own, from which later rounds continue, once per path: when the action closes the
@@ -124,17 +127,27 @@ class MCTSSearch(SearchState):
                 self.round += 1
                 self._reuse(leaf)
                 continue
-            typical = self.typical_sample()
-            left = self.budget_left
-            max_new = min(c.max_answer_tokens, left // need)
-            if max_new < 1 or (typical is not None and left < need * typical):
-                self.done = True
-                return []
-            self.pending, self.idle_plans = leaf, 0
-            return [self.request(leaf, need, max_new)]
+            return self._expansion(leaf, need)
+        if c.widen and self.expandable(self.tree.root):
+            # every selection reached a finished leaf: new whole chains from the root, while the budget pays
+            return self._expansion(self.tree.root, c.children)
         self.idle_plans += 1
         self.done = self.idle_plans >= 4 or not any(self.expandable(n) for n in self.tree if n.kind != "rollout")
         return []
+
+    def _expansion(self, leaf: Node, need: int) -> list[GenerationRequest]:
+        """The request expanding ``leaf`` with ``need`` samples, or none (and done) when the budget left
+        cannot pay for them at the typical sample length (with ``fill``: for even one of them)."""
+        c = self.config
+        typical = self.typical_sample()
+        left = self.budget_left
+        if typical is not None and left < need * typical and c.fill:
+            need = int(left // typical)  # the last expansion: as many samples as the budget pays
+        if need < 1 or (typical is not None and left < need * typical) or left // need < 1:
+            self.done = True
+            return []
+        self.pending, self.idle_plans = leaf, 0
+        return [self.request(leaf, need, min(c.max_answer_tokens, left // need))]
 
     def absorb(self, generations: list[list[Generation]]) -> None:
         leaf = self.pending
