@@ -285,3 +285,48 @@ def test_compare_on_the_real_model(smollm2, tmp_path: Path, monkeypatch: pytest.
         assert row.wall_s > 0
     assert len(comp.paired) == 2 and (tmp_path / "real.png").exists()
     assert "paired against greedy" in result.output
+
+
+def test_pool_compare_pools_replicate_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/pool_compare.py: two single-seed batches of the same problems pooled problem by problem."""
+    import subprocess
+    import sys
+
+    import marco.cli.db
+    from marco.compare.table import build_comparison
+    from marco.store import Store
+
+    monkeypatch.setattr(marco.cli.db, "load_model", lambda spec, store: ArithBackend())
+    comps = []
+    for name in ("a", "b"):
+        db = tmp_path / f"{name}.db"
+        args = ["compare", "--dataset", "arith", "--limit", "10", "--strategies", "greedy,sc,mcts:ministep:32",
+                "--budgets", "256", "--model", "scripted", "--db", f"sqlite:///{db}"]
+        assert runner.invoke(app, args).exit_code == 0
+        store = Store.open(f"sqlite:///{db}")
+        comps.append(build_comparison(store, store.batches(1)[0].id))
+    out = tmp_path / "pooled.md"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pool_compare.py"
+    done = subprocess.run([sys.executable, str(script), f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}",
+                           "--pair", "mcts:ministep:32:sc", "--markdown", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = out.read_text()
+    for strategy in ("greedy", "sc", "mcts:ministep:32"):
+        a, b = (c.row(strategy, 256) for c in comps)
+        assert a is not None and b is not None
+        line = next(l for l in table.splitlines() if l.startswith(f"| {strategy} | 256 | 2 | 10 |"))
+        assert f"| {100 * (a.accuracy + b.accuracy) / 2:.1f} |" in line
+        assert f"| {(a.tokens_per_problem + b.tokens_per_problem) / 2:.0f} |" in line
+    # the paired test recounted from the two batches' per-problem scores (problems matched by index)
+    pooled: dict[str, dict[int, list[float]]] = {s: {} for s in ("sc", "mcts:ministep:32")}
+    for c, name in zip(comps, ("a", "b")):
+        con = sqlite3.connect(tmp_path / f"{name}.db")
+        index = dict(con.execute('select id, "index" from problems'))
+        con.close()
+        for s in pooled:
+            for pid, v in c.row(s, 256).scores.items():
+                pooled[s].setdefault(index[pid], []).append(v)
+    m = {s: {i: sum(v) / 2 for i, v in d.items()} for s, d in pooled.items()}
+    wins = sum(m["mcts:ministep:32"][i] > m["sc"][i] for i in m["sc"])
+    losses = sum(m["mcts:ministep:32"][i] < m["sc"][i] for i in m["sc"])
+    assert f"| mcts:ministep:32 | sc | 256 | {wins} | {losses} |" in table
