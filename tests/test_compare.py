@@ -224,6 +224,8 @@ def test_compare_end_to_end_table_matches_the_stored_searches(tmp_path: Path, mo
                                 "--markdown", str(tmp_path / "again.md")], env={"COLUMNS": "200"})
     assert text.exit_code == 0 and "paired against sc" in text.output
     assert "| vs sc@ |" in (tmp_path / "again.md").read_text()
+    wrong = runner.invoke(app, ["report", comp.batch_id, "--db", f"sqlite:///{db}", "--baseline", "sc/t=0.3"])
+    assert wrong.exit_code == 1 and "not a strategy of this batch" in wrong.output and "bon" in wrong.output
 
 
 def test_compare_errors_before_loading_anything(tmp_path: Path) -> None:
