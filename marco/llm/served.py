@@ -50,13 +50,13 @@ import httpx
 
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
 from marco.llm.engine_map import (
+    CodecBackend,
     EngineProtocolError,
     RequestAssembler,
     SampleJob,
     SampleOutput,
     TextCodec,
     from_logprob_dicts,
-    CodecBackend,
     normalise_finish,
     top_k,
     vllm_sampling_kwargs,

@@ -15,12 +15,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from marco.llm.base import Generation, GenerationRequest
 from marco.llm.engine_map import (
+    CodecBackend,
     RequestAssembler,
     SampleJob,
     SampleOutput,
     TextCodec,
     from_logprob_dicts,
-    CodecBackend,
     normalise_finish,
     vllm_sampling_kwargs,
 )
