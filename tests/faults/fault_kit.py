@@ -47,15 +47,16 @@ class PgProxy:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
-        listener, self._listener = self._listener, None
+        with self._lock:
+            listener, self._listener = self._listener, None
+            socks, self._socks = list(self._socks), set()
         if listener is not None:
             listener.close()
-        with self._lock:
-            socks, self._socks = list(self._socks), set()
         for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -75,6 +76,12 @@ class PgProxy:
                 client.close()
                 continue
             with self._lock:
+                # accepted just before a cut: that connection must not outlive the cut (it would carry a
+                # worker through the "outage")
+                if self._listener is not listener:
+                    client.close()
+                    server.close()
+                    return
                 self._socks.update((client, server))
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
