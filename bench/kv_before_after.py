@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,22 +54,40 @@ class Run:
         return self.tokens[part] / self.seconds[part]
 
 
-def run_bench(label: str, root: Path, args: list[str]) -> Run:
-    """One bench process in ``root`` (its own ``marco``), with its peak RSS from ``wait4``."""
-    print(f"[{label}] {root} · load {os.getloadavg()[0]:.1f}", flush=True)
+def run_child(label: str, root: Path, argv: list[str], stderr: int = subprocess.DEVNULL) -> tuple[str, float]:
+    """``python ARGV`` in ``root`` (its own ``marco``): its stdout and its peak RSS in MiB, from ``wait4``."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "bench/search_efficiency.py", *args], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, *argv], cwd=root, env=env, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"[{label}] bench failed:\n{out}")
+        sys.exit(f"[{label}] failed:\n{out[-3000:]}")
+    return out, usage.ru_maxrss / 1024
+
+
+@contextmanager
+def worktree(commit: str) -> Iterator[Path]:
+    """A temporary git worktree of ``commit``, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="marco-before-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), commit], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def run_bench(label: str, root: Path, args: list[str]) -> Run:
+    """One ``bench/search_efficiency.py`` process in ``root``."""
+    print(f"[{label}] {root} · load {os.getloadavg()[0]:.1f}", flush=True)
+    out, rss = run_child(label, root, ["bench/search_efficiency.py", *args])
     rows = {m.group(1): m for m in ROW.finditer(out)}
     if len(rows) != 2:
         sys.exit(f"[{label}] could not read the bench's output:\n{out}")
     print(out, flush=True)
     return Run(label, {k: int(m.group(2)) for k, m in rows.items()},
-               {k: float(m.group(3)) for k, m in rows.items()}, usage.ru_maxrss / 1024, out)
+               {k: float(m.group(3)) for k, m in rows.items()}, rss, out)
 
 
 # Run inside either tree (the backend API it uses is the same at both commits): P MGSM-en prompts, k rows
@@ -94,15 +114,12 @@ RAW_ROW = re.compile(r"^raw (\d+) ([\d.]+)$", re.M)
 
 def run_raw(label: str, root: Path, problems: int, k: int, per_row: int) -> tuple[float, float]:
     """One raw-generation process in ``root``: (tokens per second, peak RSS in MiB)."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-c", RAW_SCRIPT, str(problems), str(k), str(per_row)], cwd=root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    out, rss = run_child(label, root, ["-c", RAW_SCRIPT, str(problems), str(k), str(per_row)],
+                         stderr=subprocess.STDOUT)
     m = RAW_ROW.search(out)
-    if os.waitstatus_to_exitcode(status) != 0 or m is None:
-        sys.exit(f"[{label}] raw generation failed:\n{out[-3000:]}")
-    return int(m.group(1)) / float(m.group(2)), usage.ru_maxrss / 1024
+    if m is None:
+        sys.exit(f"[{label}] could not read the raw generation's output:\n{out[-3000:]}")
+    return int(m.group(1)) / float(m.group(2)), rss
 
 
 def raw_only(args: argparse.Namespace, old: Path) -> None:
@@ -135,25 +152,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="--raw-only: before/after pairs")
     args = ap.parse_args()
     if args.raw_only:
-        with tempfile.TemporaryDirectory(prefix="marco-before-") as tmp:
-            old = Path(tmp) / "tree"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.before],
-                           check=True)
-            try:
-                raw_only(args, old)
-            finally:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+        with worktree(args.before) as old:
+            raw_only(args, old)
         return
     shapes = ["--problems", str(args.problems), "--budget", str(args.budget), "--rollout", str(args.rollout),
               "--skip-sequential"]
-    with tempfile.TemporaryDirectory(prefix="marco-before-") as tmp:
-        old = Path(tmp) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.before],
-                       check=True)
-        try:
-            before = run_bench(f"before {args.before}", old, shapes)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+    with worktree(args.before) as old:
+        before = run_bench(f"before {args.before}", old, shapes)
     after = run_bench("after (this checkout)", ROOT, [*shapes, "--skip-depth"])
 
     print(f"{'run':<34}{'MCTS tok/s':>12}{'raw tok/s':>11}{'MCTS tokens':>13}{'peak RSS MiB':>14}")

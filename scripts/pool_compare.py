@@ -60,14 +60,12 @@ def main() -> None:
     loaded = [load(ref) for ref in args.batches]
     keys = sorted(set.intersection(*(set(s) for s, _ in loaded)), key=lambda k: (k[1], k[0]))
     pooled: dict[Key, dict[tuple, float]] = {}
-    reps: dict[Key, int] = {}
     lines = ["| strategy | budget | replicates | problems | accuracy % | 95% CI | tokens spent/search |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key in keys:
         per = [s[key] for s, _ in loaded]
         common = set.intersection(*(set(p) for p in per))
         pooled[key] = {p: sum(x[p] for x in per) / len(per) for p in common}
-        reps[key] = len(per)
         total = sum(pooled[key].values())
         low, high = wilson_interval(total, len(common))  # n = problems, as marco compare does with --seeds
         spent = sum(t[key] for _, t in loaded) / len(loaded)

@@ -159,8 +159,7 @@ def submit(
     from scheduler.submit import submit as do_submit
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize, fill,
-                             widen).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen).config()
     langs = [x.strip() for x in lang.split(",") if x.strip()] if lang else None
     try:
         request = SubmitRequest(

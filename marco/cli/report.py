@@ -81,9 +81,6 @@ def _show_comparison(store, batch: str, as_json: bool, plot: Path | None, baseli
         comp = build_comparison(store, batch_id, baseline)
     except StoreError as exc:
         fail(str(exc))
-    names = list(dict.fromkeys(r.strategy for r in comp.rows))
-    if baseline is not None and names and baseline not in names:
-        fail(f"--baseline {baseline!r} is not a strategy of this batch; it has: {', '.join(names)}")
     if markdown is not None:
         from marco.compare.render import markdown as to_markdown
 

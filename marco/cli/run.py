@@ -86,8 +86,7 @@ def run(
     from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize, fill,
-                             widen).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen).config()
     console = Console()
     try:
         dataset = task_name(dataset, testset)

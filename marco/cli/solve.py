@@ -50,8 +50,7 @@ def solve(
     from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize, fill,
-                             widen).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen).config()
     task = get_task(task_name)
     problem = Problem(dataset="solve", lang=lang, index=0, question=question)
     console = Console(stderr=True)

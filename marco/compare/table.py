@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from marco.compare.stats import Paired, paired_test, wilson_interval
+from marco.store.db import StoreError
 from marco.store.store import Store
 
 INTERVAL = "Wilson score, n = problems (seeds averaged per problem)"
@@ -90,7 +91,9 @@ def _run_keys(batch_config: dict[str, Any], searches: list) -> dict[str, tuple[s
 
 def build_comparison(store: Store, batch_id: str, baseline: str | None = None) -> Comparison:
     """The comparison of a stored batch; ``baseline`` (default: the batch's, else greedy) is the strategy every
-    other one is paired against, at the same budget (or at its largest budget when it ran at one only)."""
+    other one is paired against, at the same budget (or at its largest budget when it ran at one only).
+    Raises :class:`StoreError` when an explicit ``baseline`` is not a strategy of the batch."""
+    explicit = baseline is not None
     batch = store.get_batch(batch_id)
     pairs = store.batch_rows(batch_id)
     searches = [s for s, _ in pairs]
@@ -134,6 +137,9 @@ def build_comparison(store: Store, batch_id: str, baseline: str | None = None) -
         ))
     rank = {name: i for i, name in enumerate(order)}
     rows.sort(key=lambda r: (rank.get(r.strategy, len(rank)), r.strategy, r.budget))
+    names = list(dict.fromkeys(r.strategy for r in rows))
+    if explicit and names and baseline not in names:
+        raise StoreError(f"baseline {baseline!r} is not a strategy of this batch; it has: {', '.join(names)}")
 
     paired: list[PairedRow] = []
     base_rows = {r.budget: r for r in rows if r.strategy == baseline}
