@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -28,14 +27,14 @@ from typer.testing import CliRunner
 from marco.llm.base import GenerationRequest
 from marco.llm.llamacpp_server import LlamaServer, find_llama_server
 from marco.llm.served import ServedBackend
+from marco.tasks.data import PACKAGED_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROB_TOL = 0.12  # per position: top-5 probabilities and the confidence c_i (measured max 0.09)
 MEAN_CONFIDENCE_TOL = 0.02  # a generation's mean confidence, what scores a node (measured max 0.006)
 TOP1_GAP = 1.2  # nats: log-probabilities of likely tokens differ by up to ~0.55, so closer top-2 may swap
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MARCO_DATA_DIR", ROOT.parent / "shared" / "data"))
+DATA = PACKAGED_DIR  # the MGSM shipped with marco: a clean clone has no ../shared
 QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
     "Translate to French: The cat sleeps on the mat.",
