@@ -126,10 +126,18 @@ def test_filters_each_narrow_as_specified(store: Store, stored: dict[str, str]) 
     want = [p for p in paths if p[0] == stored["a"] and p[4] is True]
     assert kept and all(r.correct is True and r.answer == "42" for r in kept)
     assert len(kept) == len(want)
-    # minimum value: only paths at or above it, and every such path
+    # minimum value: only paths at or above it, and every such path. The scripted answers are random (seeds
+    # come from node ids), so now and then every path of a batch scores alike (all "42": seen in CI); more
+    # batches then join until two values differ, and the threshold sits above the lowest one.
+    value_batches = [stored["a"]]
     values = sorted(p[3].value for p in paths if p[0] == stored["a"])
-    threshold = values[len(values) // 2]
-    run_v, _ = _synth(store, batches=[stored["a"]], min_value=threshold, top_k=100, dedup="none")
+    while len(set(values)) < 2 and len(value_batches) < 6:
+        extra = _run_batch(store, _problems(), f"syn-a{len(value_batches)}")
+        value_batches.append(extra)
+        values = sorted([*values, *(n.value for s in store.find_searches(extra, limit=None)
+                                    for n in answer_nodes(_tree(store, str(s.id))))])
+    threshold = min(v for v in values if v > values[0])
+    run_v, _ = _synth(store, batches=value_batches, min_value=threshold, top_k=100, dedup="none")
     kept_v = store.cot_examples(run_v)
     assert all(r.quality >= threshold for r in kept_v)
     assert len(kept_v) == sum(1 for v in values if v >= threshold) < len(values)
@@ -144,10 +152,16 @@ def test_filters_each_narrow_as_specified(store: Store, stored: dict[str, str]) 
         best = sorted((n.value for n in answer_nodes(_tree(store, str(s.id)))), reverse=True)[:2]
         assert sorted((r.quality for r in rows), reverse=True) == pytest.approx(best)
     # de-duplication: without it identical answers repeat; exact removes them; near removes at least as many
-    run_none, _ = _synth(store, batches=[stored["a"]], top_k=100, dedup="none")
-    run_exact, _ = _synth(store, batches=[stored["a"]], top_k=100, dedup="exact")
-    run_near, _ = _synth(store, batches=[stored["a"]], top_k=100, dedup="near", near_threshold=0.7)
-    texts = [(r.messages[1]["content"], r.messages[2]["content"]) for r in store.cot_examples(run_none)]
+    # (random scripted trees may repeat no path: batches of the same problems join until some path repeats)
+    dedup_batches = [stored["a"]]
+    while True:
+        run_none, _ = _synth(store, batches=dedup_batches, top_k=100, dedup="none")
+        texts = [(r.messages[1]["content"], r.messages[2]["content"]) for r in store.cot_examples(run_none)]
+        if len(set(texts)) < len(texts) or len(dedup_batches) >= 6:
+            break
+        dedup_batches.append(_run_batch(store, _problems(), f"syn-dedup{len(dedup_batches)}"))
+    run_exact, _ = _synth(store, batches=dedup_batches, top_k=100, dedup="exact")
+    run_near, _ = _synth(store, batches=dedup_batches, top_k=100, dedup="near", near_threshold=0.7)
     exact = [(r.messages[1]["content"], r.messages[2]["content"]) for r in store.cot_examples(run_exact)]
     assert len(set(texts)) < len(texts), "the scripted trees repeat some paths"
     assert len(exact) == len(set(exact)) == len(set(texts))
