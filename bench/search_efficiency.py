@@ -35,7 +35,7 @@ from marco.llm import load_backend  # noqa: E402
 from marco.llm.base import GenerationRequest  # noqa: E402
 from marco.search.base import SearchConfig  # noqa: E402
 from marco.search.driver import LockstepDriver  # noqa: E402
-from marco.tasks import default_data_dir, get_task  # noqa: E402
+from bench.mcts_batch import mcts_batch  # noqa: E402
 
 
 SHAPES = {  # problems, budget, rollout
@@ -108,11 +108,7 @@ def main() -> None:
         args.skip_sequential = True
 
     backend = load_backend(args.model)
-    data = default_data_dir()
-    task = get_task("mgsm" if data else "demo")
-    problems = task.load(data, ["en"], args.problems) if data else task.load(None, None, args.problems)
-    config = SearchConfig(strategy="mcts", action="ministep:32", budget=args.budget, children=args.children,
-                          max_answer_tokens=args.rollout, seed=1)
+    task, problems, config = mcts_batch(args.problems, args.budget, args.rollout, args.children)
 
     # warm-up (allocator, kernels) so the first measured call is not penalised
     backend.generate([GenerationRequest(backend.encode("Hello"), 4)])

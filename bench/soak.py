@@ -23,8 +23,10 @@ started workers and scheduler:
 The disturbed run ends when its batch ends, or when no job has ended for ``--stall`` seconds after the last
 fault (a stranded job never ends on its own), or after ``--timeout``. It prints jobs lost (not ``done``,
 by status and reason), duplicate nodes (two stored nodes at one tree position or one sequence number of a
-search), answers that differ from the undisturbed run, the throughput kept, and last
-``soak_jobs_lost_or_wrong: N``: jobs lost, or done with a duplicate node or an answer that differs (goal 0).
+search), answers that differ from the undisturbed run, double runs (every node carries its run's marker,
+the claim's fencing token: nodes of one search written out of claim order mean two runs of its job wrote
+at once), the throughput kept, and last ``soak_jobs_lost_or_wrong: N``: jobs lost, or done with a duplicate
+node, a double run or an answer that differs (goal 0).
 Timings are wall clock on whatever else runs on the machine: compare the two runs of one invocation.
 """
 
@@ -368,10 +370,32 @@ class Outcome:
     differ: dict[str, list[str]]  # job id -> problems whose answer differs from the reference
     answers: dict[tuple[str, int], str | None]
     problems_done: int
+    double_runs: dict[str, int] = field(default_factory=dict)  # job id -> nodes written out of claim order
 
     @property
     def lost_or_wrong(self) -> set[str]:
-        return set(self.lost) | set(self.duplicates) | set(self.differ)
+        return set(self.lost) | set(self.duplicates) | set(self.differ) | set(self.double_runs)
+
+
+def run_markers(store: Store, batch_id: str) -> dict[str, int]:
+    """Two runs of one job at once, seen in what they wrote: every node carries its run's marker (the claim's
+    fencing token, ``nodes.claim``). One run after another (a resume) writes a search's nodes in claim
+    order; a node written with no marker, or after a node of a later claim (by ``seq``), is a double run
+    (node ids are deterministic and scripted answers identical, so nothing else shows it).
+    Returns ``{job_id: nodes out of order}``."""
+    previous = func.lag(NodeRow.claim).over(partition_by=NodeRow.search_id, order_by=NodeRow.seq)
+    with store.sessions() as s:
+        ordered = (
+            select(Search.job_id.label("job_id"), NodeRow.claim.label("claim"), previous.label("previous"))
+            .select_from(NodeRow).join(Search, Search.id == NodeRow.search_id).where(Search.batch_id == batch_id)
+            .subquery()
+        )
+        rows = s.execute(
+            select(ordered.c.job_id, func.count()).where(
+                (ordered.c.claim.is_(None)) | (ordered.c.previous > ordered.c.claim)
+            ).group_by(ordered.c.job_id)
+        ).all()
+    return {str(job_id): int(n) for job_id, n in rows}
 
 
 def outcome(store: Store, batch_id: str, reference: dict[tuple[str, int], str | None] | None) -> Outcome:
@@ -406,7 +430,7 @@ def outcome(store: Store, batch_id: str, reference: dict[tuple[str, int], str | 
                 differ.setdefault(str(r.job_id), []).append(
                     f"{r.lang}/{r.index}: {r.final_answer!r} (undisturbed {reference.get((r.lang, r.index))!r})")
     done = sum(1 for r in searches if r.status == "done")
-    return Outcome(Counter(j.status for j in jobs), lost, dict(duplicates), differ, answers, done)
+    return Outcome(Counter(j.status for j in jobs), lost, dict(duplicates), differ, answers, done, run_markers(store, batch_id))
 
 
 def _terminate(signum, frame) -> None:  # noqa: ANN001
@@ -507,6 +531,8 @@ def main() -> None:
         print(f"jobs lost: {len(out.lost)} of {sum(out.jobs.values())} ({not_done})")
         print(f"duplicate nodes: {sum(out.duplicates.values())} (undisturbed run: {sum(ref_out.duplicates.values())})")
         print(f"answers that differ from the undisturbed run: {differing} of {len(out.answers)} problems")
+        print(f"double runs: {len(out.double_runs)} job(s) with nodes out of claim order "
+              f"({sum(out.double_runs.values())} nodes; undisturbed run: {len(ref_out.double_runs)})")
         print(f"throughput: undisturbed {thr_ref:.1f} problems/s ({ref.wall_s:.1f}s), disturbed {thr:.1f} problems/s "
               f"({run.wall_s:.1f}s, {out.problems_done} done); kept {thr / thr_ref:.2f}")
         print(f"soak_jobs_lost_or_wrong: {len(out.lost_or_wrong)}", flush=True)

@@ -115,3 +115,92 @@ def table(snaps: list[Snapshot]) -> Any:
             str(s.resent) + (f" ({s.lease_losses} lease lost)" if s.lease_losses else ""),
         )
     return t
+
+
+# --- the fleet: the queue's headline numbers, the same ones the scheduler exports as metrics ------------
+@dataclass
+class QueueLine:
+    """One queue right now: jobs queued and running, and how long the oldest queued one has waited."""
+
+    queue: str
+    queued: int = 0
+    running: int = 0
+    oldest_age_s: float = 0.0
+
+
+@dataclass
+class FleetSnapshot:
+    """Every queue, the workers holding leases, and the re-sends and lease losses of open batches."""
+
+    queues: dict[str, QueueLine]
+    workers: int
+    resent: int
+    lease_losses: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queues": {q: {"queued": l.queued, "running": l.running, "oldest_age_s": round(l.oldest_age_s, 1)} for q, l in self.queues.items()},
+            "workers": self.workers, "resent": self.resent, "lease_losses": self.lease_losses,
+        }
+
+
+def fleet_snapshot(store: Any) -> FleetSnapshot:
+    """Read from the jobs table (queued and running rows only, through the ``(status, lease_until)``
+    index), so it stays cheap with millions of ended jobs."""
+    from sqlalchemy import func, select
+
+    from marco.store.models import Job
+    from worker.settings import QUEUE_FOR_TASK, QUEUES, TASK_FOR_KIND
+
+    now = datetime.now(timezone.utc)
+    lines = {q: QueueLine(q) for q in QUEUES}
+    with store.sessions() as s:
+        rows = s.execute(
+            select(Job.kind, Job.status, func.count(), func.min(func.coalesce(Job.enqueued_at, Job.created_at)),
+                   func.sum(Job.resends), func.sum(Job.lease_losses))
+            .where(Job.status.in_(("queued", "running")))
+            .group_by(Job.kind, Job.status)
+        ).all()
+        workers = s.scalar(select(func.count(func.distinct(Job.worker))).where(Job.status == "running")) or 0
+    resent = losses = 0
+    for kind, status, n, oldest, res, lost in rows:
+        queue = QUEUE_FOR_TASK.get(TASK_FOR_KIND.get(kind, ""), kind)
+        line = lines.setdefault(queue, QueueLine(queue))
+        resent += int(res or 0)
+        losses += int(lost or 0)
+        if status == "queued":
+            line.queued += n
+            if oldest is not None:
+                line.oldest_age_s = max(line.oldest_age_s, (now - _aware(oldest)).total_seconds())
+        else:
+            line.running += n
+    return FleetSnapshot(lines, int(workers), resent, losses)
+
+
+def export_fleet(snap: FleetSnapshot) -> None:
+    """Set the queue gauges (``marco_queue_depth`` ...) from ``snap``."""
+    from marco import metrics
+
+    for q, line in snap.queues.items():
+        metrics.QUEUE_DEPTH.labels(q).set(line.queued)
+        metrics.QUEUE_OLDEST_AGE.labels(q).set(line.oldest_age_s)
+        metrics.JOBS_RUNNING.labels(q).set(line.running)
+    metrics.WORKERS_ACTIVE.set(snap.workers)
+
+
+def _fmt_age(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def fleet_table(snap: FleetSnapshot) -> Any:
+    """A rich table: per queue, queued / running / oldest queued; the caption holds workers and losses."""
+    from rich.table import Table
+
+    t = Table(title="queues", caption=(f"{snap.workers} worker(s) holding leases · {snap.resent} message(s) re-sent · "
+                                       f"{snap.lease_losses} lease(s) lost (open jobs)"))
+    for col in ("queue", "queued", "running", "oldest queued"):
+        t.add_column(col, justify="left" if col == "queue" else "right")
+    for line in snap.queues.values():
+        t.add_row(line.queue, str(line.queued), str(line.running), _fmt_age(line.oldest_age_s) if line.queued else "-")
+    return t

@@ -8,8 +8,9 @@ one of its messages finds no job and drops it).
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from marco.search.base import SearchConfig
 from marco.tasks.base import Problem
@@ -91,19 +92,32 @@ def model_spec_problem(spec: str) -> str | None:
             "(org/name) or checkpoint:ID")
 
 
-def submit(store: Any, dispatcher: Dispatcher, request: SubmitRequest, problems: Sequence[Problem] | None = None) -> Any:
+SUBMIT_ROWS_PER_TXN = 5_000  # problems per transaction of a large distributed submission
+
+
+def submit(
+    store: Any,
+    dispatcher: Dispatcher,
+    request: SubmitRequest,
+    problems: Sequence[Problem] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    rows_per_txn: int = SUBMIT_ROWS_PER_TXN,
+) -> Any:
     """Write the batch and enqueue its jobs; returns the store's ``BatchPlan``.
 
     Raises :class:`~scheduler.dispatch.BrokerUnavailable` (nothing written) when the broker is down, and
     :class:`~marco.store.StoreError` (nothing written) for a ``checkpoint:ID`` the store does not know.
     With an in-process dispatcher the jobs have run by the time this returns.
+
+    Distributed, a batch is written ``rows_per_txn`` problems per transaction and each chunk's jobs are
+    enqueued as soon as it is committed: a 100,000-problem batch never holds one long transaction, workers
+    start on its first jobs at once, and ``progress(problems_written, total)`` is called after each chunk.
+    Should any chunk fail to be written or sent, the whole batch is deleted again.
     """
     check_model(store, request.model)
     dispatcher.check()
     problems = list(problems) if problems is not None else load_problems(request)
-    plan = store.create_batch(
-        problems,
-        request.configs,
+    kwargs = dict(
         kind="reason",
         name=request.name,
         model=request.model,
@@ -112,17 +126,23 @@ def submit(store: Any, dispatcher: Dispatcher, request: SubmitRequest, problems:
         priority=request.priority,
         extra={"langs": request.langs, "limit": request.limit, **request.extra},
     )
-    jobs = [(job_id, "reason") for job_id in plan.job_ids]
     if not dispatcher.distributed:
-        dispatcher.enqueue(jobs, priority=request.priority)
+        plan = store.create_batch(problems, request.configs, **kwargs)
+        dispatcher.enqueue([(job_id, "reason") for job_id in plan.job_ids], priority=request.priority)
         return plan
+    batch_id = str(uuid.uuid4())
+
+    def send(job_ids: list[str], written: int, total: int) -> None:
+        dispatcher.enqueue([(job_id, "reason") for job_id in job_ids], priority=request.priority)
+        if progress is not None:
+            progress(written, total)
+
     try:
-        dispatcher.enqueue(jobs, priority=request.priority)
+        return store.create_batch(problems, request.configs, batch_id=batch_id, rows_per_txn=rows_per_txn, on_chunk=send, **kwargs)
     except BaseException:
-        store.delete_batch(plan.batch_id)
-        log.error("enqueue failed; batch %s removed again", plan.batch_id)
+        store.delete_batch(batch_id)
+        log.error("submission failed; batch %s removed again", batch_id)
         raise
-    return plan
 
 
 def enqueue_jobs(store: Any, dispatcher: Dispatcher, job_ids: Sequence[str], priority: int = 0) -> None:

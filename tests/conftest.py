@@ -119,7 +119,112 @@ def redis_url() -> Iterator[str]:
 # --- the real model, loaded once per test session ------------------------------------------------------
 @pytest.fixture(scope="session")
 def smollm2():
-    """The bundled SmolLM2-135M-Instruct through the transformers backend (CPU)."""
+    """The bundled SmolLM2-135M-Instruct through the transformers backend (CPU), in float32 whatever the CPU:
+    the tests compare it with exact references (an independent forward pass, greedy one by one); bfloat16's
+    agreement with it is tests/test_precision.py's."""
     from marco.llm import load_backend
 
-    return load_backend("smollm2")
+    return load_backend("smollm2", dtype="float32")
+
+
+# --- PgBouncer: a private pgbouncer process in transaction mode in front of the test Postgres ------------
+PGBOUNCER_CANDIDATES = ("pgbouncer", "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
+
+
+class PgBouncer:
+    """A started ``pgbouncer`` (its own config in a temporary folder; stopped by pid at the end)."""
+
+    def __init__(self, popen, port: int, log, upstream: str) -> None:
+        self.popen, self.port, self.log_path, self.upstream = popen, port, log, upstream
+
+    def url(self, database_url: str, marked: bool = True) -> str:
+        """``database_url`` (postgresql://…@127.0.0.1:5432/DB) through this pgbouncer; ``marked``: with
+        ``?pgbouncer=1``, what the product needs to use it."""
+        through = database_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{self.port}/")
+        assert through != database_url, database_url
+        return through + ("?pgbouncer=1" if marked else "")
+
+    def show(self, what: str) -> list[dict[str, object]]:
+        """``SHOW POOLS`` / ``SHOW SERVERS`` / ... on the admin console, as dicts."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=pgbouncer", autocommit=True,
+                             prepare_threshold=None) as conn:  # fmt: skip
+            cur = conn.execute(f"SHOW {what}")
+            names = [d.name for d in cur.description or []]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture()
+def pgbouncer(tmp_path) -> Iterator[Callable[..., PgBouncer]]:
+    """``start(pool_size=4)``: a private PgBouncer in ``pool_mode = transaction`` (``auth_type = trust``, an
+    ``auth_file`` naming user postgres) on a free port, in front of 127.0.0.1:5432 (every database name
+    maps to the same name there); stopped at the end. Skips when no pgbouncer binary is installed
+    (``scripts/services.sh`` installs Debian's). As root it runs as user postgres (pgbouncer refuses root)."""
+    import pwd
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    binary = next((p for p in (shutil.which(c) or (c if os.path.isabs(c) and os.access(c, os.X_OK) else None)
+                               for c in PGBOUNCER_CANDIDATES) if p), None)  # fmt: skip
+    if binary is None:
+        pytest.skip("pgbouncer is not installed (scripts/services.sh installs it: apt-get install pgbouncer)")
+    started: list[PgBouncer] = []
+
+    def start(pool_size: int = 4, **settings: object) -> PgBouncer:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        folder = tmp_path / f"pgbouncer-{port}"
+        folder.mkdir()
+        (folder / "users.txt").write_text('"postgres" ""\n')
+        extra = "".join(f"{k} = {v}\n" for k, v in settings.items())
+        (folder / "pgbouncer.ini").write_text(
+            "[databases]\n* = host=127.0.0.1 port=5432\n\n[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {folder / 'users.txt'}\nadmin_users = postgres\n"
+            f"pool_mode = transaction\ndefault_pool_size = {pool_size}\nmax_client_conn = 500\n"
+            "ignore_startup_parameters = extra_float_digits\n" + extra
+        )
+        cmd = [binary]
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+                cmd += ["-u", "postgres"]
+            except KeyError:
+                cmd += ["-u", "nobody"]
+        log = folder / "pgbouncer.log"
+        with open(log, "wb") as handle:
+            popen = subprocess.Popen([*cmd, str(folder / "pgbouncer.ini")], stdout=handle, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        bouncer = PgBouncer(popen, port, log, "127.0.0.1:5432")
+        started.append(bouncer)
+        deadline = time.monotonic() + 15
+        while True:
+            if popen.poll() is not None:
+                pytest.fail(f"pgbouncer exited ({popen.returncode}): {bouncer.log()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return bouncer
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"pgbouncer not listening on {port} after 15 s: {bouncer.log()[-2000:]}")
+                time.sleep(0.1)
+
+    yield start
+    for b in started:
+        if b.popen.poll() is None:
+            os.killpg(b.popen.pid, signal.SIGTERM)
+            try:
+                b.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(b.popen.pid, signal.SIGKILL)
+                b.popen.wait(5)
+# --- end PgBouncer fixtures -------------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def arith_responder(prompt):  # type: ignore[no-untyped-def]
 def stored(db: Path) -> list[dict]:
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
-    rows = [dict(r) for r in con.execute("select problem_id, label, config, status, correct, tokens from searches")]
+    rows = [dict(r) for r in con.execute(
+        "select problem_id, label, config, status, correct, tokens, tree_depth, path_depth from searches")]
     con.close()
     for r in rows:
         r["config"] = json.loads(r["config"])
@@ -195,9 +196,16 @@ def test_compare_end_to_end_table_matches_the_stored_searches(tmp_path: Path, mo
         assert row.tokens_per_problem == pytest.approx(sum(r["tokens"] for r in mine) / len(mine))
         assert row.tokens_per_problem <= row.budget
         assert row.low <= row.accuracy <= row.high
+        # depth (issue 15): the mean over the stored searches of the tree's and the chosen path's depth
+        assert row.tree_depth == pytest.approx(sum(r["tree_depth"] for r in mine) / len(mine))
+        assert row.path_depth == pytest.approx(sum(r["path_depth"] for r in mine) / len(mine))
+        assert 1 <= row.path_depth <= row.tree_depth
+        if row.strategy != "mcts:ministep:32":
+            assert row.tree_depth == 1  # a chain is one answer node under the root
         # the printed table and the markdown carry the same numbers
         line = next(l for l in md.read_text().splitlines() if l.startswith(f"| {row.strategy} | {row.budget} |"))
         assert f"| {100 * row.accuracy:.1f} |" in line and f"| {row.tokens_per_problem:.0f} |" in line
+        assert f"| {row.tree_depth:.1f} / {row.path_depth:.1f} |" in line
         assert re.search(rf"{re.escape(row.strategy)}\s+│\s+{row.budget}\s+│.*{100 * row.accuracy:.1f}", result.output)
     # paired tests: recount wins/losses of each strategy against greedy at the same budget from the rows
     assert {(p.strategy, p.budget) for p in comp.paired} == {(s, b) for s in ("sc", "bon", "mcts:ministep:32") for b in (128, 512)}
@@ -213,6 +221,7 @@ def test_compare_end_to_end_table_matches_the_stored_searches(tmp_path: Path, mo
         assert p.test.losses == sum(score[pid] < base[pid] for pid in base)
         assert p.test.p == pytest.approx(sign_test_p(p.test.wins, p.test.losses))
     assert any(p.test.wins + p.test.losses for p in comp.paired)  # the responder makes strategies differ
+    assert comp.row("mcts:ministep:32", 512).tree_depth > 1  # the tree grew below the root
 
     # `marco report BATCH` shows the same comparison
     rep = runner.invoke(app, ["report", comp.batch_id, "--db", f"sqlite:///{db}", "--json"])

@@ -68,7 +68,7 @@ def test_compose_config_is_valid_with_the_example_env(resolved: dict) -> None:
 @needs_compose
 def test_services_are_wired_as_documented(resolved: dict) -> None:
     s = resolved["services"]
-    assert "--appendonly" in s["redis"]["command"] and "yes" in s["redis"]["command"]
+    assert "appendonly yes" in redis_config(resolved)
     assert any(v["target"] == "/data" for v in s["redis"]["volumes"])
     assert any(v["target"] == "/var/lib/postgresql/data" for v in s["postgres"]["volumes"])
     assert "healthcheck" in s["postgres"] and "healthcheck" in s["redis"]
@@ -80,7 +80,8 @@ def test_services_are_wired_as_documented(resolved: dict) -> None:
         env = s[name]["environment"]
         broker = urlsplit(env["MARCO_BROKER_URL"])
         assert (broker.scheme, broker.hostname, broker.port, broker.password) == ("redis", "redis", 6379, "change-me")
-        assert env["MARCO_DATABASE_URL"].startswith("postgresql://")
+        if name != "flower":  # Flower needs no database at all
+            assert env["MARCO_DATABASE_URL"].startswith("postgresql://marco_app:"), name
     gpu = s["worker-gpu"]
     queues = gpu["command"][gpu["command"].index("--queues") + 1]
     assert set(queues.split(",")) == {"reason", "train"}
@@ -114,7 +115,9 @@ def _example_env(**overrides: str) -> dict[str, str]:
 
 
 @needs_compose
-@pytest.mark.parametrize("missing", ["REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"])
+@pytest.mark.parametrize(
+    "missing", ["REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH", "MARCO_APP_DB_PASSWORD", "MARCO_EXPLORER_DB_PASSWORD"]
+)
 def test_compose_names_each_missing_secret(missing: str) -> None:
     env = _example_env()
     del env[missing]
@@ -146,11 +149,17 @@ def test_nothing_is_published_beyond_localhost_and_never_the_stores(resolved: di
     assert not _published(resolved["services"]["redis"]) and not _published(resolved["services"]["postgres"])
 
 
+def redis_config(resolved: dict) -> str:
+    """The config file compose mounts into the Redis container (its password is there)."""
+    (mount,) = resolved["services"]["redis"]["configs"]
+    assert resolved["services"]["redis"]["command"] == ["redis-server", mount["target"]]
+    return resolved["configs"][mount["source"]]["content"]
+
+
 @needs_compose
 def test_redis_requires_the_password_every_service_uses(resolved: dict) -> None:
     s = resolved["services"]
-    command = s["redis"]["command"]
-    password = command[command.index("--requirepass") + 1]
+    (password,) = [line.split(None, 1)[1] for line in redis_config(resolved).splitlines() if line.startswith("requirepass ")]
     assert password == "change-me"  # the example's value, refused at start by the entrypoint
     assert s["redis"]["environment"]["REDISCLI_AUTH"] == password  # the healthcheck authenticates
     assert "PONG" in " ".join(s["redis"]["healthcheck"]["test"])
@@ -197,9 +206,10 @@ def test_redis_as_compose_runs_it_refuses_strangers_and_passes_its_healthcheck(r
 
     redis_svc = resolved["services"]["redis"]
     port = _free_port()
-    argv = [a for a in redis_svc["command"] if a != "redis-server"]
+    conf = tmp_path / "redis.conf"  # what compose mounts at the path the command names
+    conf.write_text(redis_config(resolved))
     server = subprocess.Popen(
-        ["redis-server", *argv, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""],
+        ["redis-server", str(conf), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     try:
@@ -253,3 +263,103 @@ def test_containers_use_the_shipped_data_unless_a_data_dir_is_set() -> None:
         assert worker["environment"]["SACREBLEU"].startswith("/cache/")  # WMT22 downloads persist in a volume
         if expected:
             assert any(v["source"] == "/srv/d" and v["target"] == "/data" for v in worker["volumes"])
+
+
+# --- issue 17: secrets never on a command line; least-privilege database roles --------------------------
+@needs_compose
+def test_no_secret_is_on_any_command_line(resolved: dict) -> None:
+    """`ps` and `docker inspect` show commands: no password, basic auth or database URL is in one."""
+    env = _example_env(REDIS_PASSWORD="r3dis-secret-1", POSTGRES_PASSWORD="pg-secret-2", FLOWER_BASIC_AUTH="ops:fl0wer-secret-3",
+                       MARCO_APP_DB_PASSWORD="app-secret-4", MARCO_EXPLORER_DB_PASSWORD="expl-secret-5")
+    out = _config("--profile", "explorer", env=env)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    secrets = ("r3dis-secret-1", "pg-secret-2", "fl0wer-secret-3", "app-secret-4", "expl-secret-5")
+    for name, service in doc["services"].items():
+        for field in ("command", "entrypoint", "healthcheck"):
+            text = json.dumps(service.get(field))
+            assert not any(x in text for x in secrets), (name, field, text)
+    assert "--basic-auth" not in json.dumps(doc["services"]["flower"]["command"])
+    assert doc["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "ops:fl0wer-secret-3"
+    assert "requirepass r3dis-secret-1" in doc["configs"]["redis-conf"]["content"]
+
+
+@needs_compose
+def test_each_service_connects_with_the_least_privilege_it_needs(resolved: dict) -> None:
+    out = _config("--profile", "explorer", "--env-file", str(ROOT / ".env.example"))
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)["services"]
+    users = {name: urlsplit(svc["environment"]["MARCO_DATABASE_URL"]).username
+             for name, svc in s.items() if (svc.get("environment") or {}).get("MARCO_DATABASE_URL")}
+    assert users.pop("migrate") == "marco"  # the owner: migrations create tables
+    assert users.pop("explorer") == "marco_explorer"
+    assert set(users.values()) == {"marco_app"}, users  # scheduler and workers
+    assert not s["flower"]["environment"]["MARCO_DATABASE_URL"]
+    init = [v for v in s["postgres"]["volumes"] if v["target"].startswith("/docker-entrypoint-initdb.d/")]
+    assert init and Path(init[0]["source"]).resolve() == ROOT / "deploy" / "postgres" / "10-marco-roles.sql"
+    assert init[0].get("read_only")
+    assert s["explorer"]["environment"]["MARCO_UI_ALLOWED_HOSTS"] == "localhost,127.0.0.1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
+def test_the_roles_script_creates_least_privilege_roles_on_real_postgres(pg_database) -> None:
+    """deploy/postgres/10-marco-roles.sql as the postgres image runs it (psql, env passwords), then the
+    schema migrated by the owner: the app role writes rows but no DDL, the explorer role only reads."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    from marco.store import Store
+
+    url = pg_database()
+    tag = uuid.uuid4().hex[:8]  # roles are cluster-wide: names of our own on the shared server
+    app_role, explorer_role = f"marco_app_{tag}", f"marco_explorer_{tag}"
+    script = (ROOT / "deploy" / "postgres" / "10-marco-roles.sql").read_text()
+    script = script.replace("marco_app", app_role).replace("marco_explorer", explorer_role)
+    parts = urlsplit(url)
+    env = {**os.environ, "MARCO_APP_DB_PASSWORD": "app'pw;--", "MARCO_EXPLORER_DB_PASSWORD": "expl-pw"}
+    run = subprocess.run(["psql", "-X", "-h", parts.hostname, "-p", str(parts.port), "-U", parts.username or "postgres",
+                          "-d", parts.path.lstrip("/"), "-f", "-"], input=script, env=env, capture_output=True, text=True)
+    try:
+        assert run.returncode == 0, run.stderr
+        Store.open(url).close()  # the owner migrates after the roles exist (as the compose services do)
+        base = f"postgresql+psycopg://{{user}}:{{pw}}@{parts.hostname}:{parts.port}{parts.path}"
+        app = create_engine(base.format(user=app_role, pw="app%27pw%3B--"))
+        with app.begin() as c:
+            c.execute(text("INSERT INTO models (id, name, spec, kind, meta) VALUES (gen_random_uuid(), 'm', 's', 'base', '{}')"))
+            assert c.execute(text("SELECT count(*) FROM models")).scalar() == 1
+        for ddl in ("CREATE TABLE evil (x int)", "DROP TABLE jobs", "TRUNCATE jobs", "ALTER TABLE jobs ADD COLUMN x int"):
+            with pytest.raises(DBAPIError, match="permission denied|must be owner"), app.begin() as c:
+                c.execute(text(ddl))
+        app.dispose()
+        reader = create_engine(base.format(user=explorer_role, pw="expl-pw"))
+        with reader.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM models")).scalar() == 1
+        with pytest.raises(DBAPIError, match="permission denied|read-only"), reader.begin() as c:
+            c.execute(text("DELETE FROM models"))
+        reader.dispose()
+    finally:
+        subprocess.run(["psql", "-X", "-h", parts.hostname, "-p", str(parts.port), "-U", parts.username or "postgres",
+                        "-d", parts.path.lstrip("/"), "-c",
+                        f"DROP OWNED BY {app_role}, {explorer_role}; DROP ROLE IF EXISTS {app_role}; DROP ROLE IF EXISTS {explorer_role}"],
+                       capture_output=True, env=os.environ)
+
+
+@needs_compose
+def test_monitoring_profile_is_off_by_default_and_wires_prometheus_and_grafana(resolved: dict) -> None:
+    assert not {"prometheus", "grafana"} & set(resolved["services"]), "monitoring must be opt-in"
+    out = _config("--env-file", str(ROOT / ".env.example"), "--profile", "monitoring")
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)["services"]
+    for name in ("prometheus", "grafana"):
+        for port in _published(s[name]):
+            assert port["host_ip"] == "127.0.0.1", name
+        for volume in s[name].get("volumes", []):
+            if volume["type"] == "bind":
+                assert Path(volume["source"]).exists(), f"{name} mounts missing {volume['source']}"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in s["prometheus"]["command"]
+    assert "GRAFANA_ADMIN_PASSWORD" in " ".join(s["grafana"]["entrypoint"])  # refuses to start without one
+    for name in ("scheduler", "worker-gpu", "worker-cpu"):
+        assert s[name]["environment"]["MARCO_METRICS_PORT"] == "9100", name

@@ -50,15 +50,16 @@ def test_sft_on_a_synthesis_run_registers_a_checkpoint_with_lineage(db_url: str,
     losses = payload["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert payload["metrics"]["world_size"] == nproc
+    claim_dir = out / "claim-1"  # each claim of the train job writes a folder of its own (issue 17)
     if nproc == 2:
-        assert (out / "train.log").exists()  # launched through torchrun
+        assert (claim_dir / "train.log").exists()  # launched through torchrun
 
     # the training run row: base, data, hyperparameters, loss per step, metrics, checkpoint, status
     train = store.get_training_run(payload["training_run"])
     assert train.status == "done" and train.losses == losses and train.metrics["steps"] == 4
     assert train.data == f"synthesis:{run_id}" and train.synthesis_id == run_id and train.n_examples == 2
     assert train.hyperparameters["nproc"] == nproc and train.hyperparameters["max_steps"] == 4
-    assert Path(train.checkpoint) == out.resolve() and (out / "config.json").exists()
+    assert Path(train.checkpoint) == claim_dir.resolve() and (claim_dir / "config.json").exists()
     assert train.base == "smollm2" and train.base_model_id == store.ensure_model("smollm2")
 
     # the checkpoint in `models`, with its lineage back to the base model and the synthesised data

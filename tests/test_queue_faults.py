@@ -193,15 +193,19 @@ def test_transient_database_error_is_raised_not_recorded_and_the_retry_resumes(s
 
     flaky = BackendCache()
     flaky.put("scripted", Hook(ScriptedBackend(), blink))
+    claims: list = []
     with pytest.raises(OperationalError):
-        execute_job(store, job, flaky, "w1", lease_s=60)
+        execute_job(store, job, flaky, "w1", lease_s=60, on_claim=claims.append)
     row = store.get_job(job)
     assert row.status == "running" and row.worker == "w1" and row.error is None  # not failed, lease kept
     # the task's retry (same worker) takes it back and resumes from the stored rounds
     assert execute_job(store, job, BackendCache(), "w2", lease_s=60).status == "skipped"
     healthy = BackendCache()
     healthy.put("scripted", ScriptedBackend())
-    outcome = execute_job(store, job, healthy, "w1", lease_s=60, reclaim=True)
+    # a reclaim names the claim it takes back (its fencing token): never a lease held by another process
+    # or thread under the same worker name
+    assert execute_job(store, job, healthy, "w1", lease_s=60, reclaim=True, token=claims[0].token + 1).status == "skipped"
+    outcome = execute_job(store, job, healthy, "w1", lease_s=60, reclaim=True, token=claims[0].token)
     assert outcome.status == "done", outcome.error
     assert_same_answers(store, ref)
 

@@ -137,3 +137,32 @@ def test_rows_of_both_paths_in_one_batch_draw_as_they_would_alone() -> None:
         alone = backend._sample(rows[j : j + 1], rows[j : j + 1].argmax(-1), torch.arange(1), samp[j : j + 1],
                                 temps[j : j + 1], top_ps[j : j + 1], [_row_generator(5, j, torch.device("cpu"))])
         assert alone.item() == together[j].item()
+
+
+def middle_logits(vocab: int = 20_000) -> torch.Tensor:
+    """~300 likely tokens in a large vocabulary: the top 256 hold less than top_p, the top 4096 more."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.full((vocab,), -10.0) + torch.randn(vocab, generator=g) * 0.1
+    logits[torch.randperm(vocab, generator=g)[:300]] = torch.randn(300, generator=g) * 0.3
+    return logits
+
+
+def test_rows_past_the_top_256_draw_from_the_top_4096_as_the_full_sort_would() -> None:
+    """The middle candidate list (a top-4096, no full sort of the vocabulary) gives the full sort's draws, and
+    those follow the exact nucleus distribution."""
+    logits, temperature, top_p = middle_logits(), 1.0, 0.95
+    p = torch.softmax(logits / temperature, -1)
+    assert p.topk(256).values.sum() < top_p <= p.topk(4096).values.sum()  # the middle path is the one taken
+    n = 4000
+    fast = draw(logits, temperature, top_p, n, seed=7)
+    full = HFBackend.__new__(HFBackend)
+    full.SAMPLE_CANDIDATES = (256, 1 << 62)  # the former sampler: the top 256, else the full sort
+    rows = logits[None, :].expand(n, -1).contiguous()
+    gens = [_row_generator(7, j, torch.device("cpu")) for j in range(n)]
+    reference = full._sample(rows, rows.argmax(-1), torch.arange(n), torch.ones(n, dtype=torch.bool),
+                             torch.full((n,), temperature), torch.full((n,), top_p), gens).numpy()
+    assert (fast == reference).all()
+    assert np.isin(fast, p.topk(256).indices.numpy(), invert=True).any()  # draws land past the top 256
+    stat, df, outside = chi_square(fast, nucleus(logits, temperature, top_p))
+    assert outside == 0 and df >= 5
+    assert stat < critical_value(df), f"chi-square {stat:.1f} >= {critical_value(df):.1f} ({df} df, p < 0.001)"

@@ -12,6 +12,7 @@ from marco.search.base import REFLECTION, SearchConfig
 from marco.search.driver import LockstepDriver
 from marco.search.mcts import MCTSSearch, weighted_vote
 from marco.search.sink import RecordingSink
+from marco.search.state import MERGED
 from marco.search.tree import Node
 from marco.tasks import get_task
 from marco.tasks.base import Problem
@@ -46,7 +47,9 @@ def test_budget_is_respected_and_reported(strategy, budget):
     results, _, _ = run(SearchConfig(strategy=strategy, budget=budget, n=3, children=3, reflect=True))
     for r in results:
         generated = sum(n.num_tokens for n in r.tree if n.kind not in ("root", "reflection"))
-        assert r.tokens == generated
+        # a sample merged into an identical sibling wrote that sibling's action once more
+        again = sum(r.tree.nodes[n.parent_id].num_tokens for n in r.tree if n.finish_reason == MERGED)
+        assert r.tokens == generated + again
         assert 0 < r.tokens <= budget
 
 
@@ -67,7 +70,7 @@ def test_step_nodes_end_at_a_blank_line_or_the_end_of_the_thought():
     steps = [n for r in results for n in r.tree if n.kind == "step"]
     assert steps
     for n in steps:
-        if any(c.kind == "rollout" for c in n.children):
+        if any(c.kind == "rollout" and c.finish_reason != MERGED for c in n.children):  # the sample went on
             assert n.text.endswith("\n\n") or n.text.endswith("</Thought>")
             assert "\n\n" not in n.text[:-2]
 

@@ -14,11 +14,11 @@ from marco.llm.base import GenerationRequest
 from marco.llm.scripted import ScriptedBackend
 from marco.prompts import strip_special_tokens
 from marco.search.actions import action_length
-from marco.search.base import SearchConfig
+from marco.search.base import SELECTIONS, SearchConfig
 from marco.search.driver import LockstepDriver
 from marco.search.linear import BestOfN, SelfConsistency
 from marco.search.mcts import MCTSSearch
-from marco.search.state import REUSED
+from marco.search.state import MERGED, REUSED
 from marco.tasks import get_task
 from marco.tasks.base import Problem
 
@@ -77,9 +77,11 @@ def test_confidence_finds_the_minority_answer_that_the_vote_misses():
     assert right(sc) <= 9
     # the vote saw the right answer in most trees and still chose the majority
     assert sum(any(n.answer == "42" for n in r.tree) for r in sc) >= 24
-    # the same search when confidence carries no signal finds the minority answer only by chance
+    # the same search when confidence carries no signal finds the minority answer only by chance (without
+    # merging: merged siblings make UCT explore the rarer first action first, which is another signal)
     flat, _ = run(SearchConfig(strategy="mcts", action="ministep:8", children=6, budget=1500,
-                               max_answer_tokens=96), probs, ScriptedBackend(minority_responder, flat_scorer))
+                               max_answer_tokens=96, merge=False), probs,
+                  ScriptedBackend(minority_responder, flat_scorer))
     assert right(flat) <= 15
 
 
@@ -120,8 +122,9 @@ def test_each_selection_mode_changes_the_answer(select, answer):
 def answers_state(cls, answers):
     state = cls("s", problems(1)[0], TASK, ScriptedBackend(), SearchConfig(strategy="bon"))
     for answer, value, finished in answers:
+        text = f"So {answer}.\n</Thought>\n<Output>{answer}</Output>" if finished else f"So {answer}, and"
         n = state.tree.new_child(state.tree.root, "answer", value=value, answer=answer, terminal=finished,
-                                 finish_reason="stop" if finished else "length")
+                                 finish_reason="stop" if finished else "length", token_ids=ids(text))
         n.visits, n.value_sum = 1, value
     return state
 
@@ -139,11 +142,13 @@ def test_mcts_prefers_a_finished_answer_over_a_cut_one_with_more_value():
     state = MCTSSearch("s", problems(1)[0], TASK, ScriptedBackend(), SearchConfig())
     root = state.tree.root
     cut = state.tree.new_child(root, "ministep", value=0.99)
-    state.tree.new_child(cut, "rollout", value=0.99, answer="41", terminal=False, finish_reason="length")
+    state.tree.new_child(cut, "rollout", value=0.99, answer="41", terminal=False, finish_reason="length",
+                         token_ids=ids("So 41 and"))
     ok = state.tree.new_child(root, "ministep", value=0.6)
-    state.tree.new_child(ok, "rollout", value=0.6, answer="42", terminal=True, finish_reason="stop")
+    state.tree.new_child(ok, "rollout", value=0.6, answer="42", terminal=True, finish_reason="stop",
+                         token_ids=ids("</Thought><Output>42</Output>"))
     cut.visits, cut.value_sum, ok.visits, ok.value_sum, root.visits = 1, 0.99, 1, 0.6, 2
-    for select in ("value", "visits", "vote"):
+    for select in SELECTIONS:
         state.config = SearchConfig(select=select)
         assert state.choose().answer == "42"
 
@@ -190,8 +195,8 @@ def test_mcts_stops_when_the_budget_cannot_pay_for_k_typical_rollouts():
 @pytest.mark.parametrize("budget", [700, 1500, 3000])
 def test_fill_lets_the_last_expansion_take_what_the_budget_pays(budget):
     base = SearchConfig(strategy="mcts", action="ministep:8", budget=budget, children=3, max_rounds=500)
-    plain, _ = run(base, problems(4))
-    filled, backend = run(SearchConfig(**{**base.to_dict(), "fill": True}), problems(4), Recording())
+    plain, _ = run(base, problems(8))
+    filled, backend = run(SearchConfig(**{**base.to_dict(), "fill": True}), problems(8), Recording())
     for f in filled:
         samples = [n for n in f.tree if n.kind == "ministep" and n.finish_reason != REUSED
                    and f.tree.nodes[n.parent_id].round < n.round]
@@ -210,16 +215,21 @@ def quick_responder(prefix: str, rng: random.Random) -> str:
 
 
 def test_widen_grows_new_chains_from_the_root_when_every_leaf_is_finished():
-    base = SearchConfig(strategy="mcts", action="ministep:32", budget=400, children=3)
+    # chains of at most 64 tokens: the first expansion's budget pays for all 3 samples at that length
+    base = SearchConfig(strategy="mcts", action="ministep:32", budget=400, children=3, max_answer_tokens=64)
     plain, _ = run(base, problems(3), ScriptedBackend(quick_responder))
     wide, _ = run(SearchConfig(**{**base.to_dict(), "widen": True}), problems(3), ScriptedBackend(quick_responder))
+    def samples(r):  # root children, and the samples merged into them
+        kids = [n for n in r.tree.root.children if n.kind == "ministep"]
+        return kids, len(kids) + sum(c.finish_reason == MERGED for n in kids for c in n.children)
+
     for p, w in zip(plain, wide):
-        assert len(p.tree.root.children) == 3 and p.tokens < 100  # the tree is exhausted after one expansion
-        kids = [n for n in w.tree.root.children if n.kind == "ministep"]
-        assert len(kids) > 3 and all(n.terminal for n in kids)
+        assert samples(p)[1] == 3 and p.tokens < 100  # the tree is exhausted after one expansion
+        kids, drawn = samples(w)
+        assert drawn > 3 and all(n.terminal for n in kids)
         assert w.tokens <= 400
-        assert w.tokens >= 400 - 3 * (w.tokens / len(kids)) - 1
-        assert len({n.token_ids and tuple(n.token_ids) for n in kids}) > 1  # new samples, not repeats
+        assert w.tokens >= 400 - 3 * (w.tokens / drawn) - 1
+        assert len({tuple(n.token_ids) for n in kids}) == len(kids)  # identical samples merged
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -305,8 +315,9 @@ def test_rollout_reuse_keeps_the_node_distribution_and_reaches_depth_for_fewer_t
     spent = {True: 0, False: 0}
     for reuse in (True, False):
         for seed in range(60):
+            # merge=False: merged siblings would change the tree shapes this compares
             config = SearchConfig(strategy="mcts", action="ministep:4", children=3, budget=10_000, max_depth=3,
-                                  max_rounds=4, reuse=reuse, seed=seed)
+                                  max_rounds=4, reuse=reuse, seed=seed, merge=False)
             results, _ = run(config, problems(3), ScriptedBackend(markov_responder, flat_scorer))
             for r in results:
                 spent[reuse] += r.tokens
@@ -319,21 +330,24 @@ def test_rollout_reuse_keeps_the_node_distribution_and_reaches_depth_for_fewer_t
 
 
 def test_a_reused_rollout_becomes_the_first_child_and_is_not_counted_twice():
-    config = SearchConfig(strategy="mcts", action="ministep:5", children=2, budget=600, seed=2)
+    config = SearchConfig(strategy="mcts", action="ministep:5", children=2, budget=600, seed=2, max_answer_tokens=120)
     results, backend = run(config, problems(2), Recording())
     for r in results:
         copies = [n for n in r.tree if n.finish_reason == REUSED]
         assert copies
         for c in copies:
             parent = r.tree.nodes[c.parent_id]
-            source = next(k for k in parent.children if k.kind == "rollout")
-            below = [k for k in c.children if k.kind == "rollout"]
+            # the parent's own rollout (not one of a sample merged into the parent)
+            source = next(k for k in parent.children if k.kind == "rollout" and k.finish_reason != MERGED)
+            below = [k for k in c.children if k.kind == "rollout" and k.finish_reason != MERGED]
             assert c.token_ids + (below[0].token_ids if below else []) == source.token_ids
-            assert c.index == source.index + 1  # the first child after the rollout
+            assert c.index == min(k.index for k in parent.children if k.kind != "rollout")  # the first child
         generated = sum(n.num_tokens for n in r.tree if n.kind not in ("root", "reflection")
                         and n.finish_reason != REUSED
-                        and not (n.kind == "rollout" and r.tree.nodes[n.parent_id].finish_reason == REUSED))
-        assert r.tokens == generated
+                        and not (n.kind == "rollout" and n.finish_reason != MERGED
+                                 and r.tree.nodes[n.parent_id].finish_reason == REUSED))
+        again = sum(r.tree.nodes[n.parent_id].num_tokens for n in r.tree if n.finish_reason == MERGED)
+        assert r.tokens == generated + again
     # a leaf with a stored rollout asks for k - 1 samples
     assert sorted({req.n for req in backend.requests}) == [1, 2]
 
@@ -354,8 +368,13 @@ def test_a_rollout_cut_before_an_answer_is_penalised(penalty):
     kids = results[0].tree.root.children
     assert kids and all(k.kind == "ministep" for k in kids)
     for k in kids:
-        conf = k.confidences + [c for r in k.children for c in r.confidences]
+        own = [r for r in k.children if r.finish_reason != MERGED]
+        conf = k.confidences + [c for r in own for c in r.confidences]
         assert k.value == pytest.approx(max(0.0, sum(conf) / len(conf) - penalty))
+        for m in k.children:  # samples merged into k: the same rule
+            if m.finish_reason == MERGED:
+                conf = k.confidences + m.confidences
+                assert m.value == pytest.approx(max(0.0, sum(conf) / len(conf) - penalty))
 
 
 def test_final_value_path_compares_whole_paths():
@@ -448,12 +467,13 @@ def test_the_label_names_every_setting_that_changes_the_result():
         ("budget", 512), ("children", 4), ("exploration", 0.5), ("temperature", 0.9), ("top_p", 0.8),
         ("action", "step"), ("reflect", True), ("select", "vote"), ("seed", 3), ("reuse", False),
         ("cut_penalty", 0.2), ("final_value", "path"), ("normalize", True), ("max_answer_tokens", 200),
-        ("max_rounds", 10), ("max_depth", 5), ("fill", True), ("widen", True))]
+        ("max_rounds", 10), ("max_depth", 5), ("fill", True), ("widen", True), ("merge", False))]
+    variants += [SearchConfig(strategy="mcts", select=s) for s in SELECTIONS if s not in ("vote", base.select)]
     variants += [SearchConfig(strategy="sc", n=4), SearchConfig(strategy="sc"), SearchConfig(strategy="bon"),
                  SearchConfig(strategy="greedy")]
     labels = [c.label for c in [base] + variants]
     assert len(set(labels)) == len(labels)
-    assert base.label == "mcts/ministep:32/k3/c1/b2048/t0.7/p0.95/value"
+    assert base.label == "mcts/ministep:32/k3/c1/b2048/t0.7/p0.95/max-value"
     every = SearchConfig(strategy="mcts", reflect=True, reuse=False, normalize=True, cut_penalty=0.3,
                          final_value="path", seed=4, max_rounds=9, max_depth=5, max_answer_tokens=200)
     assert len(every.label) <= 100 and every.label != SearchConfig.from_dict({**every.to_dict(), "seed": 5}).label
@@ -472,11 +492,14 @@ def test_new_mcts_on_the_bundled_model(smollm2):
     config = SearchConfig(strategy="mcts", action="ministep:16", children=3, budget=384, max_answer_tokens=64,
                           reflect=True, seed=3)
     sent: list[GenerationRequest] = []
+    generated: list[list[int]] = []
     generate = smollm2.generate
 
     def spy(requests):  # type: ignore[no-untyped-def]
         sent.extend(requests)
-        return generate(requests)
+        out = generate(requests)
+        generated.extend(g.token_ids for gs in out for g in gs)
+        return out
 
     smollm2.generate = spy
     try:
@@ -488,13 +511,17 @@ def test_new_mcts_on_the_bundled_model(smollm2):
     assert all("</Output>" in r.stop for r in sent)
     copies = [n for n in tree if n.finish_reason == REUSED]
     assert copies and result.depth >= 2  # rollouts were reused: the tree went deeper than one expansion
+    own = lambda n: [k for k in n.children if k.kind == "rollout" and k.finish_reason != MERGED]  # noqa: E731
     for c in copies:
-        source = next(k for k in tree.nodes[c.parent_id].children if k.kind == "rollout")
-        below = [k for k in c.children if k.kind == "rollout"]
+        source = own(tree.nodes[c.parent_id])[0]
+        below = own(c)
         assert c.token_ids + (below[0].token_ids if below else []) == source.token_ids
-    # what was generated is what the result reports, each token once
-    copied = {c.id for c in copies} | {k.id for c in copies for k in c.children if k.kind == "rollout"}
-    assert result.tokens == sum(n.num_tokens for n in tree if n.kind not in ("root", "reflection") and n.id not in copied)
+    # what was generated is what the result reports, each token once (a merged sample's repeated action too)
+    copied = {c.id for c in copies} | {k.id for c in copies for k in own(c)}
+    again = sum(tree.nodes[n.parent_id].num_tokens for n in tree if n.finish_reason == MERGED)
+    assert result.tokens == again + sum(n.num_tokens for n in tree if n.kind not in ("root", "reflection")
+                                        and n.id not in copied)
+    assert result.tokens == sum(len(g) for g in generated)
     assert sum(r.n for r in sent) < 3 * len(sent)  # expansions of a leaf with a rollout asked for k - 1
     assert "<|" not in (result.answer or "")
     assert result.reflections == sum(n.kind == "reflection" for n in tree)

@@ -40,7 +40,7 @@ def compose_env(source: dict[str, str]) -> dict[str, str]:
     return {
         **source,
         "MARCO_BROKER_URL": f"redis://:{source['REDIS_PASSWORD']}@redis:6379/0",
-        "MARCO_DATABASE_URL": f"postgresql://{source['POSTGRES_USER']}:{source['POSTGRES_PASSWORD']}@postgres:5432/marco",
+        "MARCO_DATABASE_URL": f"postgresql://marco_app:{source['MARCO_APP_DB_PASSWORD']}@postgres:5432/marco",
     }
 
 
@@ -64,7 +64,8 @@ def test_every_password_in_the_example_env_is_a_known_placeholder() -> None:
     assert is_placeholder(env["POSTGRES_PASSWORD"]) and is_placeholder(env["REDIS_PASSWORD"])
     assert basic_auth_problems(env["FLOWER_BASIC_AUTH"])
     problems = placeholder_problems(compose_env(env))
-    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "MARCO_BROKER_URL", "MARCO_DATABASE_URL"):
+    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "MARCO_BROKER_URL", "MARCO_DATABASE_URL",
+                 "MARCO_APP_DB_PASSWORD", "MARCO_EXPLORER_DB_PASSWORD"):
         assert any(p.startswith(name) for p in problems), (name, problems)
 
 
@@ -107,21 +108,24 @@ def test_entrypoint_refuses_the_example_env_and_names_every_placeholder() -> Non
     assert "started" not in out.stdout
     message = out.stderr
     assert message.startswith("marco: refusing to start with placeholder secrets")
-    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "MARCO_BROKER_URL", "MARCO_DATABASE_URL"):
+    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "MARCO_BROKER_URL", "MARCO_DATABASE_URL",
+                 "MARCO_APP_DB_PASSWORD", "MARCO_EXPLORER_DB_PASSWORD"):
         assert name in message
     assert "openssl rand" in message
     assert REAL not in message
 
 
 def test_entrypoint_refuses_one_placeholder_left_among_real_ones() -> None:
-    env = {**example_env(), "POSTGRES_PASSWORD": REAL, "FLOWER_BASIC_AUTH": f"admin:{REAL}"}  # Redis's left
+    env = {**example_env(), "POSTGRES_PASSWORD": REAL, "FLOWER_BASIC_AUTH": f"admin:{REAL}",
+           "MARCO_APP_DB_PASSWORD": REAL + "a", "MARCO_EXPLORER_DB_PASSWORD": REAL + "e"}  # Redis's left
     out = entrypoint(compose_env(env), sys.executable, "-c", "print('started')")
     assert out.returncode == 2
     assert "REDIS_PASSWORD" in out.stderr and "POSTGRES_PASSWORD" not in out.stderr
 
 
 def test_entrypoint_runs_the_command_with_real_secrets() -> None:
-    env = {**example_env(), "POSTGRES_PASSWORD": REAL, "REDIS_PASSWORD": REAL + "r", "FLOWER_BASIC_AUTH": f"admin:{REAL}f"}
+    env = {**example_env(), "POSTGRES_PASSWORD": REAL, "REDIS_PASSWORD": REAL + "r", "FLOWER_BASIC_AUTH": f"admin:{REAL}f",
+           "MARCO_APP_DB_PASSWORD": REAL + "a", "MARCO_EXPLORER_DB_PASSWORD": REAL + "e"}
     out = entrypoint(compose_env(env), sys.executable, "-c", "import os; print('started', os.getpid())")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("started")
@@ -184,6 +188,47 @@ def test_marco_worker_and_scheduler_refuse_placeholder_urls() -> None:
     assert "MARCO_DATABASE_URL uses the placeholder password 'change-me'" in one_line(out.stderr)
     out = marco("scheduler", "--once", env={**env, "MARCO_BROKER_URL": "redis://:secret@127.0.0.1:1/0"})
     assert "MARCO_BROKER_URL uses the placeholder password 'secret'" in one_line(out.stderr)
+
+
+# --- issue 17: no password in an error or a log line ------------------------------------------------------
+SECRET = "Hunter2-9f8e7d6c"
+
+
+@pytest.mark.parametrize("text", [
+    f"cannot use database URL 'postgress://marco:{SECRET}@db:5432/marco'",
+    f"redis://:{SECRET}@redis:6379/0 does not answer",
+    f"amqp://guest:{SECRET}@rabbit// and postgresql+psycopg://u:{SECRET}@h/d",
+    f"postgresql://marco:{SECRET}@with@at@db/marco",
+])
+def test_redact_masks_every_url_password(text: str) -> None:
+    from marco.store.urls import redact
+
+    masked = redact(text)
+    assert SECRET not in masked and "***@" in masked
+    assert redact("sqlite:///marco.db and postgresql://db/marco") == "sqlite:///marco.db and postgresql://db/marco"
+
+
+def test_a_misspelt_database_url_never_shows_its_password() -> None:
+    from marco.store import Store, StoreError
+
+    with pytest.raises(StoreError) as err:
+        Store.open(f"postgress://marco:{SECRET}@db:5432/marco")
+    assert SECRET not in str(err.value) and "postgress://marco:***@db:5432/marco" in str(err.value)
+    assert err.value.__cause__ is None or SECRET not in str(err.value.__cause__)
+    for args in (["status", "--db", f"postgress://marco:{SECRET}@db/marco"], ["db", "check", "--db", f"postgress://marco:{SECRET}@db/marco"]):
+        out = marco(*args, env={})
+        assert out.returncode != 0 and SECRET not in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_scheduler_and_worker_logs_never_show_a_url_password(tmp_path) -> None:
+    """Real processes against unreachable services: what they print names the URL, masked."""
+    env = {"MARCO_BROKER_URL": f"redis://:{SECRET}@127.0.0.1:1/0", "MARCO_DATABASE_URL": f"postgresql://marco:{SECRET}@127.0.0.1:1/marco"}
+    out = marco("scheduler", "--once", env=env)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "127.0.0.1:1" in text and SECRET not in text, text
+    out = marco("submit", "mgsm", "--limit", "1", "--model", "scripted", env={**env, "MARCO_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
+    text = out.stdout + out.stderr
+    assert "127.0.0.1:1" in text and SECRET not in text, text
 
 
 # --- real services -----------------------------------------------------------------------------------------

@@ -108,15 +108,87 @@ def test_config_validation_and_round_trip(tmp_path: Path) -> None:
     config.to_json(tmp_path / "c.json")
     assert SFTConfig.from_json(tmp_path / "c.json") == config
     assert "data" not in config.hyperparameters() and config.hyperparameters()["lora"] is True
-    for bad in ({"batch_size": 0}, {"nproc": 0}, {"learning_rate": 0.0}, {"lora": True, "lora_r": 0}):
+    for bad in ({"batch_size": 0}, {"nproc": 0}, {"learning_rate": 0.0}, {"lora": True, "lora_r": 0},
+                {"eval_fraction": 0.6}, {"max_steps": 0}, {"epochs": 0}, {"sources": [{"path": "y", "weight": 0}]},
+                {"sources": ["y.jsonl"]}):  # data and sources together
         with pytest.raises(ValueError):
             SFTConfig(data="x.jsonl", **bad)
+    # issue 15: a run lasts epochs OR steps; max_steps no longer silently overrides epochs
+    with pytest.raises(ValueError, match="not both"):
+        SFTConfig(data="x.jsonl", epochs=3, max_steps=100)
+    assert SFTConfig(data="x.jsonl").train_epochs == 2.0 and SFTConfig(data="x.jsonl", max_steps=5).train_epochs is None
+    assert SFTConfig(data="x.jsonl", epochs=3).hyperparameters()["epochs"] == 3
+    # records written before the rule keep their meaning (max_steps won when it was > 0)
+    assert SFTConfig.from_dict({"data": "x", "max_steps": 100, "epochs": 1.0}).max_steps == 100
+    assert SFTConfig.from_dict({"data": "x", "max_steps": 0, "epochs": 3.0}).train_epochs == 3.0
+    # sources: PATH[:WEIGHT] strings or dicts; a synthesis: prefix is not a weight
+    mixed = SFTConfig(sources=["a.jsonl:2", {"path": "synthesis:r1"}, "synthesis:r2:0.5"])
+    assert mixed.mix == [{"path": "a.jsonl", "weight": 2.0}, {"path": "synthesis:r1", "weight": 1.0},
+                         {"path": "synthesis:r2", "weight": 0.5}]
+    assert SFTConfig(data="x.jsonl").mix == [{"path": "x.jsonl", "weight": 1.0}]
     with pytest.raises(FileNotFoundError, match="no training data"):
         run_sft(SFTConfig(data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o")))
     (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "only a question"}) + "\n")
     with pytest.raises(ValueError, match="row 0 is not a chat"):
         run_sft(SFTConfig(data=str(tmp_path / "bad.jsonl"), output_dir=str(tmp_path / "o"), nproc=2))
     assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_sources_mix_by_weight_with_a_held_out_split(tmp_path: Path, data_dir: Path) -> None:
+    from marco.sft.data import split_and_mix
+
+    a = mgsm_cot(data_dir, "en", 8)
+    b = mgsm_cot(data_dir, "zh", 8)
+    write_jsonl(a, tmp_path / "a.jsonl")
+    save_dataset(b, tmp_path / "b")
+    sources = [{"path": str(tmp_path / "a.jsonl"), "weight": 2.0}, {"path": str(tmp_path / "b"), "weight": 0.5}]
+    train, held, report = split_and_mix(sources, eval_fraction=0.25, seed=1)
+    assert [(r["examples"], r["eval"], r["train"]) for r in report] == [(8, 2, 12), (8, 2, 3)]
+    assert len(train) == 15 and len(held) == 4
+    key = lambda m: m[1]["content"]  # noqa: E731
+    a_q, b_q = {key(e.messages) for e in a}, {key(e.messages) for e in b}
+    assert sum(key(m) in a_q for m in train) == 12 and sum(key(m) in b_q for m in train) == 3
+    # the held-out chats never appear in training, whatever the weights
+    assert not {key(m) for m in held} & {key(m) for m in train}
+    assert split_and_mix(sources, 0.25, seed=1)[0] == train  # seeded
+    assert split_and_mix(sources, 0.0, seed=1)[1] == []
+
+
+@pytest.mark.slow
+def test_only_assistant_tokens_carry_loss_through_the_real_trainer(tmp_path: Path, data_dir: Path, base_dir: str) -> None:
+    """End to end: a real chat, the real tokenizer, TRL's own dataset preparation and collator: the labels
+    that are not -100 are exactly the assistant turns' tokens (and their end-of-turn token)."""
+    from marco.sft.train import build_trainer
+
+    examples = mgsm_cot(data_dir, "zh", 2)
+    two_turns = [*examples[1].messages, {"role": "user", "content": "再乘以二呢？"},
+                 {"role": "assistant", "content": "<Thought>\n2 × 6 = 12\n</Thought>\n<Output>\n12\n</Output>"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"messages": m}, ensure_ascii=False)
+                                               for m in (examples[0].messages, two_turns)) + "\n")
+    config = SFTConfig(data=str(tmp_path / "c.jsonl"), base_path=base_dir, output_dir=str(tmp_path / "o"),
+                       max_steps=1, batch_size=2, max_length=1024, eval_fraction=0.0)  # fmt: skip
+    trainer, tok = build_trainer(config)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    assert len(batch["labels"]) == 2
+    spans_seen = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        trained = [(j, t) for j, (t, lab) in enumerate(zip(ids, labels)) if lab != -100]
+        assert all(labels[j] == t for j, t in trained)
+        spans, start = [], None
+        for j, lab in enumerate([*labels, -100]):
+            if lab != -100 and start is None:
+                start = j
+            elif lab == -100 and start is not None:
+                spans.append(tok.decode(ids[start:j]))
+                start = None
+        spans_seen.append(spans)
+    want = sorted([[examples[0].answer + "<|im_end|>"],
+                   [examples[1].answer + "<|im_end|>", two_turns[-1]["content"] + "<|im_end|>"]], key=len)
+    assert sorted(spans_seen, key=len) == want
+    # nothing of the system prompt, the questions or the role headers carries loss
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        text = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+        assert "<|im_start|>" not in text and SHORT_SYSTEM not in text and "再乘以二呢" not in text
 
 
 # ------------------------------------------------------------------------------------------ real training
@@ -185,9 +257,11 @@ def test_sft_cli_lora_in_process(tmp_path: Path, data_dir: Path, base_dir: str) 
     payload = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(payload["losses"]) == 2 and payload["metrics"]["world_size"] == 1
     assert 0 < payload["metrics"]["trainable_params"] < 0.05 * 134_515_008
-    assert (out / "adapter" / "adapter_config.json").exists()
-    AutoModelForCausalLM.from_pretrained(out)  # merged: a plain checkpoint
-    base, tuned = _weights(base_dir), _weights(str(out))
+    ckpt = Path(payload["checkpoint"])
+    assert ckpt.parent == out.resolve() and ckpt.name.startswith("claim-")  # the claim's own folder under --out
+    assert (ckpt / "adapter" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(ckpt)  # merged: a plain checkpoint
+    base, tuned = _weights(base_dir), _weights(str(ckpt))
     assert set(base) == set(tuned)
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all("proj" in k for k in changed)  # LoRA touched the linear layers only
@@ -196,3 +270,63 @@ def test_sft_cli_lora_in_process(tmp_path: Path, data_dir: Path, base_dir: str) 
     assert again.exit_code == 1 and "already holds a checkpoint" in again.stderr
     missing = runner.invoke(app, ["sft", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "no training data" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_dpo_stage_trains_on_whole_path_and_step_pairs(tmp_path: Path, base_dir: str) -> None:
+    """The optional DPO stage: real SmolLM2, a whole-path pair and a sibling-step pair, 2 steps."""
+    import torch
+
+    from marco.data.examples import PreferencePair
+    from marco.sft import DPOConfig, run_dpo
+    from marco.sft.dpo import load_pairs, tokenize_pair
+    from transformers import AutoTokenizer
+
+    q = "Mia has 30 cards and gets 49 more. How many cards does she have?"
+    pairs = [
+        PreferencePair("a", chat(q, system=SHORT_SYSTEM), format_answer("30 + 49 = 79", "79"),
+                       format_answer("30 + 49 = 80", "80")),
+        PreferencePair("b", chat(q, system=SHORT_SYSTEM), "30 + 49 = 79.\n", "30 - 49 = -19.\n",
+                       meta={"kind": "step", "prefix": "<Thought>\nMia starts with 30 cards. "}),
+    ]  # fmt: skip
+    save_dataset(pairs, tmp_path / "pairs")
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    rows = load_pairs(tmp_path / "pairs")
+    whole, step = tokenize_pair(tok, rows[0]), tokenize_pair(tok, rows[1])
+    assert tok.decode(whole["chosen_ids"]).endswith("<|im_end|>")  # a whole answer ends its turn
+    assert tok.decode(step["chosen_ids"]) == "30 + 49 = 79.\n"  # a step continues the thought: no end token
+    assert tok.decode(step["prompt_ids"]).endswith("<|im_start|>assistant\n<Thought>\nMia starts with 30 cards. ")
+
+    with pytest.raises(ValueError, match="not both"):
+        DPOConfig(pairs="p", epochs=1, max_steps=1)
+    assert run_dpo  # the CLI below runs it
+
+    # `marco dpo`: trains, saves, records the run and registers the checkpoint with its lineage
+    from typer.testing import CliRunner
+
+    from marco.cli import app
+    from marco.store import Store
+
+    runner, db = CliRunner(), f"sqlite:///{tmp_path / 'dpo.db'}"
+    res = runner.invoke(app, ["dpo", "--pairs", str(tmp_path / "pairs"), "--base", "smollm2", "--out",
+                              str(tmp_path / "dpo"), "--max-steps", "2", "--batch-size", "2", "--max-length", "192",
+                              "--lr", "1e-5", "--db", db, "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    assert payload["metrics"]["steps"] == 2 and len(payload["losses"]) == 2 and payload["metrics"]["step_pairs"] == 1
+    assert payload["losses"][0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step: log 2
+    store = Store.open(db)
+    run = store.get_training_run(payload["training_run"])
+    assert run.status == "done" and run.losses == payload["losses"] and run.n_examples == 2
+    model = store.get_checkpoint(payload["model"])
+    assert model.meta["stage"] == "dpo" and model.meta["hyperparameters"]["beta"] == 0.1 and model.parent_id
+    base, tuned = _weights(base_dir), _weights(payload["checkpoint"])
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    store.close()
+    # bad input: one line, exit 1, no model loaded
+    again = runner.invoke(app, ["dpo", "--pairs", str(tmp_path / "pairs"), "--base", "smollm2", "--out", str(tmp_path / "dpo"), "--db", db])
+    assert again.exit_code == 1 and "already holds a checkpoint" in again.stderr
+    for args, said in ((["--pairs", str(tmp_path / "nope.jsonl")], "no preference pairs"),
+                       (["--pairs", str(tmp_path / "pairs"), "--epochs", "1", "--max-steps", "2"], "not both")):
+        bad = runner.invoke(app, ["dpo", "--base", "smollm2", "--out", str(tmp_path / "x"), "--db", db, *args])
+        assert bad.exit_code == 1 and said in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr

@@ -28,4 +28,5 @@ def test_short_soak_loses_nothing_and_changes_no_answer() -> None:
     assert re.search(r"^jobs lost: 0 of 60 ", out.stdout, re.M), report[-5000:]
     assert re.search(r"^duplicate nodes: 0 ", out.stdout, re.M), report[-5000:]
     assert re.search(r"^answers that differ from the undisturbed run: 0 of 240 ", out.stdout, re.M), report[-5000:]
+    assert re.search(r"^double runs: 0 job", out.stdout, re.M), report[-5000:]  # per-run markers in order
     assert out.stdout.strip().splitlines()[-1] == "soak_jobs_lost_or_wrong: 0", report[-5000:]

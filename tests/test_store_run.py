@@ -54,4 +54,12 @@ def test_main_job_on_the_real_model_end_to_end(tmp_path) -> None:
     store = Store.open(db)
     searches = store.find_searches(batch_id, limit=None)
     assert len(searches) == 2 and all(0 < s.tokens <= 160 for s in searches)
-    assert all(store.count_nodes(str(s.id)) > 2 for s in searches)
+    for s in searches:
+        # How many nodes a 160-token tree grows depends on what the model samples (two identical samples
+        # merge; a chain may end inside its first mini-step), so assert the shape, not a count.
+        tree = store.load_tree(str(s.id))
+        assert tree.root.children, "the root has no action the model wrote"
+        written = [n for n in tree if n.kind not in ("root", "reflection")]
+        assert all(len(n.confidences) == len(n.token_ids) for n in written)
+        assert all(0.0 < c <= 1.0 for n in written for c in n.confidences)
+        assert sum(n.num_tokens for n in tree.root.children) > 0

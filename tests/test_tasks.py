@@ -23,7 +23,7 @@ def test_get_task_knows_every_dataset() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'gsm8k'; choose one of mgsm, translation, demo"):
         get_task("gsm8k")
     for name in TASK_NAMES:
-        assert get_task(name).name in ("mgsm", "translation", "demo", "arith", "arith-heldout")
+        assert get_task(name).name in ("mgsm", "translation", "demo", "arith", "arith-heldout", "arith-hard", "arith-train")
 
 
 def test_default_data_dir_is_the_packaged_data_unless_the_environment_overrides_it(

@@ -43,7 +43,7 @@ def stored_batch(store: Store, configs=CONFIGS, model: str = "scripted", questio
 @pytest.fixture()
 def explorer(store: Store, db_url: str) -> Iterator[tuple[TestClient, Store, Any]]:
     plan = stored_batch(store)
-    with TestClient(create_app(UISettings(db=db_url))) as client:
+    with TestClient(create_app(UISettings(db=db_url)), base_url="http://localhost") as client:
         yield client, store, plan
 
 
@@ -231,7 +231,7 @@ def test_real_model_tree_is_coloured_token_by_token(tmp_path) -> None:
     store = Store.open(url)
     plan = stored_batch(store, configs=[SearchConfig(strategy="mcts", action="ministep:16", budget=64, children=2, seed=0)],
                         model="smollm2", questions=["What is 40 + 2?"])
-    client = TestClient(create_app(UISettings(db=url)))
+    client = TestClient(create_app(UISettings(db=url)), base_url="http://localhost")
     data = client.get(f"/api/searches/{plan.search_ids[0]}", params={"wait_tokens": "yes"}).json()
     assert data["pieces_loading"] is False
     with_tokens = [n for n in data["nodes"] if n["confidences"]]
@@ -272,3 +272,23 @@ def test_marco_ui_command_serves(tmp_path) -> None:
         proc.terminate()
         out = proc.communicate(timeout=20)[0].decode()
     assert f"http://localhost:{port}/" in out
+
+
+def test_a_host_it_does_not_serve_is_refused_dns_rebinding(tmp_path) -> None:
+    """A page on attacker.example whose name re-resolves to 127.0.0.1 reaches the explorer with its own Host:
+    refused (421) before any query, on a real server; the names the operator uses still work."""
+    url = f"sqlite:///{tmp_path / 'ui.db'}"
+    store = Store.open(url)
+    stored_batch(store, configs=CONFIGS[1:], questions=QUESTIONS[:1])
+    with running(create_app(UISettings(db=url))) as base:
+        port = base.rsplit(":", 1)[1]
+        for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.attacker.example", ""):
+            r = httpx.get(base + "/api/batches", headers={"Host": host})
+            assert r.status_code == 421, (host, r.status_code)
+            assert "batches" not in r.json() and "--allowed-host" in r.json()["error"]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+            assert httpx.get(base + "/api/batches", headers={"Host": host}).status_code == 200, host
+    with running(create_app(UISettings(db=url, allowed_hosts=("marco.lab.internal",)))) as base:
+        assert httpx.get(base + "/api/batches", headers={"Host": "marco.lab.internal:80"}).status_code == 200
+        assert httpx.get(base + "/api/batches", headers={"Host": "localhost"}).status_code == 421
+    store.close()

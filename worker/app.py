@@ -22,6 +22,9 @@ def preload_alive_timeout(settings: QueueSettings) -> float:
 
 
 def create_app(settings: QueueSettings | None = None) -> Celery:
+    from marco.store.urls import install_redaction
+
+    install_redaction()  # the worker's and Flower's logs never show a URL's password
     """A Celery app for ``settings`` (default: from the environment).
 
     With no broker configured the app still exists (tasks are plain functions the scheduler calls

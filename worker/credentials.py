@@ -32,7 +32,7 @@ PLACEHOLDER_PREFIXES: tuple[str, ...] = ("change-me", "changeme", "change_me", "
 
 # Where a Marco process finds secrets: URLs with a password inside, and plain passwords.
 URL_VARS: tuple[str, ...] = ("MARCO_BROKER_URL", "MARCO_DATABASE_URL")
-PASSWORD_VARS: tuple[str, ...] = ("POSTGRES_PASSWORD", "REDIS_PASSWORD")
+PASSWORD_VARS: tuple[str, ...] = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MARCO_APP_DB_PASSWORD", "MARCO_EXPLORER_DB_PASSWORD")
 BASIC_AUTH_VAR = "FLOWER_BASIC_AUTH"
 
 HOW_TO_FIX = "set real passwords in .env (e.g. `openssl rand -hex 24`) and start again"

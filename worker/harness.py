@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from worker.launch import celery_command, flower_argv, worker_argv
+from worker.launch import celery_command, flower_argv, flower_env, worker_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,7 @@ def start_worker(
 
 
 def start_flower(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: str, ready_timeout_s: float = 60.0) -> Proc:
-    proc = _start(celery_command(flower_argv(port, "127.0.0.1", basic_auth)), env, log_dir / "flower.log", "flower")
+    argv = flower_argv(port, "127.0.0.1", basic_auth)
+    proc = _start(celery_command(argv), {**env, **flower_env(basic_auth)}, log_dir / "flower.log", "flower")
     proc.wait_for("Visit me at", ready_timeout_s)
     return proc

@@ -67,10 +67,18 @@ def flower_argv(port: int = 5555, address: str = "127.0.0.1", basic_auth: str | 
     problems = basic_auth_problems(auth, "Flower's basic auth")
     if problems:
         raise ValueError("; ".join(problems) + ": choose a real password (e.g. `openssl rand -hex 24`)")
-    argv = ["flower", f"--port={port}", f"--address={address}", f"--basic-auth={auth}"]
+    # the credentials go to Flower through $FLOWER_BASIC_AUTH (flower_env), never on its command line,
+    # where `ps` and `docker inspect` show them
+    argv = ["flower", f"--port={port}", f"--address={address}"]
     if url_prefix:
         argv.append(f"--url-prefix={url_prefix}")
     return argv
+
+
+def flower_env(basic_auth: str | None = None) -> dict[str, str]:
+    """The environment that gives Flower its basic auth (``$FLOWER_BASIC_AUTH``, which Flower reads itself)."""
+    auth = basic_auth or os.environ.get("FLOWER_BASIC_AUTH") or ""
+    return {"FLOWER_BASIC_AUTH": auth}
 
 
 STOP_MARGIN_S = 30  # handing the lease back and closing connections, with room for a slow database

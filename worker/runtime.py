@@ -8,6 +8,7 @@ once per process and spec, then reused by every job the process runs.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from typing import Any
@@ -59,6 +60,12 @@ def backend_loader(env: "os._Environ[str] | dict[str, str] | None" = None) -> An
     return load
 
 
+# One idle connection per worker process (SQLAlchemy's default keeps up to 5): a job and its heartbeat take
+# a second one only while both hold it at once, closed when returned. Measured by bench/fleet.py: 16
+# workers held 36 connections with the default pool and 20 with this one (docs/operations.md, "Capacity").
+WORKER_POOL: dict[str, int] = {"pool_size": 1, "max_overflow": 4}
+
+
 class StoreUnavailable(ConnectionError):
     """The database does not answer (the task retries with backoff)."""
 
@@ -68,10 +75,20 @@ class WorkerRuntime:
 
     def __init__(self, settings: QueueSettings, name: str | None = None) -> None:
         self.settings = settings
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        # Random per process and run: two containers with one hostname and pid never share a name. The
+        # name alone never lets a claim take another's lease (claims are fenced by token), it says who.
+        self.nonce = secrets.token_hex(4)
+        self.name = self.named(name)
+        # job id -> fencing token of this process's latest claim: a retry after a transient error takes
+        # back exactly that claim, never a lease another thread of this process holds under the same name
+        self.claims: dict[str, int] = {}
         self._store: Any = None
         self._backends: Any = None
         self._lock = threading.Lock()
+
+    def named(self, base: str | None = None) -> str:
+        """``BASE:NONCE`` (default base ``hostname:pid``)."""
+        return f"{base or f'{socket.gethostname()}:{os.getpid()}'}:{self.nonce}"
 
     @property
     def store(self) -> Any:
@@ -79,10 +96,14 @@ class WorkerRuntime:
         with self._lock:
             if self._store is None:
                 from marco.store import Store, StoreError
+                from marco.store.db import pool_kwargs
                 from marco.store.migrate import SchemaTooNew
 
                 try:
-                    self._store = Store.open(self.settings.database_url)
+                    # SQLite has no pool to size; a Postgres worker takes $MARCO_DB_POOL_SIZE/_MAX_OVERFLOW
+                    url = self.settings.database_url or ""
+                    kwargs = {**WORKER_POOL, **pool_kwargs()} if url.startswith(("postgres", "postgresql")) else {}
+                    self._store = Store.open(self.settings.database_url, **kwargs)
                 except SchemaTooNew:
                     raise  # not transient: this worker's code is older than the database
                 except StoreError as exc:  # unreachable database: a transient error, worth a retry
@@ -105,6 +126,9 @@ class WorkerRuntime:
             self.backends.get(spec)
 
     def close(self) -> None:
+        if self._backends is not None:  # vLLM engines and the servers started for them end with the worker
+            self._backends.close()
+            self._backends = None
         if self._store is not None and hasattr(self._store, "close"):
             self._store.close()
         self._store = None
@@ -121,7 +145,7 @@ def current(settings: QueueSettings | None = None, name: str | None = None) -> W
         _runtime = WorkerRuntime(settings or QueueSettings.from_env(), name=name)
         _pid = os.getpid()
     elif name is not None:
-        _runtime.name = name
+        _runtime.name = _runtime.named(name)
     return _runtime
 
 

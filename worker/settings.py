@@ -45,7 +45,8 @@ class QueueSettings:
     ``lease_s`` is how long a job's lease in the store lasts between renewals; a worker that dies stops
     renewing it and the scheduler re-enqueues the job once it expires. ``visibility_timeout_s`` (Redis
     redelivers an unacknowledged message after it) is always above the hard time limit, otherwise a long
-    job would be handed to a second worker while the first one is still running it.
+    job would be handed to a second worker while the first one is still running it. ``progress_timeout_s``
+    ends a job that made no progress for that long (a hung model call), on every pool.
     """
 
     broker_url: str | None = None
@@ -56,6 +57,9 @@ class QueueSettings:
     max_retries: int = 8
     retry_backoff_max_s: int = 600
     preload_timeout_s: int = 900  # how long a pool process may take to start (preloading its models)
+    # a job with no progress (no lockstep round written, no training step) for this long is ended by its
+    # heartbeat with that reason, whatever the pool (prefork, solo, threads): $MARCO_PROGRESS_TIMEOUT
+    progress_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
         if self.hard_time_limit_s <= self.soft_time_limit_s:
@@ -87,4 +91,5 @@ class QueueSettings:
             max_retries=_int(env, "MARCO_TASK_MAX_RETRIES", cls.max_retries),
             retry_backoff_max_s=_int(env, "MARCO_RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
             preload_timeout_s=_int(env, "MARCO_PRELOAD_TIMEOUT", cls.preload_timeout_s),
+            progress_timeout_s=_int(env, "MARCO_PROGRESS_TIMEOUT", cls.progress_timeout_s),
         )

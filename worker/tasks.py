@@ -22,6 +22,7 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 from celery.utils.log import get_logger
 
 from marco.shutdown import SHUTDOWN
+from marco.store.urls import one_line
 from worker import runtime as _runtime
 from worker.settings import TASK_FOR_KIND, QueueSettings
 
@@ -63,6 +64,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, transient_errors()) or db_transient(exc)
 
 
+class TransientError(Exception):
+    """What a retried task reports (its cause's first line, passwords masked)."""
+
+
 class JobFailed(Exception):
     """Raised by the Celery task when its job ended ``failed``, so the task's state (FAILURE) says so."""
 
@@ -70,7 +75,14 @@ class JobFailed(Exception):
 def _default_runner(rt: _runtime.WorkerRuntime, job_id: str, reclaim: bool = False) -> Any:
     from marco.jobs import execute_job
 
-    return execute_job(rt.store, job_id, rt.backends, rt.name, lease_s=rt.settings.lease_s, reclaim=reclaim)
+    outcome = execute_job(
+        rt.store, job_id, rt.backends, rt.name, lease_s=rt.settings.lease_s, reclaim=reclaim,
+        token=rt.claims.get(job_id) if reclaim else None,
+        on_claim=lambda claim: rt.claims.__setitem__(job_id, claim.token),
+        progress_timeout_s=rt.settings.progress_timeout_s,
+    )  # fmt: skip
+    rt.claims.pop(job_id, None)  # ended one way or another: no retry will reclaim it
+    return outcome
 
 
 def run_job(job_id: str, rt: _runtime.WorkerRuntime | None = None, reclaim: bool = False) -> dict[str, Any]:
@@ -93,7 +105,7 @@ def run_job(job_id: str, rt: _runtime.WorkerRuntime | None = None, reclaim: bool
         outcome = run(rt, job_id) if run is not None else _default_runner(rt, job_id, reclaim=reclaim)
     except SoftTimeLimitExceeded:
         reason = f"soft time limit exceeded ({rt.settings.soft_time_limit_s}s); raise $MARCO_TASK_SOFT_LIMIT"
-        rt.store.fail_job(job_id, reason, worker=rt.name)
+        rt.store.fail_job(job_id, reason, worker=rt.name, token=rt.claims.pop(job_id, None))
         log.warning("job %s stopped: %s", job_id, reason)
         return {"job_id": job_id, "status": "failed", "error": reason}
     summary = {"job_id": job_id, "kind": kind, "worker": rt.name, "elapsed_s": time.perf_counter() - started}
@@ -134,7 +146,7 @@ def _sleep_job(rt: _runtime.WorkerRuntime, job_id: str) -> Any:
     if job is None:
         return None
     time.sleep(float(job.payload.get("seconds", 0.0)))
-    store.finish_job(job_id, rt.name)
+    store.finish_job(job_id, rt.name, token=job.token)
     return job
 
 
@@ -154,8 +166,10 @@ def register_tasks(app: Celery) -> dict[str, Task]:
                     raise
                 # The database or broker went away: the job was not ended in the store, so the message must
                 # come back. Past max_retries the task fails, its lease expires and the scheduler re-sends it.
-                log.warning("job %s: transient error, retry %d: %s", job_id, self.request.retries + 1, str(exc).splitlines()[0])
-                raise self.retry(exc=exc, countdown=retry_countdown(self.request.retries, settings.retry_backoff_max_s))
+                reason = f"{type(exc).__name__}: {one_line(exc)}"
+                log.warning("job %s: transient error, retry %d: %s", job_id, self.request.retries + 1, reason)
+                # the retry's reason reaches the broker and Flower's task view: the masked line, not `exc`
+                raise self.retry(exc=TransientError(reason), countdown=retry_countdown(self.request.retries, settings.retry_backoff_max_s))
             return task_result(summary)
 
         tasks[name] = app.task(
@@ -195,6 +209,29 @@ def _request_shutdown(signum: int, _frame: Any) -> None:
 _shutdown_at = 0.0
 
 
+def _serve_metrics(offset: int = 0) -> None:
+    """Serve this process's ``marco_*`` metrics on ``$MARCO_METRICS_PORT`` + ``offset`` when it is set."""
+    from marco import metrics
+
+    try:
+        port = metrics.serve_from_env(offset)
+    except ValueError as exc:
+        log.warning("metrics not served: %s", exc)
+        return
+    if port is not None:
+        log.info("metrics on port %d (pid %d)", port, os.getpid())
+
+
+@worker_init.connect
+def _serve_metrics_in_main(sender: Any = None, **_: Any) -> None:
+    # solo and threads pools run jobs in the main process: it serves. A prefork main process runs no job;
+    # each pool process serves instead, on the base port plus its index (see _fresh_process).
+    pool = getattr(sender, "pool_cls", "")
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "solo" in name or "thread" in name:
+        _serve_metrics()
+
+
 @worker_init.connect
 def _require_database(**_: Any) -> None:
     # Without $MARCO_DATABASE_URL a worker would open ./marco.db, find none of the jobs it is sent and drop
@@ -218,7 +255,7 @@ def _require_database(**_: Any) -> None:
     except SchemaTooNew as exc:
         _refuse(f"error: {exc}")
     except Exception as exc:  # unreachable now: start anyway, jobs retry until it answers
-        log.warning("store not checked at start: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning("store not checked at start: %s", one_line(exc))
 
 
 def _refuse(message: str) -> None:
@@ -245,6 +282,10 @@ def _forward_shutdown(how: str = "Warm", **_: Any) -> None:
 def _fresh_process(**_: Any) -> None:
     # A pool process must not reuse the parent's connections (and the parent never loaded a model).
     _runtime.reset()
+    from billiard.process import current_process
+
+    # Pool process k (0-based, kept by its replacement) serves on $MARCO_METRICS_PORT + k.
+    _serve_metrics(int(getattr(current_process(), "index", 0) or 0))
     specs = [s.strip() for s in os.environ.get(PRELOAD_ENV, "").split(",") if s.strip()]
     if specs:
         started = time.perf_counter()

@@ -27,7 +27,12 @@ from marco.cli import pipeline as _pipeline  # noqa: E402,F401
 from marco.cli import export as _export  # noqa: E402,F401
 from marco.cli import ui as _ui  # noqa: E402,F401
 from marco.cli import compare as _compare  # noqa: E402,F401
+from marco.cli import model as _model  # noqa: E402,F401
+from marco.cli import archive as _archive  # noqa: E402,F401
 
 
 def main() -> None:
+    from marco.store.urls import install_redaction
+
+    install_redaction()  # no password of a database or broker URL in an error, a log line or a traceback
     app()

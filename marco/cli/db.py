@@ -11,6 +11,7 @@ import typer
 
 from marco.cli import app
 from marco.store.db import ENV_VAR, StoreError, default_url
+from marco.store.urls import safe_url
 
 db_app = typer.Typer(help="The trace store's schema: upgrade, check.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -23,7 +24,9 @@ DbOption = typer.Option(
 
 def fail(message: str) -> NoReturn:
     """Print a one-line error and exit with status 1."""
-    typer.echo(f"error: {message}", err=True)
+    from marco.store.urls import redact
+
+    typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(1)
 
 
@@ -56,7 +59,10 @@ def upgrade(
     db: str = DbOption,
     revision: str = typer.Option("head", "--revision", help="Target revision."),
 ) -> None:
-    """Apply the migrations in migrations/ to the database."""
+    """Apply the migrations in migrations/ to the database.
+
+    Connect to Postgres itself, never through PgBouncer: a URL marked ?pgbouncer=1 (or
+    $MARCO_DB_PGBOUNCER=1) is refused. Workers and the scheduler may then use the PgBouncer URL."""
     from marco.store import migrate
 
     store = open_store(db, upgrade=False)
@@ -66,7 +72,7 @@ def upgrade(
         after = migrate.current_revision(store.engine)
     except Exception as exc:  # a failed migration leaves the database at its previous revision
         fail(f"upgrade failed: {str(exc).splitlines()[0]}")
-    typer.echo(f"{store.engine.url.render_as_string(hide_password=True)}: {before or 'empty'} -> {after}")
+    typer.echo(f"{safe_url(store.engine.url)}: {before or 'empty'} -> {after}")
 
 
 @db_app.command("downgrade")
@@ -78,7 +84,10 @@ def downgrade(
     from marco.store import migrate
 
     store = open_store(db, upgrade=False)
-    migrate.downgrade(store.engine, revision)
+    try:
+        migrate.downgrade(store.engine, revision)
+    except StoreError as exc:
+        fail(str(exc))
     typer.echo(f"now at {migrate.current_revision(store.engine) or 'base'}")
 
 

@@ -1,4 +1,5 @@
-"""``marco pipeline run | status | resume | checkpoints``: the data loop as scheduler-driven stages."""
+"""``marco pipeline run | status | resume | checkpoints``: expert iteration and the evaluation matrix as
+scheduler-driven stages."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from marco.cli.db import DbOption, fail, open_store
 # Registers the stage handlers with the scheduler's registry, so `marco scheduler` chains pipeline stages.
 import marco.pipeline.stages  # noqa: E402,F401
 
-pipeline_app = typer.Typer(help="Reason → synthesise → SFT → reason with the checkpoint → before/after report.",
+pipeline_app = typer.Typer(help="Expert iteration (search → synthesise → SFT, N rounds) and the evaluation matrix.",
                            no_args_is_help=True)  # fmt: skip
 app.add_typer(pipeline_app, name="pipeline")
 
@@ -28,28 +29,46 @@ def _fmt(value: Any, pct: bool = False) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
+    from marco.compare.render import matrix_table
+
     console = Console()
+    console.width = max(console.width, 140)  # the table needs it, also when piped to a file
     stages = Table(title=f"pipeline {report['pipeline_id']} ({report.get('name')}): {report['status']}")
     for col in ("stage", "status", "batch", "error"):
         stages.add_column(col, overflow="fold")
     for s in report["stages"]:
         stages.add_row(s["stage"], s["status"], (s["batch_id"] or "-")[:8], s.get("error") or "")
     console.print(stages)
-    if report.get("training"):
-        t = report["training"]
-        losses = t["losses"]
-        loss = f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-"
-        console.print(f"training run {t['training_run_id']}: {t['status']}, loss {loss}, model {t['model']}", highlight=False)
-    if report.get("before") or report.get("after"):
-        table = Table(title="test split: before (base) vs after (fine-tuned)")
-        for col in ("", "accuracy", "mean confidence", "tokens/problem", "searches"):
-            table.add_column(col, justify="right")
-        for key in ("before", "after"):
-            m = report.get(key)
-            if m:
-                table.add_row(key, _fmt(m["accuracy"], pct=True), _fmt(m["mean_confidence"]),
-                              f"{m['tokens_per_problem']:.1f}", f"{m['done']}/{m['searches']}")  # fmt: skip
-        console.print(table)
+    for r in report.get("rounds", []):
+        search, synth, t = r.get("search"), r.get("synthesis"), r.get("training")
+        parts = [f"round {r['round']}:"]
+        if search:
+            parts.append(f"search {_fmt(search['accuracy'], pct=True)} right with {search.get('model')}")
+        if synth:
+            parts.append(f"{synth.get('examples')} examples synthesised")
+        if t:
+            losses = t["losses"]
+            loss = f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-"
+            parts.append(f"training {t['status']} from {t['base']}, loss {loss}, model {t['model']}")
+        console.print(", ".join(parts), highlight=False)
+    if report.get("table"):
+        console.print(matrix_table(report["table"], title=f"{report.get('name')}: evaluation"))
+
+
+def write_table(report: dict[str, Any], as_json: Optional[Path], markdown: Optional[Path], plot: Optional[Path]) -> None:
+    """The table as a JSON list of rows, as markdown, and as the accuracy-vs-tokens plot."""
+    from marco.compare.plot import plot_matrix
+    from marco.compare.render import matrix_markdown
+
+    try:
+        if as_json is not None:
+            as_json.write_text(json.dumps(report["table"], indent=2), encoding="utf-8")
+        if markdown is not None:
+            markdown.write_text(matrix_markdown(report["table"], title=report.get("name")), encoding="utf-8")
+        if plot is not None:
+            plot_matrix(report["table"], plot)
+    except OSError as exc:
+        fail(f"cannot write {exc.filename}: {exc.strerror}")
 
 
 def _dispatcher(queue: Optional[bool], store: Any) -> Any:
@@ -66,11 +85,21 @@ def run_cmd(
     file: Path = typer.Argument(..., help="Pipeline YAML (see examples/pipeline.yaml)."),
     queue: Optional[bool] = typer.Option(None, "--queue/--in-process", help="Stages as queued jobs (default when $MARCO_BROKER_URL is set)."),
     wait: bool = typer.Option(False, "--wait", help="With --queue: tick a scheduler here until the pipeline ends."),
-    as_json: bool = typer.Option(False, "--json", help="Print the final report as JSON."),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Write the table as a JSON list of rows (model, "
+                                           "strategy, dataset, lang, budget, n, correct, accuracy, ci_low, ci_high, "
+                                           "tokens_spent, mean_depth, paired tests) to this file."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as markdown to this file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write accuracy vs tokens spent to this PNG."),
     db: str = DbOption,
 ) -> None:
-    """Start a pipeline. In-process (no broker) it runs to the end and prints the before/after report; with
-    a broker it enqueues the first stages and `marco scheduler` starts each next one."""
+    """Start a pipeline: N rounds of expert iteration (search the training split with the newest model →
+    synthesise → SFT), then the evaluation matrix (models × strategies × budgets × datasets). In-process (no
+    broker) it runs to the end and prints the table (accuracy with 95% Wilson intervals, tokens spent, exact
+    paired tests against the base and the trained model's greedy rows); with a broker it enqueues the first
+    stages and `marco scheduler` starts each next one (`marco pipeline status ID` shows the table).
+
+    The pipeline refuses to train on an evaluation split (mgsm, arith-heldout, arith-hard, ...) or on the
+    tuning split arith: train on arith-train. Example: marco pipeline run examples/table-small.yaml --json table.json"""
     from marco.pipeline import PipelineSpec
     from marco.pipeline.report import pipeline_report
     from marco.pipeline.service import drive, start
@@ -100,10 +129,8 @@ def run_cmd(
 
     drive(store, dispatcher, pipeline_id, on_tick=show, poll_s=2.0 if dispatcher.distributed else 0.0)
     report = pipeline_report(store, pipeline_id)
-    if as_json:
-        typer.echo(json.dumps(report))
-    else:
-        print_report(report)
+    print_report(report)
+    write_table(report, as_json, markdown, plot)
     if report["status"] != "done":
         fail(f"pipeline {pipeline_id} stopped at {report.get('failed_stage')}: {report.get('error')} "
              f"(fix it, then `marco pipeline resume {pipeline_id}`)")  # fmt: skip
@@ -112,10 +139,10 @@ def run_cmd(
 @pipeline_app.command("status")
 def status_cmd(
     pipeline_id: str = typer.Argument(..., help="Pipeline id."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report (stages, rounds, table) as JSON."),
     db: str = DbOption,
 ) -> None:
-    """Each stage's status, the failed stage's reason, and the before/after report once it exists."""
+    """Each stage's status, the failed stage's reason, each round, and the table of the evaluations done."""
     from marco.pipeline.report import pipeline_report
     from marco.store import StoreError
 

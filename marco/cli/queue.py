@@ -97,10 +97,12 @@ def worker(
 def flower(
     port: int = typer.Option(5555, "--port"),
     address: str = typer.Option("127.0.0.1", "--address", help="Interface to listen on; /metrics and /healthcheck skip basic auth, so reach Flower from elsewhere through a proxy (docs/operations.md)."),
-    basic_auth: str = typer.Option(None, "--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password (required; placeholders such as change-me are refused)."),
+    basic_auth: str = typer.Option(None, "--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password (required; placeholders such as change-me are refused). Prefer $FLOWER_BASIC_AUTH: a flag shows in `ps`."),
 ) -> None:
     """Start Flower (the Celery monitor) on the broker, with basic auth."""
-    from worker.launch import flower_argv
+    import os
+
+    from worker.launch import flower_argv, flower_env
 
     settings = _settings()
     if not settings.distributed:
@@ -110,6 +112,7 @@ def flower(
         argv = flower_argv(port, address, basic_auth)
     except ValueError as exc:
         _fail(str(exc))
+    os.environ.update(flower_env(basic_auth))  # Flower reads it there; never on its command line
     from worker.app import app as celery_app
 
     celery_app.start(argv)
@@ -140,6 +143,7 @@ def submit(
     normalize: bool = o.Normalize,
     fill: bool = o.Fill,
     widen: bool = o.Widen,
+    merge: bool = o.Merge,
     model: str = o.Model,
     name: str = typer.Option(None, "--name", help="Batch name (default: dataset and id)."),
     priority: int = typer.Option(0, "--priority", help="0-9, higher runs first."),
@@ -159,7 +163,7 @@ def submit(
     from scheduler.submit import submit as do_submit
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen, merge).config()
     langs = [x.strip() for x in lang.split(",") if x.strip()] if lang else None
     try:
         request = SubmitRequest(
@@ -183,10 +187,16 @@ def submit(
     except BrokerUnavailable as exc:
         _fail(f"{exc}; nothing was submitted")
     t0 = time.perf_counter()
-    try:
-        plan = do_submit(store, dispatcher, request, problems)
-    except (BrokerUnavailable, StoreError) as exc:
-        _fail(f"{exc}; nothing was submitted")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # a large batch is written and enqueued in chunks (workers start on the first): show how far it is
+    with Progress(TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True, disable=len(problems) < 20_000) as bar:
+        task = bar.add_task("submit", total=len(problems))
+        try:
+            plan = do_submit(store, dispatcher, request, problems, progress=lambda done, _: bar.update(task, completed=done))
+        except (BrokerUnavailable, StoreError) as exc:
+            _fail(f"{exc}; nothing was submitted")
     where = "enqueued" if dispatcher.distributed else "ran in-process"
     console.print(
         f"batch [bold]{plan.batch_id}[/bold]: {len(plan.problem_ids)} problems, {len(plan.job_ids)} jobs "
@@ -222,14 +232,19 @@ def _wait(store: Any, batch_id: str, poll_s: float = 1.0) -> None:
     _print_status(store, [batch_id])
 
 
-def _print_status(store: Any, batch_ids: list[str], as_json: bool = False) -> None:
-    from scheduler.progress import snapshot, table
+def _print_status(store: Any, batch_ids: list[str], as_json: bool = False, fleet: bool = False) -> None:
+    from scheduler.progress import fleet_snapshot, fleet_table, snapshot, table
 
     snaps = [snapshot(store, b) for b in batch_ids]
+    queues = fleet_snapshot(store) if fleet else None
     if as_json:
-        console.print_json(json.dumps([s.to_dict() for s in snaps]))
+        # without --fleet: the list of batches, as before; with it, {"batches": [...], "fleet": {...}}
+        batches = [s.to_dict() for s in snaps]
+        console.print_json(json.dumps({"batches": batches, "fleet": queues.to_dict()} if queues else batches))
     else:
         console.print(table(snaps))
+        if queues is not None:
+            console.print(fleet_table(queues))
 
 
 @app.command()
@@ -239,13 +254,16 @@ def status(
     interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
     limit: int = typer.Option(10, "--limit", help="Batches listed without BATCH."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    fleet: bool = typer.Option(None, "--fleet/--no-fleet", help="(default: on, off with --json) Also show each queue's depth, running jobs, oldest queued job, workers holding leases, re-sends and lost leases (the scheduler's marco_queue_* metrics)."),
     db: str = Db,
 ) -> None:
-    """Jobs queued/running/done/failed, searches finished, accuracy so far, tokens, throughput and ETA."""
+    """Jobs queued/running/done/failed, searches finished, accuracy so far, tokens, throughput and ETA;
+    below, the queues (the same headline numbers the scheduler exports on $MARCO_METRICS_PORT)."""
+    from rich.console import Group
     from rich.live import Live
 
     from marco.store import StoreError
-    from scheduler.progress import snapshot, table
+    from scheduler.progress import fleet_snapshot, fleet_table, snapshot, table
 
     store = _open_store(db)
 
@@ -254,12 +272,16 @@ def status(
 
     try:
         if not watch:
-            _print_status(store, ids(), as_json)
+            _print_status(store, ids(), as_json, fleet=fleet if fleet is not None else not as_json)
             return
-        with Live(table([snapshot(store, b) for b in ids()]), console=console, refresh_per_second=4) as live:
+
+        def view(snaps: list[Any]) -> Any:
+            return Group(table(snaps), fleet_table(fleet_snapshot(store))) if fleet is not False else table(snaps)
+
+        with Live(view([snapshot(store, b) for b in ids()]), console=console, refresh_per_second=4) as live:
             while True:
                 snaps = [snapshot(store, b) for b in ids()]
-                live.update(table(snaps))
+                live.update(view(snaps))
                 if batch and snaps[0].ended:
                     break
                 time.sleep(interval)
@@ -324,6 +346,12 @@ def scheduler(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings()
+    from marco import metrics
+
+    try:
+        metrics.serve_from_env()  # $MARCO_METRICS_PORT: this scheduler's metrics (queue depth, ticks, re-sends)
+    except ValueError as exc:
+        _fail(str(exc))
     _refuse_placeholders({"MARCO_BROKER_URL": settings.broker_url, "--db / MARCO_DATABASE_URL": db})
     store = _open_store(db)
     dispatcher = make_dispatcher(settings, store=store)

@@ -69,6 +69,7 @@ def run(
     normalize: bool = o.Normalize,
     fill: bool = o.Fill,
     widen: bool = o.Widen,
+    merge: bool = o.Merge,
     model: str = o.Model,
     db: str = DbOption,
     chunk: int = typer.Option(64, "--chunk", help="Problems per job of the stored batch (searched in lockstep)."),
@@ -86,7 +87,7 @@ def run(
     from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen, merge).config()
     console = Console()
     try:
         dataset = task_name(dataset, testset)
@@ -127,6 +128,8 @@ def run(
             console.print(f"[red]error:[/red] {exc}\nbatch {plan.batch_id} is kept (finished searches and stored "
                           f"nodes stay); when the server is back: marco retry {plan.batch_id} --db {db or '$MARCO_DATABASE_URL'}")
             raise typer.Exit(1) from None
+        finally:
+            backends.close()  # a vLLM engine's core process (or the server started for it) ends with the command
     wall = time.perf_counter() - t0
     summary = summarize(task, config.label, problems, results, wall)
     console.print(results_table(summary))

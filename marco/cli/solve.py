@@ -36,6 +36,7 @@ def solve(
     normalize: bool = o.Normalize,
     fill: bool = o.Fill,
     widen: bool = o.Widen,
+    merge: bool = o.Merge,
     model: str = o.Model,
     task_name: str = typer.Option("mgsm", "--task", help="Prompt and answer format: mgsm (a number) or translation."),
     lang: str = typer.Option("en", "--lang", help="Language of the question (sets the answer instruction)."),
@@ -50,7 +51,7 @@ def solve(
     from marco.cli.db import load_model
 
     config = o.SearchOptions(strategy, action, reflect, budget, n, children, temperature, select, seed, exploration,
-                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen).config()
+                             top_p, reuse, cut_penalty, final_value, normalize, fill, widen, merge).config()
     task = get_task(task_name)
     problem = Problem(dataset="solve", lang=lang, index=0, question=question)
     console = Console(stderr=True)
@@ -62,8 +63,11 @@ def solve(
     backends = BackendCache()
     backends.put(model, backend)
     results = []
-    with console.status(f"searching ({config.label}, budget {budget} tokens)…"):
-        outcome = execute_job(store, plan.job_ids[0], backends, worker=f"solve-{os.getpid()}", on_progress=results.append)
+    try:
+        with console.status(f"searching ({config.label}, budget {budget} tokens)…"):
+            outcome = execute_job(store, plan.job_ids[0], backends, worker=f"solve-{os.getpid()}", on_progress=results.append)
+    finally:
+        backends.close()  # a vLLM engine's core process (or the server started for it) ends with the command
     if outcome.status != "done" or not results:
         typer.echo(f"error: search failed: {outcome.error}", err=True)
         raise typer.Exit(1)

@@ -72,6 +72,8 @@ def synthesize(
     dedup: str = typer.Option("exact", "--dedup", help="none | exact | near (MinHash)."),
     near_threshold: float = typer.Option(0.8, "--near-threshold", help="Jaccard similarity for --dedup near."),
     pairs: bool = typer.Option(False, "--pairs", help="Also build preference pairs (best correct vs best wrong path)."),
+    step_pairs: bool = typer.Option(False, "--step-pairs", help="Also build sibling-step preference pairs from the trees (higher-Q step vs a lower-Q sibling, the shared prefix as prompt)."),
+    pair_margin: float = typer.Option(0.1, "--pair-margin", help="With --step-pairs: the least Q difference that makes a pair."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the examples as a `datasets` directory."),
     jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write the examples to this JSONL file."),
     pairs_out: Optional[Path] = typer.Option(None, "--pairs-out", help="Write the preference pairs as a `datasets` directory."),
@@ -91,12 +93,13 @@ def synthesize(
 
     _empty_dir_or_fail(out, "--out")
     _empty_dir_or_fail(pairs_out, "--pairs-out")
-    if pairs_out is not None and not pairs:
-        fail("--pairs-out needs --pairs")
+    if pairs_out is not None and not (pairs or step_pairs):
+        fail("--pairs-out needs --pairs or --step-pairs")
     try:
         config = SynthesisConfig(
             batches=_split(batch), dataset=dataset, langs=_split([lang] if lang else []), correct_only=correct_only,
             min_value=min_value, top_k=top_k, dedup=dedup, near_threshold=near_threshold, pairs=pairs,
+            step_pairs=step_pairs, pair_margin=pair_margin,
         )  # fmt: skip
     except ValueError as exc:
         fail(str(exc))

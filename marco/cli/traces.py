@@ -111,6 +111,7 @@ def _load_search(db: str, search: str):  # type: ignore[no-untyped-def]
     try:
         row = store.get_search(search)
         problem = store.get_problem(str(row.problem_id))
+        nodes = store.load_nodes(search)  # an archived batch: says where its trees went
     except StoreError as exc:
         fail(str(exc))
-    return row, problem, store.load_nodes(search)
+    return row, problem, nodes

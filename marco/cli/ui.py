@@ -21,6 +21,11 @@ def ui(
         help="Require this token on every request (header 'Authorization: Bearer T', or open the page once with ?token=T). "
         "Required when --host is not a loopback address.",
     ),
+    allowed_hosts: list[str] = typer.Option(
+        None, "--allowed-host", envvar="MARCO_UI_ALLOWED_HOSTS", show_envvar=True,
+        help="A Host name the explorer answers (repeat it; the variable takes a comma-separated list; '*': any). "
+        "Default: the bound host, localhost, 127.0.0.1 and [::1]; any other Host is refused (DNS rebinding).",
+    ),
     decode_tokens: bool = typer.Option(
         True, "--decode-tokens/--no-decode-tokens",
         help="Colour node text token by token, loading each model's tokenizer once (off: colour blocks per token).",
@@ -29,7 +34,9 @@ def ui(
     """Browse stored batches, searches and trees: http://HOST:PORT/ (JSON under /api/...). Never writes."""
     from marco.ui.app import UISettings, create_app
 
-    settings = UISettings(db=db or default_url(), host=host, port=port, token=token or None, decode_tokens=decode_tokens)
+    hosts = tuple(h.strip() for item in (allowed_hosts or []) for h in item.split(",") if h.strip()) or None
+    settings = UISettings(db=db or default_url(), host=host, port=port, token=token or None, decode_tokens=decode_tokens,
+                          allowed_hosts=hosts)  # fmt: skip
     try:
         application = create_app(settings)
     except (ValueError, StoreError) as exc:

@@ -37,3 +37,38 @@ def plot_comparison(comp: Comparison, path: str | Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_matrix(cells: list[dict], path: str | Path) -> Path:  # type: ignore[type-arg]
+    """One panel per (dataset, language): accuracy (%) against generated tokens spent per problem, one series
+    per model and strategy through its budgets, 95% Wilson intervals as error bars."""
+    cols = list(dict.fromkeys((c["dataset"], c["lang"]) for c in cells)) or [("", "")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols) + 1.5, 4.2), dpi=120, squeeze=False)
+    series = list(dict.fromkeys((c["model_key"], c["strategy"]) for c in cells))
+    for ax, (dataset, lang) in zip(axes[0], cols):
+        for i, (model, strategy) in enumerate(series):
+            pts = sorted((c for c in cells if (c["model_key"], c["strategy"]) == (model, strategy)
+                          and (c["dataset"], c["lang"]) == (dataset, lang) and c["accuracy"] is not None),
+                         key=lambda c: c["tokens_spent"])  # fmt: skip
+            if not pts:
+                continue
+            ys = [100 * c["accuracy"] for c in pts]
+            err = [[100 * (c["accuracy"] - c["ci_low"]) for c in pts], [100 * (c["ci_high"] - c["accuracy"]) for c in pts]]
+            ax.errorbar([c["tokens_spent"] for c in pts], ys, yerr=err, marker="osD^vP*X"[i % 8], capsize=3, color=f"C{i % 10}",
+                        label=f"{model} · {strategy}", alpha=0.9, lw=1.2, elinewidth=0.8)
+        ax.set_title(f"{dataset} {lang}", fontsize=9)
+        ax.set_xlabel("tokens spent per problem (mean)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    legend: dict[str, object] = {}
+    for ax in axes[0]:  # a series may be missing from some panels
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
+    if handles:
+        fig.tight_layout(rect=(0, 0, 0.8, 1))
+        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.805, 0.5))
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -34,6 +34,8 @@ class CompareRow:
     high: float
     tokens_per_problem: float  # generated tokens actually spent, mean over searches
     wall_s: float  # wall time of this config's searches (per job the longest search, summed), all seeds
+    tree_depth: float | None = None  # mean over searches of the tree's deepest node (None: not stored)
+    path_depth: float | None = None  # mean over searches of the depth of the chosen answer's path
     scores: dict[str, float] = field(default_factory=dict, repr=False)  # problem id -> mean score over seeds
 
     @property
@@ -73,7 +75,7 @@ class Comparison:
         return out
 
 
-def _run_keys(batch_config: dict[str, Any], searches: list) -> dict[str, tuple[str, int, int]]:  # type: ignore[type-arg]
+def run_keys(batch_config: dict[str, Any], searches: list) -> dict[str, tuple[str, int, int]]:  # type: ignore[type-arg]
     """label -> (strategy, budget, seed)."""
     meta = (batch_config.get("compare") or {}).get("runs") or {}
     keys: dict[str, tuple[str, int, int]] = {}
@@ -97,7 +99,7 @@ def build_comparison(store: Store, batch_id: str, baseline: str | None = None) -
     batch = store.get_batch(batch_id)
     pairs = store.batch_rows(batch_id)
     searches = [s for s, _ in pairs]
-    keys = _run_keys(batch.config or {}, searches)
+    keys = run_keys(batch.config or {}, searches)
     meta = (batch.config or {}).get("compare") or {}
     order = list(meta.get("strategies") or [])
     baseline = baseline or meta.get("baseline") or "greedy"
@@ -107,6 +109,7 @@ def build_comparison(store: Store, batch_id: str, baseline: str | None = None) -
     failed: dict[tuple[str, int], int] = defaultdict(int)
     tokens: dict[tuple[str, int], list[int]] = defaultdict(list)
     longest: dict[tuple[str, int], dict[tuple[int, str], float]] = defaultdict(dict)
+    depths: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
     for s in searches:
         strategy, budget, seed = keys[s.label]
         group = (strategy, budget)
@@ -117,6 +120,8 @@ def build_comparison(store: Store, batch_id: str, baseline: str | None = None) -
             continue
         scores[group][seed][str(s.problem_id)] = 1.0 if s.correct else 0.0
         tokens[group].append(int(s.tokens))
+        if s.tree_depth is not None and s.path_depth is not None:  # searches stored before 0006 have none
+            depths[group].append((int(s.tree_depth), int(s.path_depth)))
         job = (seed, str(s.job_id))
         longest[group][job] = max(longest[group].get(job, 0.0), float(s.elapsed_s or 0.0))
 
@@ -129,11 +134,14 @@ def build_comparison(store: Store, batch_id: str, baseline: str | None = None) -
         total = sum(per_problem.values())
         low, high = wilson_interval(total, len(per_problem))
         spent = tokens.get(group, [])
+        deep = depths.get(group, [])
         rows.append(CompareRow(
             strategy=group[0], budget=group[1], seeds=len(by_seed), problems=len(per_problem),
             failed=failed.get(group, 0), accuracy=total / len(per_problem) if per_problem else 0.0,
             low=low, high=high, tokens_per_problem=sum(spent) / len(spent) if spent else 0.0,
             wall_s=sum(longest.get(group, {}).values()), scores=per_problem,
+            tree_depth=sum(d for d, _ in deep) / len(deep) if deep else None,
+            path_depth=sum(d for _, d in deep) / len(deep) if deep else None,
         ))
     rank = {name: i for i, name in enumerate(order)}
     rows.sort(key=lambda r: (rank.get(r.strategy, len(rank)), r.strategy, r.budget))

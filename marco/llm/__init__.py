@@ -8,7 +8,10 @@
 - ``checkpoint:ID``: a fine-tuned checkpoint registered in the store (see :func:`resolve_checkpoint`);
 - ``server[+KIND]:http://HOST:PORT[/v1][?OPTIONS][#MODEL]``: a model behind a llama.cpp, vLLM, SGLang or
   OpenAI-compatible server (:mod:`marco.llm.served`);
-- ``vllm:MODEL``: vLLM's offline engine in this process (:mod:`marco.llm.vllm_engine`, the ``gpu`` extra).
+- ``vllm:MODEL``: vLLM's offline engine in this process (:mod:`marco.llm.vllm_engine`; ``vllm:smollm2`` is the
+  bundled model exported to safetensors once). Where vLLM is not importable here but ``make install`` made a
+  vLLM environment (``.venv-vllm``, CPU machines), or in a daemonic process (a Celery prefork child cannot
+  start vLLM's engine-core process), a private vLLM server is started instead (:mod:`marco.llm.vllm_server`).
 """
 
 from __future__ import annotations
@@ -58,8 +61,12 @@ def resolve_checkpoint(spec: str) -> str:
         store.close()
 
 
-def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64) -> Backend:
-    """Load the backend named by ``spec`` (see the module docstring)."""
+def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64, dtype: str | None = None) -> Backend:
+    """Load the backend named by ``spec`` (see the module docstring).
+
+    ``dtype`` (transformers backends): ``auto``, ``float32``, ``bfloat16`` or ``float16``; ``None`` reads
+    ``$MARCO_DTYPE`` (default ``auto``: bfloat16 where the CPU has AMX or AVX512-BF16, see
+    :mod:`marco.llm.precision`)."""
     if spec == "scripted":
         from marco.llm.scripted import ScriptedBackend
 
@@ -73,29 +80,44 @@ def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64)
 
         return ServedBackend.connect(spec)
     if spec.startswith("vllm:"):
-        from marco.llm.vllm_engine import VLLMBackend
-
-        return VLLMBackend.load(spec[len("vllm:"):], name=spec, max_batch_rows=max_batch_rows)
+        return _load_vllm(spec, max_batch_rows)
     from marco.llm.hf import HFBackend, HFConfig, smollm2_path
 
     if spec.startswith(CHECKPOINT_PREFIX):
-        config = HFConfig(model=resolve_checkpoint(spec), device=device, max_batch_rows=max_batch_rows)
+        config = HFConfig(model=resolve_checkpoint(spec), device=device, max_batch_rows=max_batch_rows, dtype=dtype)
     elif spec == "smollm2":
         folder, file = smollm2_path()
-        config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows)
+        config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows, dtype=dtype)
     elif spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"no GGUF file at {spec}")
         folder, file = os.path.split(os.path.abspath(spec))
-        config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows)
+        config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows, dtype=dtype)
     else:
         if _looks_like_path(spec) and not os.path.isdir(spec):
             raise FileNotFoundError(
                 f"no model directory at {spec}: give smollm2, a .gguf file, a model directory, a Hugging Face id "
                 "or checkpoint:ID"
             )
-        config = HFConfig(model=spec, device=device, max_batch_rows=max_batch_rows)
+        config = HFConfig(model=spec, device=device, max_batch_rows=max_batch_rows, dtype=dtype)
     return HFBackend.load(config, name=spec)
+
+
+def _load_vllm(spec: str, max_batch_rows: int) -> Backend:
+    import multiprocessing
+    import sys
+
+    from marco.llm.vllm_engine import VLLMBackend, vllm_available
+    from marco.llm.vllm_server import managed_backend, vllm_python
+
+    model = spec[len("vllm:"):]
+    if vllm_available() is None:
+        if multiprocessing.current_process().daemon:  # no child processes here: serve from a subprocess
+            return managed_backend(model, spec, max_batch_rows, python=sys.executable)
+        return VLLMBackend.load(model, name=spec, max_batch_rows=max_batch_rows)
+    if vllm_python() is not None:
+        return managed_backend(model, spec, max_batch_rows)
+    return VLLMBackend.load(model, name=spec, max_batch_rows=max_batch_rows)  # raises, saying why
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -17,8 +17,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from marco.llm.attention import register as register_decode_attention
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
 from marco.llm.kvcache import KVBudget, KVSpec, PrefixKVCache, SlotKVCache, resolve_kv_cache_bytes, slot_cache
+from marco.llm.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,16 @@ class HFConfig:
     model: str
     gguf_file: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
-    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    # auto|float32|bfloat16|float16; None: $MARCO_DTYPE, else auto (bfloat16 on cuda and on CPUs with AMX or
+    # AVX512-BF16, float32 elsewhere; see marco.llm.precision)
+    dtype: str | None = None
     max_batch_rows: int = 64
     threads: int | None = None
     # KV cache budget in MiB (running rows + prefix cache); None: $MARCO_KV_CACHE_MB, else an eighth of RAM
     # (256 MiB .. 8 GiB) on CPU or half the free GPU memory on CUDA
     kv_cache_mb: int | None = None
     prefix_cache_bytes: int | None = None  # extra cap on the prefix cache inside the budget; 0 disables it
+    decode_attention: bool = True  # marco.llm.attention for decode steps (False: transformers' SDPA)
 
 
 def _row_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
@@ -49,9 +54,12 @@ def _row_generator(seed: int, sample: int, device: torch.device) -> torch.Genera
 class HFBackend:
     """A :class:`~marco.llm.base.Backend` over a transformers causal LM."""
 
+    # candidates the sampler's nucleus is looked for in, widest last (a number >= the vocabulary: a full sort)
+    SAMPLE_CANDIDATES = (256, 4096, 1 << 62)
+
     def __init__(
         self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64, prefix_cache_bytes: int | None = None,
-        kv_cache_mb: int | None = None,
+        kv_cache_mb: int | None = None, decode_attention: bool = True,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -65,6 +73,10 @@ class HFBackend:
         self.name = name
         self.max_batch_rows = max_batch_rows
         self.peak_rows = 0  # most rows decoded at once (the budget can keep it below max_batch_rows)
+        # decode steps' totals: rows decoded and the tokens they attended to (benchmarks: attention's FLOPs)
+        self.decoded_rows = 0
+        self.attended_tokens = 0
+        self.attention_columns = 0  # columns attention read per row, padding included
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(gen_eos, int):
@@ -78,6 +90,11 @@ class HFBackend:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._pieces: list[str] | None = None
+        # decode steps attend over the slot cache's contiguous block with marco.llm.attention (SDPA models only;
+        # False keeps transformers' SDPA over the narrowest strided slice, for comparisons)
+        self.decode_attention = decode_attention and getattr(model.config, "_attn_implementation", None) == "sdpa"
+        if self.decode_attention:
+            model.set_attn_implementation(register_decode_attention())
 
     # ------------------------------------------------------------------ loading
     @property
@@ -92,15 +109,17 @@ class HFBackend:
         if config.threads:
             torch.set_num_threads(config.threads)
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype_name = config.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = resolve_dtype(config.dtype, device)
+        log.info("transformers backend: %s on %s in %s", config.model, device, dtype)
         kwargs: dict[str, Any] = {}
         if config.gguf_file:
             kwargs["gguf_file"] = config.gguf_file
         tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, dtype_name), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **kwargs)
         model.to(device).eval()
         return cls(model, tokenizer, name or config.model, max_batch_rows=config.max_batch_rows,
-                   prefix_cache_bytes=config.prefix_cache_bytes, kv_cache_mb=config.kv_cache_mb)
+                   prefix_cache_bytes=config.prefix_cache_bytes, kv_cache_mb=config.kv_cache_mb,
+                   decode_attention=config.decode_attention)
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str) -> list[int]:
@@ -303,15 +322,24 @@ class HFBackend:
         u = torch.zeros(len(act), 1, device=logits.device)
         for b in torch.nonzero(samp).flatten().tolist():
             u[b, 0] = torch.rand(1, generator=gens[int(act[b])], device=logits.device)[0]
-        # The nucleus is almost always inside the top 256 tokens: sort only those; a row whose top 256 hold
-        # less than top_p of the mass is drawn again from its full sort (decided per row, so a row's sample
-        # never depends on the other rows of the batch).
-        cand_p, cand_i = probs.topk(min(256, probs.shape[-1]), dim=-1)
+        # The nucleus is usually inside the top 256 tokens: sort only those. A row whose top 256 hold less
+        # than top_p of the mass is drawn again from its top 4096, and only past that from its full sort (a
+        # sort of the 49k-token vocabulary took ~1 s for 64 rows: a third of a decode step at the search's
+        # top_p 0.95). Each candidate list is a prefix of the full sort, so a draw is the one the full sort
+        # gives; the path is decided per row, so a row's sample never depends on the other rows.
+        vocab = probs.shape[-1]
+        cand_p, cand_i = probs.topk(min(self.SAMPLE_CANDIDATES[0], vocab), dim=-1)
         drawn = self._nucleus_draw(cand_p, cand_i, top_p, u)
         short = torch.nonzero(cand_p.sum(-1) < top_p[:, 0]).flatten()
-        if len(short):
-            full_p, full_i = probs[short].sort(dim=-1, descending=True)
-            drawn[short] = self._nucleus_draw(full_p, full_i, top_p[short], u[short])
+        for k in self.SAMPLE_CANDIDATES[1:]:
+            if not len(short):
+                break
+            if k < vocab:
+                wide_p, wide_i = probs[short].topk(k, dim=-1)
+            else:
+                wide_p, wide_i = probs[short].sort(dim=-1, descending=True)
+            drawn[short] = self._nucleus_draw(wide_p, wide_i, top_p[short], u[short])
+            short = short[wide_p.sum(-1) < top_p[short, 0]] if k < vocab else short[:0]
         return torch.where(samp, drawn, greedy)
 
     @staticmethod
@@ -413,9 +441,9 @@ class _DecodeBatch:
         tmp, logits, cached, lc, ls = b._prefill(prompts)
         start = slots.rows
         cols = max(len(r.req.prompt_ids) + r.req.max_new_tokens for r in [*self.rows, *new_rows])
-        slots.reserve(start + len(new_rows), cols)
-        # copy each prompt's real columns (cached prefix, then suffix) to columns [0, len) of its rows' slots
         width = max(len(p) for p in prompts)
+        slots.reserve(start + len(new_rows), cols, max(width, slots.width) + 1)
+        # copy each prompt's real columns (cached prefix, then suffix) to columns [0, len) of its rows' slots
         src = torch.zeros((len(prompts), width), dtype=torch.long)
         for u, (p, m) in enumerate(zip(prompts, cached)):
             src[u, :m] = torch.arange(lc - m, lc)
@@ -484,6 +512,12 @@ class _DecodeBatch:
             self.rows = [rows[i] for i in order]
         lens = torch.tensor(self.slots.lens, device=device)
         width = int(max(self.slots.lens)) + 1
+        self.slots.ensure_width(width)
+        if b.decode_attention:
+            width = self.slots.cols_alloc  # the whole contiguous block; columns past a row's length are masked
+        b.decoded_rows += len(self.slots.lens)
+        b.attended_tokens += sum(self.slots.lens) + len(self.slots.lens)
+        b.attention_columns += width * len(self.slots.lens)
         self.cache.state.update(flat=self.slots.write_index(lens), width=width)
         mask = (torch.arange(width, device=device)[None, :] <= lens[:, None]).long()
         self.logits = b.model(

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from marco import metrics
+
 log = logging.getLogger(__name__)
 
 BLOCK = 16
@@ -235,7 +237,10 @@ class KVBudget:
         self.note()
 
     def note(self) -> None:
-        self.peak = max(self.peak, self.used)
+        used = self.used
+        self.peak = max(self.peak, used)
+        metrics.KV_CACHE_BYTES.set(used)
+        metrics.KV_CACHE_BUDGET.set(self.total)
 
 
 def _round_up(x: int, step: int) -> int:
@@ -243,12 +248,18 @@ def _round_up(x: int, step: int) -> int:
 
 
 class SlotKVCache:
-    """KV buffers of a running batch: ``keys[layer]`` is ``[rows_cap, kv_heads, cols_cap, head_dim]``.
+    """KV buffers of a running batch: ``keys[layer]`` is ``[rows_cap, kv_heads, cols_alloc, head_dim]``.
 
     Live row ``i`` owns slot ``i``; its ``lens[i]`` tokens fill columns ``[0, lens[i])``, so column = position
     and no row is ever shifted. Columns past a row's length hold stale (finite) values and are masked out.
-    Buffers grow (rarely: rows rounded up to 8, columns to 64) one layer at a time, so growing never holds
-    two whole copies at once; they are zero-initialised because a masked NaN would still poison attention.
+
+    ``cols_cap`` is what the budget reserved (every row's prompt + ``max_new_tokens``); the buffers hold only
+    ``cols_alloc`` of those columns, the longest row rounded up to 64, and grow as rows lengthen
+    (:meth:`ensure_width`). A decode step attends over all ``cols_alloc`` columns of ``buffer[:rows]``, a
+    contiguous block (a ``[:, :, :width]`` slice is strided, and batched matmuls over strided blocks ran 7x
+    slower), so keeping the allocation tight keeps attention from reading reserved but empty columns.
+    Buffers grow one layer at a time, so growing never holds two whole copies at once; they are
+    zero-initialised because a masked NaN would still poison attention.
     """
 
     ROW_STEP = 8
@@ -261,7 +272,8 @@ class SlotKVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows_cap = 0
-        self.cols_cap = 0
+        self.cols_cap = 0  # reserved in the budget
+        self.cols_alloc = 0  # allocated in the buffers (<= cols_cap)
         self.lens: list[int] = []
         self.grows = 0  # buffer reallocations (each copies the live rows once)
         self.moves = 0  # rows moved into a freed slot
@@ -282,9 +294,11 @@ class SlotKVCache:
         # growing layer by layer: the new buffers plus one old layer's buffers at the worst moment
         return r * c * self.spec.token_bytes + self.nbytes // max(1, self.spec.layers)
 
-    def reserve(self, rows: int, cols: int) -> None:
-        """Make room for ``rows`` slots of ``cols`` columns, keeping the live rows' contents."""
+    def reserve(self, rows: int, cols: int, width: int = 0) -> None:
+        """Reserve ``rows`` slots of ``cols`` columns in the budget and allocate ``width`` columns of them now,
+        keeping the live rows' contents."""
         if rows <= self.rows_cap and cols <= self.cols_cap:
+            self.ensure_width(width)
             return
         r, c = max(self.rows_cap, rows), max(self.cols_cap, cols)
         # round up for headroom when the budget allows it, so the next joins rarely reallocate
@@ -297,20 +311,35 @@ class SlotKVCache:
         # the prefix cache gives up what the new buffers need
         self.budget.slots = self.bytes_after_growth(r, c)
         self.budget.reset_limit()
+        alloc = min(c, max(self.cols_alloc, _round_up(max(width, 1), self.COL_STEP)))
+        self._allocate(r, alloc)
+        self.cols_cap = c
+        self.budget.slots = self.nbytes
+        self.budget.reset_limit()
+
+    def ensure_width(self, width: int) -> None:
+        """Allocate at least ``width`` columns (within the reservation), keeping the live rows' contents."""
+        if width <= self.cols_alloc:
+            return
+        if width > self.cols_cap:  # pragma: no cover - a row outgrew its reservation: a layout bug
+            raise RuntimeError(f"KV slot width {width} exceeds the reserved {self.cols_cap} columns")
+        self._allocate(self.rows_cap, min(self.cols_cap, _round_up(width, self.COL_STEP)))
+
+    def _allocate(self, rows: int, cols: int) -> None:
+        if (rows, cols) == (self.rows_cap, self.cols_alloc):
+            return
         s, live, width = self.spec, self.rows, self.width
         for layer in range(s.layers):
             for bufs in (self.keys, self.values):
-                new = torch.zeros((r, s.kv_heads, c, s.head_dim), dtype=s.dtype, device=s.device)
+                new = torch.zeros((rows, s.kv_heads, cols, s.head_dim), dtype=s.dtype, device=s.device)
                 if layer < len(bufs):
                     if live:
                         new[:live, :, :width] = bufs[layer][:live, :, :width]
                     bufs[layer] = new
                 else:
                     bufs.append(new)
-        self.rows_cap, self.cols_cap = r, c
+        self.rows_cap, self.cols_alloc = rows, cols
         self.grows += 1
-        self.budget.slots = self.nbytes
-        self.budget.reset_limit()
 
     @property
     def width(self) -> int:
@@ -320,7 +349,7 @@ class SlotKVCache:
     def release(self) -> None:
         """Free the buffers (the batch is empty)."""
         self.keys, self.values, self.lens = [], [], []
-        self.rows_cap = self.cols_cap = 0
+        self.rows_cap = self.cols_cap = self.cols_alloc = 0
         self.budget.slots = 0
         self.budget.reset_limit()
 
@@ -349,11 +378,11 @@ class SlotKVCache:
         return order
 
     def write_index(self, lens: torch.Tensor) -> torch.Tensor:
-        """Flat indices into a buffer viewed as ``[rows_cap * kv_heads * cols_cap, head_dim]`` of each live
+        """Flat indices into a buffer viewed as ``[rows_cap * kv_heads * cols_alloc, head_dim]`` of each live
         row's next column, one per (row, head)."""
         heads = torch.arange(self.spec.kv_heads, device=lens.device)
         rows = torch.arange(len(lens), device=lens.device)
-        return ((rows[:, None] * self.spec.kv_heads + heads[None, :]) * self.cols_cap + lens[:, None]).flatten()
+        return ((rows[:, None] * self.spec.kv_heads + heads[None, :]) * self.cols_alloc + lens[:, None]).flatten()
 
     def row(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of live row ``i``'s keys and values per layer, ``[kv_heads, lens[i], head_dim]``."""
@@ -363,9 +392,10 @@ class SlotKVCache:
 
 def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
     """A transformers ``DynamicCache`` whose layers decode into ``slots``: one new token per live row, written
-    at column ``lens[i]``; attention sees columns ``[0, max(lens) + 1)`` (the caller masks each row's own).
-    Before each forward the caller sets ``cache.state["flat"]`` (see :meth:`SlotKVCache.write_index`) and
-    ``cache.state["width"]``."""
+    at column ``lens[i]``; attention sees columns ``[0, width)`` of ``buffer[:rows]`` (the caller masks each
+    row's own). Before each forward the caller sets ``cache.state["flat"]`` (see
+    :meth:`SlotKVCache.write_index`) and ``cache.state["width"]``: ``slots.cols_alloc`` gives attention a
+    contiguous block (:mod:`marco.llm.attention`), ``max(lens) + 1`` the narrowest strided one."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -384,7 +414,10 @@ def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
             slots.keys[self.index].view(-1, d).index_copy_(0, st["flat"], key_states[:, :, 0].reshape(-1, d))
             slots.values[self.index].view(-1, d).index_copy_(0, st["flat"], value_states[:, :, 0].reshape(-1, d))
             n, w = key_states.shape[0], st["width"]
-            return slots.keys[self.index][:n, :, :w], slots.values[self.index][:n, :, :w]
+            keys, values = slots.keys[self.index][:n], slots.values[self.index][:n]
+            if w != keys.shape[2]:
+                keys, values = keys[:, :, :w], values[:, :, :w]
+            return keys, values
 
         def get_seq_length(self) -> int:
             return cache.state["width"] - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import time
 from typing import Callable, Sequence
@@ -142,7 +143,8 @@ def from_spec(spec: str) -> ScriptedBackend:
     if values.get("load"):
         time.sleep(values["load"])
     backend = ScriptedBackend(name=spec)
-    backend.round_delay_s = values.get("round", 0.0)
+    # $MARCO_SCRIPTED_SLOWDOWN: this process's model is that many times slower (a bad GPU, for bench/fleet.py)
+    backend.round_delay_s = values.get("round", 0.0) * float(os.environ.get("MARCO_SCRIPTED_SLOWDOWN") or 1.0)
     backend.max_context = int(values["context"]) if "context" in values else None
     return backend
 

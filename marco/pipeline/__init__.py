@@ -1,6 +1,7 @@
-"""The data loop as scheduler-driven stages: reason over a train split → synthesise → SFT → reason with
-the new checkpoint over a test split → a before/after report. See :mod:`marco.pipeline.stages`."""
+"""Expert iteration and an evaluation matrix as scheduler-driven stages: per round, search the training split
+with the newest model → synthesise → SFT; then every model × strategy × budget × dataset of the matrix → the
+table. See :mod:`marco.pipeline.stages`."""
 
-from marco.pipeline.spec import STAGES, PipelineSpec, Split
+from marco.pipeline.spec import EvalDataset, Evaluation, MatrixBlock, PipelineSpec, Split, Stage
 
-__all__ = ["STAGES", "PipelineSpec", "Split"]
+__all__ = ["EvalDataset", "Evaluation", "MatrixBlock", "PipelineSpec", "Split", "Stage"]

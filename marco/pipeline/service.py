@@ -9,41 +9,19 @@ from typing import Any, Callable
 import marco.pipeline.stages  # noqa: F401  (registers the stage handlers)
 from marco.pipeline.report import pipeline_status
 from marco.pipeline.spec import PipelineSpec
-from marco.pipeline.stages import stage_batch_id, stage_extra
-
-
-def _split_problems(spec: PipelineSpec, split: Any) -> list[Any]:
-    from marco.tasks import get_task
-
-    limit = None if split.limit is None else split.start + split.limit
-    problems = get_task(spec.task).load(spec.data_dir, split.langs, limit)
-    by_lang: dict[str, list[Any]] = {}
-    for p in problems:
-        by_lang.setdefault(p.lang, []).append(p)
-    chosen = [p for lang in by_lang for p in by_lang[lang][split.start:]]
-    if not chosen:
-        raise ValueError(f"the split {split} of {spec.task} holds no problems")
-    return chosen
+from marco.pipeline.stages import plan_after, split_problems
 
 
 def start(store: Any, dispatcher: Any, spec: PipelineSpec, pipeline_id: str | None = None) -> str:
-    """Plan the first stages (reason over the train split; the base model over the test split) and hand
+    """Plan the first stages (round 1's search of the training split; the base model's evaluation) and hand
     their jobs to ``dispatcher``; returns the pipeline id. Nothing is written when the data is unusable."""
     pipeline_id = pipeline_id or str(uuid.uuid4())
-    train, test = _split_problems(spec, spec.train), _split_problems(spec, spec.test)
-    overlap = {p.key for p in train} & {p.key for p in test}
-    if overlap:
-        raise ValueError(f"train and test splits share {len(overlap)} problem(s), e.g. {sorted(overlap)[0]}: "
-                         "give the test split another start")
+    for d in spec.evaluation.datasets:
+        split_problems(d.dataset, spec.data_dir, d.split)  # raises with what is wrong, before anything is written
+    for r in range(1, spec.rounds + 1):
+        split_problems(spec.task, spec.data_dir, spec.train.for_round(r))
     dispatcher.check()
-    jobs: list[tuple[str, str]] = []
-    for name, problems, config in (("train_reason", train, spec.search_config()), ("test_before", test, spec.eval_config())):
-        plan = store.create_batch(
-            problems, [config], kind="reason", name=f"{spec.name}/{name}", model=spec.model, task=spec.task,
-            chunk_size=spec.chunk, priority=spec.priority, extra=stage_extra(pipeline_id, name, spec),
-            batch_id=stage_batch_id(pipeline_id, name),
-        )  # fmt: skip
-        jobs += [(j, "reason") for j in plan.job_ids]
+    jobs = plan_after(store, pipeline_id, spec, None)
     dispatcher.enqueue(jobs, priority=spec.priority)
     return pipeline_id
 

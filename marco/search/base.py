@@ -11,7 +11,7 @@ from marco.search.tree import Tree
 from marco.tasks.base import Problem, Score
 
 STRATEGIES = ("greedy", "sc", "bon", "mcts")
-SELECTIONS = ("value", "visits", "vote")
+SELECTIONS = ("value", "visits", "robust", "max-value", "vote")
 FINAL_VALUES = ("node", "path")
 REFLECTION = "Wait! Maybe I made some mistakes! I need to rethink from scratch."
 LABEL_MAX = 100  # searches.label is a String(100)
@@ -30,9 +30,15 @@ class SearchConfig:
     MCTS settings: ``exploration`` is the UCT constant c; ``normalize`` rescales Q to [0, 1] among siblings
     before UCT; ``reuse`` lets a child's stored rollout supply the first of its k children when it is
     expanded (no token generated twice); ``cut_penalty`` is subtracted (floored at 0) from the value of a
-    sample cut by the token limit before it wrote an ``<Output>`` (1.0: such a sample earns nothing; the
-    default 0.5 ranks it below every finished sample, whose values lie in ~0.7-0.95, while cut samples keep
-    their order among themselves);
+    sample that wrote no ``<Output>``, whether the token limit cut it or the model ended it (EOS) without
+    one (1.0: such a sample earns nothing; the default 0.5 ranks it below every finished sample, whose
+    values lie in ~0.7-0.95, while such samples keep their order among themselves);
+    ``merge``: two samples of one node whose actions are the same tokens become one child (its visits and
+    value sums add up; the later sample's continuation is kept as an extra rollout under it);
+    ``select`` is the final pick (see :mod:`marco.search.mcts`): ``value`` follows the best mean Q from the
+    root, ``visits`` the most visited child, ``robust`` the most visited child with ties broken by the best
+    answer below it, ``max-value`` takes the best-valued answer of the whole tree, ``vote`` a value-weighted
+    majority;
     ``final_value`` is what the final pick compares among answers: ``node`` (the value of the sample that
     produced it) or ``path`` (mean confidence of every generated token from the root to the answer);
     ``reflect_rollouts`` also reflects when a rollout (not only an action) closes the thought.
@@ -55,9 +61,10 @@ class SearchConfig:
     top_p: float = 0.95
     max_answer_tokens: int = 384
     max_step_tokens: int = 128
-    select: str = "value"
+    select: str = "max-value"
     seed: int = 0
     reuse: bool = True
+    merge: bool = True
     cut_penalty: float = 0.5
     final_value: str = "node"
     normalize: bool = False
@@ -111,6 +118,7 @@ class SearchConfig:
         defaults = SearchConfig.__dataclass_fields__
         extras = {
             "noreuse": self.strategy == "mcts" and not self.reuse,
+            "nomerge": self.strategy == "mcts" and not self.merge,
             "norm": self.strategy == "mcts" and self.normalize,
             f"cut{self.cut_penalty:g}": self.strategy == "mcts" and self.cut_penalty != defaults["cut_penalty"].default,
             f"final-{self.final_value}": self.strategy == "mcts" and self.final_value != "node",
@@ -169,3 +177,10 @@ class SearchResult:
     def depth(self) -> int:
         """Deepest non-rollout node of the tree (0: only the root)."""
         return max((n.depth for n in self.tree if n.kind != "rollout"), default=0)
+
+    @property
+    def path_depth(self) -> int:
+        """Depth of the chosen answer's path: its deepest non-rollout node (0: no answer, or the answer is a
+        rollout straight under the root)."""
+        nodes = [self.tree.nodes[i] for i in self.chosen_path if i in self.tree.nodes]
+        return max((n.depth for n in nodes if n.kind != "rollout"), default=0)

@@ -14,7 +14,8 @@ the same waves):
 Greedy is one chain at temperature 0. With reflection, a chain stops when it closes its thought, gets the
 reflection sentence appended, and continues to its answer in the next round (sharing what is left of the
 budget with the other open chains) before the next wave starts. The final answer follows the rule of
-every strategy: finished chains (ended by the model, with an answer) before chains cut by a length limit.
+every strategy: finished chains (ended by the model, with an answer in an ``<Output>``) before chains cut
+by a length limit or ended (EOS) without an ``<Output>``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import defaultdict
 
 from marco.llm.base import Generation, GenerationRequest
 from marco.search.actions import THOUGHT_END, last_prefix_before
-from marco.search.state import SearchState, mean_value, prefer_finished
+from marco.search.state import SearchState, mean_value
 from marco.search.tree import Node
 
 
@@ -141,13 +142,13 @@ class GreedySearch(LinearSearch):
 
 class BestOfN(LinearSearch):
     def choose(self) -> Node | None:
-        answers = prefer_finished(self.answers())
+        answers = self.prefer_finished(self.answers())
         return max(answers, key=lambda n: n.value or 0.0) if answers else None
 
 
 class SelfConsistency(LinearSearch):
     def choose(self) -> Node | None:
-        return majority(prefer_finished(self.answers()))
+        return majority(self.prefer_finished(self.answers()))
 
 
 def majority(nodes: list[Node]) -> Node | None:

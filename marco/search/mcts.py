@@ -7,7 +7,12 @@ One round of one search:
 2. **Expand and roll out** in one generation call: k samples continue the leaf to a final answer. Each
    sample is cut into the child's action (a step or a mini-step of N tokens) and the rest of the sample,
    the rollout, stored under the child. Sampling the action and then its continuation from the same
-   model is the same distribution as sampling the whole continuation at once.
+   model is the same distribution as sampling the whole continuation at once. With ``merge`` (default),
+   a sample whose action is the same tokens as a sibling's is no new child: it is one more simulation
+   through that sibling (its visits and value sum add up), and the rest of the sample is kept as an extra
+   rollout under it, finish reason ``merged`` (empty when the sample was only the action). Its tokens
+   count as spent, the repeated action's included (:meth:`SearchState.merged_tokens`); such rollouts are
+   not reused.
 3. **Rollout reuse** (``reuse``): a leaf's stored rollout is already a sample from that leaf, so when the
    leaf is expanded the rollout supplies the first of its k children (its first action, and the rest as
    that child's rollout) with no generation; only k - 1 samples are requested. Those nodes carry the
@@ -15,12 +20,16 @@ One round of one search:
    deeper for the same tokens. The reused child inherits the simulation that ran through it (1 visit,
    that simulation's value), which its ancestors have counted already.
 4. **Evaluate**: a sample's value is the mean token confidence ``v = mean_i c_i`` over every token of the
-   sample; a sample cut by the token limit before it wrote an ``<Output>`` gets ``max(0, v - cut_penalty)``.
+   sample; a sample with no ``<Output>``, cut by the token limit or ended by the model (EOS) without one,
+   gets ``max(0, v - cut_penalty)``.
 5. **Back-propagate** ``v`` to the child and all its ancestors.
 
 Stopping: a typical sample is the mean length of the samples so far; the search stops expanding when the
-budget left cannot pay for the samples an expansion needs (k, or k - 1 with reuse) of that length (the
-first expansion takes what the budget allows). Rollouts are never shrunk below that. With ``fill`` the
+budget left cannot pay for the samples an expansion needs (k, or k - 1 with reuse) of that length.
+Rollouts are never shrunk below that. The first expansion, with no typical length yet, gives each sample
+a whole chain's length (``max_answer_tokens``, as best-of-N's first chain gets) and draws as many of its k
+samples as the budget pays at that length (at least one), so it never overspends and a long chain is not
+cut before it answers. With ``fill`` the
 last expansion takes as many samples as the budget pays instead (at least one of typical length), and with
 ``widen`` a tree whose selections all reach finished leaves grows new chains from the root; both make MCTS
 spend its budget as the sc/bon waves do.
@@ -30,10 +39,13 @@ becomes a node of its own, from which later rounds continue, once per path: when
 thought, under the child; when the rollout does (``reflect_rollouts``), the rollout's part inside the
 thought becomes a ``step`` node under the child, with the reflection under it.
 
-The final answer prefers finished nodes (ended by the model, with an answer) over ones cut by a length
-limit. ``select``: ``value`` (or ``visits``) follows the best child from the root, among children with
-such answers below them, then takes the best answer below; ``vote`` is a value-weighted majority of the
-answers. The value of an answer in the final pick is ``final_value``: its sample's value (``node``) or the
+The final answer prefers finished nodes (ended by the model, with an answer in an ``<Output>``) over ones
+cut by a length limit or ended without an ``<Output>``. ``select``: ``value`` follows the child of best
+mean Q from the root, among children with such answers below them, then takes the best answer below;
+``visits`` follows the most visited child (ties: mean Q), ``robust`` the most visited child with ties
+broken by the best answer value below it (a lucky single sample cannot outrank an expanded child whose
+samples agree), ``max-value`` takes the best-valued answer of the whole tree; ``vote`` is a value-weighted
+majority of the answers. The value of an answer in the final pick is ``final_value``: its sample's value (``node``) or the
 mean confidence of every generated token from the root to it (``path``).
 """
 
@@ -47,7 +59,7 @@ from marco.llm.base import Generation, GenerationRequest
 from marco.prompts import output_text, thought_closed
 from marco.search.actions import THOUGHT_END, action_length, last_prefix_before
 from marco.search.linear import majority
-from marco.search.state import REUSED, SearchState, mean_value, prefer_finished
+from marco.search.state import MERGED, REUSED, SearchState, mean_value
 from marco.search.tree import Node
 
 MAX_RESELECT = 8
@@ -95,14 +107,17 @@ class MCTSSearch(SearchState):
         """The rollout a leaf's expansion can reuse (none once the leaf has children of its own)."""
         if not self.config.reuse or self.children(leaf):
             return None
-        return next((c for c in leaf.children if c.kind == "rollout" and c.token_ids), None)
+        return next((c for c in leaf.children if c.kind == "rollout" and c.token_ids and c.finish_reason != MERGED),
+                    None)
 
     def samples(self) -> int:
-        """Samples generated so far: fresh action nodes (made in a later round than their parent)."""
+        """Samples generated so far: fresh action nodes (made in a later round than their parent) and
+        samples merged into an identical sibling."""
         return sum(
             1 for n in self.tree
-            if n.kind in ("step", "ministep") and n.finish_reason != REUSED
-            and self.tree.nodes[n.parent_id].round < n.round  # type: ignore[index]
+            if n.finish_reason == MERGED or (
+                n.kind in ("step", "ministep") and n.finish_reason != REUSED
+                and self.tree.nodes[n.parent_id].round < n.round)  # type: ignore[index]
         )
 
     def typical_sample(self) -> float | None:
@@ -141,7 +156,12 @@ class MCTSSearch(SearchState):
         c = self.config
         typical = self.typical_sample()
         left = self.budget_left
-        if typical is not None and left < need * typical and c.fill:
+        if typical is None:
+            # the first expansion: each sample may write a whole chain, as best-of-N's first wave does; as
+            # many of the ``need`` samples as the budget pays at that length (at least one, and never more
+            # than the budget in all)
+            need = min(need, max(1, left // c.max_answer_tokens))
+        elif left < need * typical and c.fill:
             need = int(left // typical)  # the last expansion: as many samples as the budget pays
         if need < 1 or (typical is not None and left < need * typical) or left // need < 1:
             self.done = True
@@ -162,9 +182,10 @@ class MCTSSearch(SearchState):
 
     # ------------------------------------------------------------------ expansion
     def sample_value(self, leaf: Node, ids: Sequence[int], conf: Sequence[float], finish: str | None) -> float:
-        """Mean confidence of a sample; a sample cut by the token limit before any ``<Output>`` is penalised."""
+        """Mean confidence of a sample; a sample with no ``<Output>`` on its path is penalised, whether the
+        token limit cut it or the model ended it (EOS) without one."""
         value = mean_value(conf) or 0.0
-        if finish == "length" and output_text(self.text_of(leaf, ids)) is None:
+        if output_text(self.text_of(leaf, ids)) is None:
             value = max(0.0, value - self.config.cut_penalty)
         return value
 
@@ -192,6 +213,10 @@ class MCTSSearch(SearchState):
         in_action = close is not None and close <= k
         if in_action:
             k = close  # type: ignore[assignment]
+        twin = self.twin(leaf, ids[:k])
+        if twin is not None:
+            self._merge(twin, ids, conf, k, value, gen.finish_reason)
+            return
         child = self._action_node(leaf, ids, conf, k, value, gen.finish_reason, copy=False)
         end = child
         if k < len(ids):
@@ -206,6 +231,23 @@ class MCTSSearch(SearchState):
         if in_action:
             self.add_reflection(child)
         self.backprop(end, value)
+
+    def twin(self, leaf: Node, action: Sequence[int]) -> Node | None:
+        """The child of ``leaf`` whose action is exactly these tokens (with ``merge``), else None."""
+        if not self.config.merge:
+            return None
+        action = list(action)
+        return next((n for n in leaf.children if n.kind in ("step", "ministep") and n.token_ids == action), None)
+
+    def _merge(self, twin: Node, ids: Sequence[int], conf: Sequence[float], k: int, value: float,
+               finish: str | None) -> None:
+        """A sample whose action is ``twin``'s: one more simulation through ``twin`` (its visits and value
+        sum grow), and the rest of the sample a rollout under it marked :data:`MERGED` (empty when the
+        sample was only the action), so its tokens, the repeated action's included, count as spent."""
+        node = self.add_node(twin, "rollout", ids[k:], conf[k:], value=value, terminal=finish == "stop",
+                             finish_reason=MERGED)
+        node.answer = self.extract(self.text_of(node))
+        self.backprop(twin, value)
 
     def _reuse(self, leaf: Node) -> None:
         """The first child of ``leaf`` from its stored rollout, with no generation. It inherits the
@@ -255,7 +297,7 @@ class MCTSSearch(SearchState):
         each sample counts once (a reused rollout's copies are left out), as a vote needs."""
         nodes = [n for n in self.tree if n.answer is not None and (n.terminal or n.kind == "rollout")
                  and (copies or not self.is_copy(n))]
-        return prefer_finished(nodes) if nodes else []
+        return self.prefer_finished(nodes) if nodes else []
 
     def final_value(self, node: Node) -> float:
         """What the final pick compares: the node's value, or the mean confidence of its whole path."""
@@ -265,12 +307,24 @@ class MCTSSearch(SearchState):
         return node.value or 0.0
 
     def choose(self) -> Node | None:
-        if self.config.select == "vote":
+        select = self.config.select
+        if select == "vote":
             return weighted_vote(self.answer_nodes(), self.final_value)
         pool = self.answer_nodes(copies=True)
+        if select == "max-value":
+            return max(pool, key=self.final_value) if pool else None
         paths = {n.id: {p.id for p in self.tree.path(n)} for n in pool}
         reach = set().union(*paths.values()) if paths else set()
-        key = (lambda n: (n.q, n.visits)) if self.config.select == "value" else (lambda n: (n.visits, n.q))
+        best: dict[str, float] = {}  # node id -> the best answer's value below it
+        for n in pool:
+            v = self.final_value(n)
+            for i in paths[n.id]:
+                best[i] = max(best.get(i, v), v)
+        key: Callable[[Node], tuple[float, float]] = {
+            "value": lambda n: (n.q, n.visits),
+            "visits": lambda n: (n.visits, n.q),
+            "robust": lambda n: (n.visits, best[n.id]),
+        }[select]
         node = self.tree.root
         while True:
             kids = [k for k in self.children(node) if k.visits > 0 and k.id in reach]

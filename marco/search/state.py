@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from marco.confidence import rollout_value, token_confidences
 from marco.llm.base import Backend, Generation, GenerationRequest
-from marco.prompts import ASSISTANT_PREFIX, OUTPUT_END, strip_special_tokens
+from marco.prompts import ASSISTANT_PREFIX, OUTPUT_END, output_text, strip_special_tokens
 from marco.search.base import REFLECTION, SearchConfig, SearchResult
 from marco.search.tree import Node, NodeKind, Tree, make_id
 from marco.tasks.base import Problem, Task
@@ -24,6 +24,10 @@ REFLECTION_TEXT = "\n" + REFLECTION + "\n"
 # finish_reason of an action node made from a stored rollout (rollout reuse): its tokens, and those of the
 # rollout under it, were generated once already and are not counted again
 REUSED = "reused"
+# finish_reason of the first node of a sample merged into an identical sibling (MCTS ``merge``): a rollout
+# under that sibling holding the rest of the sample (empty when the sample was only the action). The
+# sample generated the sibling's action tokens once more, so they are counted once more in the spend.
+MERGED = "merged"
 
 
 def derive_seed(*parts: object) -> int:
@@ -93,13 +97,21 @@ class SearchState:
         """True for nodes whose tokens were generated once already (made from a reused rollout)."""
         if node.finish_reason == REUSED:
             return True
-        return node.kind == "rollout" and node.parent_id is not None and \
+        return node.kind == "rollout" and node.finish_reason != MERGED and node.parent_id is not None and \
             self.tree.nodes[node.parent_id].finish_reason == REUSED
 
     @property
     def tokens_spent(self) -> int:
-        """Generated tokens: every node's own tokens, except the inserted reflection sentences and copies."""
-        return sum(n.num_tokens for n in self.tree if n.kind not in ("root", "reflection") and not self.is_copy(n))
+        """Generated tokens: every node's own tokens, except the inserted reflection sentences and copies,
+        plus :meth:`merged_tokens`."""
+        own = sum(n.num_tokens for n in self.tree if n.kind not in ("root", "reflection") and not self.is_copy(n))
+        return own + self.merged_tokens()
+
+    def merged_tokens(self) -> int:
+        """Action tokens generated again by samples merged into an identical sibling: each merged sample
+        wrote its sibling's action once more (the node holds those tokens once)."""
+        return sum(self.tree.nodes[n.parent_id].num_tokens for n in self.tree  # type: ignore[index]
+                   if n.finish_reason == MERGED)
 
     @property
     def budget_left(self) -> int:
@@ -153,6 +165,16 @@ class SearchState:
             n.value_sum += value
             self.touched[n.id] = n
 
+    def finished(self, node: Node) -> bool:
+        """Ended by the model (a stop string or end-of-sequence), not cut by a length limit, with an answer
+        in an ``<Output>`` it wrote. A sample that ended without ``<Output>`` is treated like a cut one: the
+        answer the task reads from it (e.g. its last number) is a guess, not a finished answer."""
+        return node.terminal and node.answer is not None and output_text(self.text_of(node)) is not None
+
+    def prefer_finished(self, nodes: Sequence[Node]) -> list[Node]:
+        """:func:`prefer_finished` with this search's rule of what is finished."""
+        return prefer_finished(nodes, self.finished)
+
     # ------------------------------------------------------------------ result
     def choose(self) -> Node | None:
         raise NotImplementedError
@@ -174,14 +196,10 @@ def mean_value(confidences: Sequence[float]) -> float | None:
     return rollout_value(confidences)
 
 
-def finished(node: Node) -> bool:
-    """Ended by the model (a stop string or end-of-sequence), not cut by a length limit, with an answer."""
-    return node.terminal and node.answer is not None
-
-
-def prefer_finished(nodes: Sequence[Node]) -> list[Node]:
-    """The one final-answer rule of every strategy: finished nodes when there are any, else the nodes with
-    an answer (cut by a length limit), else all of them."""
+def prefer_finished(nodes: Sequence[Node], finished: Callable[[Node], bool]) -> list[Node]:
+    """The one final-answer rule of every strategy: finished nodes (see :meth:`SearchState.finished`) when
+    there are any, else the nodes with an answer (cut by a length limit, or ended without an ``<Output>``),
+    else all of them."""
     done = [n for n in nodes if finished(n)]
     if done:
         return done

@@ -12,8 +12,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 CheckpointResolver = Callable[[str], str]
 _checkpoint_resolver: CheckpointResolver | None = None
@@ -23,6 +24,17 @@ def set_checkpoint_resolver(resolver: CheckpointResolver | None) -> None:
     """Install how ``checkpoint:ID`` becomes a directory (the store does this; None removes it)."""
     global _checkpoint_resolver
     _checkpoint_resolver = resolver
+
+
+@contextmanager
+def checkpoint_resolver(resolver: CheckpointResolver) -> Iterator[None]:
+    """Resolve ``--base checkpoint:ID`` with ``resolver`` inside the block, then restore the previous one."""
+    previous = _checkpoint_resolver
+    set_checkpoint_resolver(resolver)
+    try:
+        yield
+    finally:
+        set_checkpoint_resolver(previous)
 
 
 def cache_root() -> Path:

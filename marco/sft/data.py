@@ -3,13 +3,15 @@
 Rows with a ``messages`` column are taken as they are; ``instruction``/``response`` rows become chats with
 Marco-o1's system prompt (as :mod:`marco.data.importer` does, without its quality filters). A row that is
 not a chat stops the load with its row number: training on silently shrunk data is worse than an error.
+:func:`split_and_mix` holds out a validation split of every source and mixes the rest by weight.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from marco.data.importer import RowError, row_messages, read_rows, row_to_example
 
@@ -61,3 +63,36 @@ def load_chats(source: str | os.PathLike[str], limit: int | None = None) -> list
     if not chats:
         raise ValueError(f"{source}: no training examples")
     return chats
+
+
+def split_and_mix(
+    sources: Sequence[dict[str, Any]], eval_fraction: float, seed: int, limit: int | None = None
+) -> tuple[list[list[Message]], list[list[Message]], list[dict[str, Any]]]:
+    """``(train, eval, report)``: each source's chats, ``eval_fraction`` of each held out (at least one
+    when the fraction is positive and the source has two or more), the rest repeated/sampled by its weight
+    (integer part: whole copies; fractional part: a seeded sample) and shuffled together.
+
+    The report says, per source, how many chats it had, held out and put into the training mix.
+    """
+    rng = random.Random(seed)
+    train: list[list[Message]] = []
+    held: list[list[Message]] = []
+    report: list[dict[str, Any]] = []
+    for src in sources:
+        chats = load_chats(src["path"], limit)
+        order = list(range(len(chats)))
+        rng.shuffle(order)
+        n_eval = min(len(chats) - 1, round(eval_fraction * len(chats)))
+        held += [chats[i] for i in order[:n_eval]]
+        rest = [chats[i] for i in order[n_eval:]]
+        weight = float(src.get("weight", 1.0))
+        whole, frac = int(weight), weight - int(weight)
+        picked = rest * whole + rng.sample(rest, round(frac * len(rest)))
+        train += picked
+        report.append({"path": src["path"], "weight": weight, "examples": len(chats), "eval": n_eval,
+                       "train": len(picked)})  # fmt: skip
+    if not train:
+        names = ", ".join(s["path"] for s in sources)
+        raise ValueError(f"{names}: the weights leave no training example; raise a weight")
+    rng.shuffle(train)
+    return train, held, report

@@ -37,16 +37,22 @@ def _child_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def run_sft(config: SFTConfig, on_checkpoint: CheckpointCallback | None = None) -> SFTResult:
-    """Fine-tune ``config.base`` on ``config.data``; return the checkpoint, losses, metrics and tokens/s.
+def run_sft(config: SFTConfig, on_checkpoint: CheckpointCallback | None = None,
+            check: Callable[[], None] | None = None) -> SFTResult:
+    """Fine-tune ``config.base`` on ``config.data`` or its weighted ``config.sources``; return the checkpoint, losses, metrics and tokens/s.
 
     With ``nproc > 1`` the training runs under ``torchrun`` in a subprocess (its log in
     ``output_dir/train.log``); otherwise in this process. ``on_checkpoint`` is called with the result once
-    the checkpoint is saved: the store registers it there (``models`` row with its lineage).
+    the checkpoint is saved: the store registers it there (``models`` row with its lineage). ``check`` is
+    called after every training step (in process) or every second (torchrun); it raises to stop the run
+    (a job that lost its lease), and a torchrun child is terminated first.
     """
     from marco.sft.data import load_chats
 
-    load_chats(config.data)  # bad data fails here, in one line, before any model is loaded or rank started
+    if not config.mix:
+        raise ValueError("no training data: give data (one path) or sources ([{path, weight}, ...])")
+    for source in config.mix:  # bad data fails here, in one line, before any model is loaded or rank started
+        load_chats(source["path"])
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = replace(config, output_dir=str(out.resolve()), base_path=resolve_base(config.base))
@@ -56,14 +62,29 @@ def run_sft(config: SFTConfig, on_checkpoint: CheckpointCallback | None = None) 
     if config.nproc == 1:
         from marco.sft.train import train
 
-        result = train(config)
+        result = train(config, check=check)
     else:
         log_path = out / "train.log"
         with log_path.open("w") as log:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 torchrun_command(str(config_path), config.nproc),
                 stdout=log, stderr=subprocess.STDOUT, env=_child_env(config.nproc),
             )  # fmt: skip
+            try:
+                while proc.poll() is None:
+                    if check is not None:
+                        check()
+                    try:
+                        proc.wait(timeout=1.0)
+                    except subprocess.TimeoutExpired:
+                        pass
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
         if proc.returncode != 0:
             with log_path.open(errors="replace") as f:
                 tail = [line.rstrip() for line in deque(f, maxlen=400) if line.strip()]

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
@@ -53,7 +53,7 @@ def build_trainer(config: SFTConfig, callbacks: list[Any] | None = None) -> tupl
     from trl import SFTTrainer
 
     from marco.sft.base_model import resolve_base
-    from marco.sft.data import load_chats
+    from marco.sft.data import split_and_mix
     from marco.sft.masking import tokenize_chats
 
     cuda = _use_cuda(config)
@@ -61,10 +61,16 @@ def build_trainer(config: SFTConfig, callbacks: list[Any] | None = None) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    columns = tokenize_chats(tokenizer, load_chats(config.data), config.max_length)
+    names = ", ".join(s["path"] for s in config.mix)
+    train_chats, eval_chats, mix = split_and_mix(config.mix, config.eval_fraction, config.seed)
+    columns = tokenize_chats(tokenizer, train_chats, config.max_length)
     if not columns["input_ids"]:
-        raise ValueError(f"{config.data}: no example keeps an assistant token within max_length={config.max_length}")
+        raise ValueError(f"{names}: no example keeps an assistant token within max_length={config.max_length}")
     dataset = Dataset.from_dict(columns)
+    eval_dataset = None
+    if eval_chats:
+        eval_columns = tokenize_chats(tokenizer, eval_chats, config.max_length)
+        eval_dataset = Dataset.from_dict(eval_columns) if eval_columns["input_ids"] else None
 
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
@@ -83,13 +89,13 @@ def build_trainer(config: SFTConfig, callbacks: list[Any] | None = None) -> tupl
 
     args = TRLConfig(
         output_dir=str(Path(config.output_dir) / "trainer"),
-        max_steps=config.max_steps if config.max_steps > 0 else -1,
-        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        num_train_epochs=config.train_epochs or 1.0,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_steps,
+        **_warmup(config),
         weight_decay=config.weight_decay,
         seed=config.seed,
         data_seed=config.seed,
@@ -105,6 +111,9 @@ def build_trainer(config: SFTConfig, callbacks: list[Any] | None = None) -> tupl
         ddp_backend=("nccl" if cuda else "gloo") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         logging_steps=1,
+        eval_strategy="steps" if eval_dataset is not None and config.eval_every > 0 else "no",
+        eval_steps=config.eval_every or None,
+        per_device_eval_batch_size=config.batch_size,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -114,11 +123,25 @@ def build_trainer(config: SFTConfig, callbacks: list[Any] | None = None) -> tupl
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    trainer.marco_mix = mix  # per-source counts, reported in the result's metrics
     return trainer, tokenizer
+
+
+def _warmup(config: SFTConfig) -> dict[str, Any]:
+    """Warm-up as this transformers takes it: ``warmup_steps`` (a float < 1 is a ratio since v5), or the
+    older ``warmup_ratio`` argument."""
+    from transformers import TrainingArguments
+
+    if config.warmup_steps > 0:
+        return {"warmup_steps": config.warmup_steps}
+    if "warmup_ratio" in TrainingArguments.__dataclass_fields__:
+        return {"warmup_ratio": config.warmup_ratio}
+    return {"warmup_steps": config.warmup_ratio}
 
 
 def _save(trainer: Any, tokenizer: Any, config: SFTConfig) -> None:
@@ -131,15 +154,29 @@ def _save(trainer: Any, tokenizer: Any, config: SFTConfig) -> None:
     tokenizer.save_pretrained(out)
 
 
-def train(config: SFTConfig) -> SFTResult:
+class _Check(TrainerCallback):
+    """Calls ``check()`` after every optimizer step; it raises to stop the run (a job that lost its lease)."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self.check = check
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.check()
+
+
+def train(config: SFTConfig, check: Callable[[], None] | None = None) -> SFTResult:
     """Train in this process (one rank of a torchrun launch, or the only process); every rank returns the
-    same result, rank 0 writes it."""
+    same result, rank 0 writes it. ``check`` runs after every step and may raise to stop."""
     clock = _StepClock()
-    trainer, tokenizer = build_trainer(config, callbacks=[clock])
+    trainer, tokenizer = build_trainer(config, callbacks=[clock] + ([_Check(check)] if check else []))
+    # Validation loss before and after training (outside the step clock, so tokens/s stays training's).
+    start_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     output = trainer.train()
+    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
 
     history = trainer.state.log_history
-    steps = [h for h in history if "loss" in h and "step" in h]
+    evals = [(int(h["step"]), float(h["eval_loss"])) for h in history if "eval_loss" in h]
+    steps = [h for h in history if "loss" in h and "step" in h and "eval_loss" not in h]
     losses = [float(h["loss"]) for h in steps]
     # TRL logs `num_tokens` cumulatively: non-padding input tokens over every rank.
     cumulative = [int(h.get("num_tokens", 0)) for h in steps]
@@ -156,6 +193,12 @@ def train(config: SFTConfig) -> SFTResult:
         "tokens_per_s": total_tokens / elapsed,
         "world_size": int(trainer.args.world_size),
         "examples": len(trainer.train_dataset),
+        "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+        "eval_loss_start": float(start_eval["eval_loss"]) if "eval_loss" in start_eval else None,
+        "eval_loss": float(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+        "eval_losses": evals,
+        "epochs": config.train_epochs,
+        "mix": getattr(trainer, "marco_mix", []),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
     result = SFTResult(

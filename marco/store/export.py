@@ -41,7 +41,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("final_answer", pa.string()), ("final_node_id", pa.string()), ("correct", pa.bool_()),
         ("score", pa.float64()), ("confidence", pa.float64()), ("tokens", pa.int64()), ("rounds", pa.int32()),
         ("elapsed_s", pa.float64()), ("chosen_path", pa.list_(pa.string())), ("error", pa.string()),
-        ("created_at", _TS), ("finished_at", _TS),
+        ("tree_depth", pa.int32()), ("path_depth", pa.int32()), ("created_at", _TS), ("finished_at", _TS),
     ]),
     "nodes": pa.schema([
         ("id", pa.string()), ("search_id", pa.string()), ("parent_id", pa.string()), ("seq", pa.int32()),
@@ -138,6 +138,8 @@ def export_parquet(
     if unknown:
         raise ValueError(f"unknown table {unknown[0]!r}; choose from {', '.join(TABLES)}")
     batch_id = store.resolve_batch(batch)
+    if "nodes" in tables:
+        store.check_batch_not_archived(batch_id)  # never an empty nodes.parquet for an archived batch
     out = Path(out_dir)
     targets = {t: out / f"{t}.parquet" for t in tables}
     existing = [str(p) for p in targets.values() if p.exists()]

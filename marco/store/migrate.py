@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from marco.store.db import StoreError
 from marco.store.models import Base
+from marco.store.urls import safe_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,9 +29,30 @@ def alembic_config(engine: Engine | None = None) -> Config:
     return cfg
 
 
+class MigrateDirectly(StoreError):
+    """A migration asked of an engine that goes through PgBouncer in transaction mode."""
+
+
+def refuse_through_pgbouncer(engine: Engine, why: str = "") -> None:
+    """Raise :class:`MigrateDirectly` for a PgBouncer engine: migrations connect to Postgres directly."""
+    from marco.store.db import is_pgbouncer
+
+    if is_pgbouncer(engine):
+        raise MigrateDirectly(
+            f"{why}migrations do not run through PgBouncer ({safe_url(engine.url)} is marked ?pgbouncer=1 or "
+            "$MARCO_DB_PGBOUNCER=1): run `marco db upgrade --db postgresql://USER@POSTGRES_HOST:5432/DB` "
+            "against Postgres itself, then start the workers"
+        )
+
+
 def _run(engine: Engine, fn: Any, *args: Any) -> None:
+    refuse_through_pgbouncer(engine)
     cfg = alembic_config(engine)
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # a migration may rewrite a large table: the product's session limits are for its own statements
+            conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+            conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
         cfg.attributes["connection"] = conn
         fn(cfg, *args)
 
@@ -83,26 +105,37 @@ def check_not_newer(engine: Engine) -> None:
     current = current_revision(engine)
     if current is not None and current not in known_revisions():
         raise SchemaTooNew(
-            f"database {engine.url.render_as_string(hide_password=True)} has schema revision {current!r}, newer "
+            f"database {safe_url(engine.url)} has schema revision {current!r}, newer "
             f"than this code knows (latest {head_revision()!r}): upgrade Marco on this machine before starting it"
         )
+
+
+_UNLIMITED = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")
 
 
 def upgrade_on_open(engine: Engine) -> None:
     """Bring the schema to head, once, however many processes open the database at the same moment.
 
     On Postgres the check and the upgrade run under a session-level advisory lock, so the first process
-    migrates and the others wait, then find it current. SQLite serialises writers by itself.
+    migrates and the others wait, then find it current. SQLite serialises writers by itself. Through
+    PgBouncer (transaction mode) nothing is migrated: a schema behind this code raises
+    :class:`MigrateDirectly` saying to run ``marco db upgrade`` against Postgres itself.
     """
     check_not_newer(engine)
     if is_current(engine):
         return
+    refuse_through_pgbouncer(engine, f"the database is at schema revision {current_revision(engine) or 'none'}, "
+                                     f"this code needs {head_revision()}, and ")  # fmt: skip
     if engine.dialect.name != "postgresql":
         upgrade(engine)
         return
     from sqlalchemy import text
 
     with engine.connect() as lock_conn:
+        # waiting for another process's migration, and holding the lock idle while ours runs, are no
+        # abandoned transaction: lift the session limits (marco.store.db) on this connection meanwhile
+        for name in _UNLIMITED:
+            lock_conn.exec_driver_sql(f"SET {name} = 0")
         lock_conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
         try:
             check_not_newer(engine)
@@ -110,4 +143,6 @@ def upgrade_on_open(engine: Engine) -> None:
                 upgrade(engine)
         finally:
             lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+            for name in _UNLIMITED:
+                lock_conn.exec_driver_sql(f"SET {name} TO DEFAULT")  # back to the connection's own limits
             lock_conn.commit()

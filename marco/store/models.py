@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     text,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -98,6 +99,12 @@ class Batch(_Row, Base):
     n_searches: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # 0007 (issue 18): an ended batch's tree nodes moved to a compressed file (`marco archive`): when, where,
+    # how many rows and the file's SHA-256 (checked before a restore). NULL: its nodes are in `nodes`.
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    archive_path: Mapped[str | None] = mapped_column(Text)
+    archive_rows: Mapped[int | None] = mapped_column(BigInteger)
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Job(_Row, Base):
@@ -126,6 +133,14 @@ class Job(_Row, Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP"))
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     lease_losses: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # issue 17: the claim's fencing token (grows by one per claim; every write of the job's results checks
+    # it), leases that ran out (deaths, less the ones a live worker reported as lost) and hand-backs by a
+    # live worker (warm shutdown, model server down): only deaths count toward max_attempts
+    lease_token: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    expiries: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    releases: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # the re-send back-off step since the job's last claim (`resends` keeps counting for `marco status`)
+    resend_step: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class ProblemRow(_Row, Base):
@@ -179,6 +194,8 @@ class Search(_Row, Base):
     rounds: Mapped[int] = mapped_column(Integer, default=0)
     elapsed_s: Mapped[float] = mapped_column(Float, default=0.0)
     chosen_path: Mapped[list[str]] = mapped_column(JsonDoc, default=list)  # node ids root → final
+    tree_depth: Mapped[int | None] = mapped_column(Integer)  # 0006: deepest non-rollout node
+    path_depth: Mapped[int | None] = mapped_column(Integer)  # 0006: deepest non-rollout node of chosen_path
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -210,6 +227,9 @@ class NodeRow(_Row, Base):
     terminal: Mapped[bool] = mapped_column(Boolean, default=False)
     answer: Mapped[str | None] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
+    # issue 17: the fencing token (jobs.lease_token) of the claim that wrote this node: a search's nodes in
+    # `seq` order carry non-decreasing claims unless two runs of its job wrote at once (bench/soak.py checks)
+    claim: Mapped[int | None] = mapped_column(BigInteger)
 
 
 # --- data loop (issue 5): synthesised CoT examples and training runs ------------------------------------

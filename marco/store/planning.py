@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import select, update
 
@@ -11,8 +11,11 @@ from marco.search.base import SearchConfig
 from marco.search.tree import make_id
 from marco.store.base import StoreBase
 from marco.store.models import Batch, Job, Model, NodeRow, ProblemRow, Search
+from marco.store.queue import _id_chunks
 from marco.store.rows import BatchPlan
 from marco.tasks.base import Problem
+
+SUBMITTING = "submitting"  # in batches.config while a chunked submission is still writing jobs
 
 
 class PlanningMixin(StoreBase):
@@ -59,12 +62,21 @@ class PlanningMixin(StoreBase):
         priority: int = 0,
         extra: dict[str, Any] | None = None,
         batch_id: str | None = None,
+        rows_per_txn: int | None = None,
+        on_chunk: Callable[[list[str], int, int], None] | None = None,
     ) -> BatchPlan:
         """Write a batch, its problems, its jobs (``chunk_size`` problems each) and one pending search per
         (problem, config), all in bulk. Every config of the batch runs on every problem of a job.
 
         ``batch.config`` records ``task``, ``model`` and the search configs, which is everything a worker
         needs to execute a job (problems come from the ``problems`` table).
+
+        ``rows_per_txn`` (a large batch): write the batch in transactions of about that many problems, whole
+        jobs each, calling ``on_chunk(job_ids, problems_written, problems_total)`` after each commit (the
+        caller enqueues those jobs and shows progress). Workers start on the first chunk while the rest is
+        written; no transaction holds locks for the whole submission; and ``batches.config`` carries
+        ``"submitting": true`` until the last chunk is in, so the batch is not closed in between (see
+        :meth:`QueueMixin._refresh_batch`). Should a chunk fail, the caller deletes the batch.
         """
         if chunk_size <= 0:
             raise ValueError("chunk_size must be a positive number of problems")
@@ -141,17 +153,59 @@ class PlanningMixin(StoreBase):
             "n_jobs": len(job_rows),
             "n_searches": len(search_rows),
         }
-        with self.sessions.begin() as s:
-            s.execute(self.insert_ignore(Batch.__table__), [batch_row])
-            self._bulk_insert(s, ProblemRow.__table__, problem_rows)
-            self._bulk_insert(s, Job.__table__, job_rows)
-            self._bulk_insert(s, Search.__table__, search_rows)
+        if rows_per_txn:
+            self._write_in_chunks(batch_row, problem_rows, job_rows, search_rows, rows_per_txn, on_chunk)
+        else:
+            with self.sessions.begin() as s:
+                s.execute(self.insert_ignore(Batch.__table__), [batch_row])
+                self._bulk_insert(s, ProblemRow.__table__, problem_rows)
+                self._bulk_insert(s, Job.__table__, job_rows)
+                self._bulk_insert(s, Search.__table__, search_rows)
+            if on_chunk is not None:
+                on_chunk([r["id"] for r in job_rows], len(problem_rows), len(problem_rows))
         return BatchPlan(
             batch_id=batch_id,
             job_ids=[r["id"] for r in job_rows],
             problem_ids=[r["id"] for r in problem_rows],
             search_ids=[r["id"] for r in search_rows],
         )
+
+    def _write_in_chunks(
+        self,
+        batch_row: dict[str, Any],
+        problem_rows: list[dict[str, Any]],
+        job_rows: list[dict[str, Any]],
+        search_rows: list[dict[str, Any]],
+        rows_per_txn: int,
+        on_chunk: Callable[[list[str], int, int], None] | None,
+    ) -> None:
+        batch_id = batch_row["id"]
+        with self.sessions.begin() as s:
+            s.execute(self.insert_ignore(Batch.__table__), [{**batch_row, "config": {**batch_row["config"], SUBMITTING: True}}])
+        problems_of = {r["id"]: r for r in problem_rows}
+        searches_of: dict[str, list[dict[str, Any]]] = {}
+        for r in search_rows:
+            searches_of.setdefault(r["job_id"], []).append(r)
+        written, total, i = 0, len(problem_rows), 0
+        while i < len(job_rows):
+            jobs, n = [], 0
+            while i < len(job_rows) and (not jobs or n < rows_per_txn):
+                jobs.append(job_rows[i])
+                n += len(job_rows[i]["payload"]["problem_ids"])
+                i += 1
+            with self.sessions.begin() as s:
+                self._bulk_insert(s, ProblemRow.__table__, [problems_of[p] for j in jobs for p in j["payload"]["problem_ids"]])
+                self._bulk_insert(s, Job.__table__, jobs)  # claimable at commit, with its problems and searches
+                self._bulk_insert(s, Search.__table__, [r for j in jobs for r in searches_of.get(j["id"], [])])
+            written += n
+            if on_chunk is not None:
+                on_chunk([j["id"] for j in jobs], written, total)
+        with self.sessions.begin() as s:
+            batch = s.scalar(select(Batch).where(Batch.id == batch_id).with_for_update())
+            if batch is not None:
+                batch.config = {k: v for k, v in (batch.config or {}).items() if k != SUBMITTING}
+        with self.sessions.begin() as s:
+            self._refresh_batch(s, batch_id)  # every job may have ended while the last chunks were written
 
     def delete_batch(self, batch_id: str) -> None:
         """Remove a batch with its jobs, problems, searches and nodes (a submit whose enqueue failed)."""
@@ -188,9 +242,18 @@ class PlanningMixin(StoreBase):
         return n
 
     def requeue_failed(self, batch_id: str) -> list[str]:
-        """Put the batch's failed jobs back in the queue (their searches resume from stored nodes)."""
+        """Put the batch's failed jobs back in the queue (their searches resume from stored nodes). An
+        archived batch is refused: its jobs would resume from no nodes (restore it first)."""
         with self.sessions.begin() as s:
             self._require_batch(s, batch_id)
+            locked = select(Batch).where(Batch.id == batch_id).execution_options(populate_existing=True)
+            if self.dialect == "postgresql":
+                locked = locked.with_for_update()  # serialised with `marco archive` marking the batch
+            batch = s.scalars(locked).one()
+            if batch.archived_at is not None:
+                from marco.store.archive import BatchArchived
+
+                raise BatchArchived(str(batch.id), batch.archive_path, batch.archived_at)
             ids = [
                 str(i)
                 for i in s.scalars(
@@ -200,13 +263,14 @@ class PlanningMixin(StoreBase):
                     .returning(Job.id)
                 )
             ]
-            if ids:
+            for chunk in _id_chunks(ids):  # any number of failed jobs: never one unbounded IN (...) list
                 s.execute(
                     update(Search)
-                    .where(Search.job_id.in_(ids), Search.status == "failed", Search.error.is_not(None))
+                    .where(Search.job_id.in_(chunk), Search.status == "failed", Search.error.is_not(None))
                     .where(Search.problem_id.in_(select(ProblemRow.id).where(ProblemRow.error.is_(None))))
                     .values(status="pending", error=None)
                 )
+            if ids:
                 s.execute(update(Batch).where(Batch.id == batch_id).values(status="running", finished_at=None))
         return ids
 

@@ -7,6 +7,7 @@ from typing import Sequence
 from sqlalchemy import case, func, or_, select
 
 from marco.search.tree import Node, Tree
+from marco.store.archive import archived_hint, raise_if_archived
 from marco.store.base import StoreBase
 from marco.store.db import StoreError
 from marco.store.models import Batch, Job, NodeRow, ProblemRow, Search
@@ -143,19 +144,26 @@ class ReadsMixin(StoreBase):
             return row
 
     def load_nodes(self, search_id: str) -> list[Node]:
-        """Every stored node of a search in creation order (what ``driver.run(resume=...)`` takes)."""
+        """Every stored node of a search in creation order (what ``driver.run(resume=...)`` takes).
+
+        Raises :class:`~marco.store.archive.BatchArchived` when the search's batch was archived."""
         with self.sessions() as s:
+            raise_if_archived(s, [search_id])
             rows = s.execute(
                 select(NODE_TABLE).where(NODE_TABLE.c.search_id == search_id).order_by(NODE_TABLE.c.seq)
             ).all()
         return [row_to_node(r) for r in rows]
 
     def load_nodes_many(self, search_ids: Sequence[str]) -> dict[str, list[Node]]:
-        """Stored nodes of several searches in one query; searches without nodes are left out."""
+        """Stored nodes of several searches in one query; searches without nodes are left out.
+
+        Raises :class:`~marco.store.archive.BatchArchived` when any of the searches' batches was archived
+        (never a silently empty tree)."""
         out: dict[str, list[Node]] = {}
         if not search_ids:
             return out
         with self.sessions() as s:
+            raise_if_archived(s, search_ids)
             rows = s.execute(
                 select(NODE_TABLE)
                 .where(NODE_TABLE.c.search_id.in_(list(search_ids)))
@@ -191,7 +199,10 @@ class ReadsMixin(StoreBase):
         cte = base.union_all(step)
         with self.sessions() as s:
             rows = s.execute(select(n).join(cte, n.c.id == cte.c.id).order_by(n.c.depth)).all()
+            if rows:
+                raise_if_archived(s, [str(rows[0].search_id)])  # read while its batch was being archived
+            hint = "" if rows else archived_hint(s)
         if not rows:
-            raise StoreError(f"no node {node_id!r}: find node ids with `marco traces show SEARCH`")
+            raise StoreError(f"no node {node_id!r}: find node ids with `marco traces show SEARCH`{hint}")
         return [row_to_node(r) for r in rows]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from marco.search.tree import Node
 from marco.store.models import ProblemRow
@@ -35,6 +35,10 @@ class BatchPlan:
     search_ids: list[str]
 
 
+if TYPE_CHECKING:
+    from marco.store.fence import Fence
+
+
 @dataclass(frozen=True)
 class JobClaim:
     """A job this worker now holds the lease of."""
@@ -47,6 +51,13 @@ class JobClaim:
     attempts: int
     worker: str
     lease_until: datetime
+    token: int = 0  # jobs.lease_token of this claim (see marco.store.fence)
+
+    @property
+    def fence(self) -> "Fence":
+        from marco.store.fence import Fence
+
+        return Fence(self.id, self.worker, self.token)
 
 
 @dataclass

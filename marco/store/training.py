@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from sqlalchemy import func, select, update
 
 from marco.search.tree import make_id
+from marco.store.fence import check_fence
 from marco.store.db import StoreError
 from marco.store.models import Batch, CotExampleRow, Job, Model, ProblemRow, Search, TrainingRun
 
@@ -69,9 +70,11 @@ class TrainingStoreMixin:
             s.execute(self.insert_ignore(Job.__table__), [job_row])  # type: ignore[attr-defined]
         return batch_id, job_id
 
-    def set_batch_result(self, batch_id: str, result: dict[str, Any]) -> None:
-        """Keep a stage's outcome summary in ``batches.config["result"]`` (before its job is finished)."""
+    def set_batch_result(self, batch_id: str, result: dict[str, Any], fence: Any = None) -> None:
+        """Keep a stage's outcome summary in ``batches.config["result"]`` (before its job is finished);
+        with ``fence`` only while that claim holds the job (:mod:`marco.store.fence`)."""
         with self.sessions.begin() as s:
+            check_fence(s, fence)
             batch = s.get(Batch, batch_id)
             if batch is None:
                 raise StoreError(f"no batch {batch_id!r}")
@@ -119,10 +122,12 @@ class TrainingStoreMixin:
             return [(r[0], r[1]) for r in s.execute(stmt).all()]
 
     # ------------------------------------------------------------------ cot_examples
-    def write_cot_examples(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Bulk ``INSERT ... ON CONFLICT DO NOTHING`` (ids are deterministic: a rerun writes nothing twice)."""
+    def write_cot_examples(self, rows: Sequence[dict[str, Any]], fence: Any = None) -> int:
+        """Bulk ``INSERT ... ON CONFLICT DO NOTHING`` (ids are deterministic: a rerun writes nothing twice);
+        with ``fence`` only while that claim holds the job, in the insert's transaction."""
         if rows:
             with self.sessions.begin() as s:
+                check_fence(s, fence)
                 self._bulk_insert(s, CotExampleRow.__table__, list(rows))  # type: ignore[attr-defined]
         return len(rows)
 
@@ -167,17 +172,20 @@ class TrainingStoreMixin:
         raise StoreError(f"no synthesis run {ref!r}: run `marco synthesize --batch BATCH` first")
 
     # ------------------------------------------------------------------ training_runs
-    def create_training_run(self, run_id: str, **values: Any) -> str:
+    def create_training_run(self, run_id: str, fence: Any = None, **values: Any) -> str:
         """Insert a ``training_runs`` row unless it exists (a retried job keeps its run id)."""
         row = {
             "id": run_id, "hyperparameters": {}, "losses": [], "metrics": {}, "status": "queued", **values,
         }  # fmt: skip
         with self.sessions.begin() as s:
+            check_fence(s, fence)
             s.execute(self.insert_ignore(TrainingRun.__table__), [row])  # type: ignore[attr-defined]
         return run_id
 
-    def update_training_run(self, run_id: str, **values: Any) -> None:
+    def update_training_run(self, run_id: str, fence: Any = None, **values: Any) -> None:
+        """Set ``values`` on a training run; with ``fence`` only while that claim holds its job."""
         with self.sessions.begin() as s:
+            check_fence(s, fence)
             s.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(**values))
 
     def get_training_run(self, run_id: str) -> TrainingRun:
@@ -192,6 +200,12 @@ class TrainingStoreMixin:
             return list(s.scalars(select(TrainingRun).order_by(TrainingRun.created_at.desc()).limit(limit)))
 
     # ------------------------------------------------------------------ checkpoints and lineage
+    def model_spec(self, model_id: str) -> str | None:
+        """The spec (what ``load_backend`` takes) of the ``models`` row ``model_id``; None when unknown."""
+        with self.sessions() as s:
+            row = s.get(Model, model_id)
+            return None if row is None else str(row.spec)
+
     def model_id_for(self, spec: str) -> str:
         """The ``models`` id of a spec: a checkpoint's own id, or the base model's (created on first use)."""
         if spec.startswith(CHECKPOINT_PREFIX):
@@ -199,7 +213,8 @@ class TrainingStoreMixin:
         return self.ensure_model(spec)  # type: ignore[attr-defined,no-any-return]
 
     def register_checkpoint(
-        self, training_run_id: str, path: str, base: str, lineage: dict[str, Any], name: str | None = None
+        self, training_run_id: str, path: str, base: str, lineage: dict[str, Any], name: str | None = None,
+        fence: Any = None,
     ) -> str:
         """Record a trained checkpoint in ``models`` (spec ``checkpoint:<id>``, ``parent_id`` its base model,
         ``meta`` its lineage) and link it from its training run; returns the model id."""
@@ -211,6 +226,7 @@ class TrainingStoreMixin:
             "meta": {**lineage, "training_run_id": training_run_id, "base_model_id": parent},
         }  # fmt: skip
         with self.sessions.begin() as s:
+            check_fence(s, fence)  # a claim that lost its lease registers nothing
             s.execute(self.insert_ignore(Model.__table__), [row])  # type: ignore[attr-defined]
             s.execute(update(Model).where(Model.id == model_id).values(path=path, meta=row["meta"]))
             s.execute(update(TrainingRun).where(TrainingRun.id == training_run_id).values(output_model_id=model_id))

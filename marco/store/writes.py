@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from marco.search.base import SearchResult
 from marco.search.tree import Node
 from marco.store.base import StoreBase
+from marco.store.fence import check_fence
 from marco.store.models import NodeRow, Search
 from marco.store.rows import node_to_row, utcnow
 
@@ -19,7 +20,8 @@ NODE_TABLE = NodeRow.__table__
 class WritesMixin(StoreBase):
     """Everything a job writes while it runs."""
 
-    def mark_searches(self, search_ids: Sequence[str], status: str, error: str | None = None) -> None:
+    def mark_searches(self, search_ids: Sequence[str], status: str, error: str | None = None, fence: Any = None) -> None:
+        """Set the status of searches (a cancel is final); with ``fence`` only while that claim holds the job."""
         if not search_ids:
             return
         values: dict[str, Any] = {"status": status}
@@ -28,20 +30,26 @@ class WritesMixin(StoreBase):
         if status in ("done", "failed", "cancelled"):
             values["finished_at"] = self._now()
         with self.sessions.begin() as s:
+            check_fence(s, fence)
             stmt = update(Search).where(Search.id.in_(list(search_ids)))
             if status != "cancelled":
                 stmt = stmt.where(Search.status != "cancelled")  # a cancel is final
             s.execute(stmt.values(**values))
 
-    def write_nodes(self, new_nodes: Sequence[Node], updated_nodes: Sequence[Node] = (), session: Session | None = None) -> None:
+    def write_nodes(
+        self, new_nodes: Sequence[Node], updated_nodes: Sequence[Node] = (), session: Session | None = None,
+        claim: int | None = None,
+    ) -> None:  # fmt: skip
         """One bulk ``INSERT ... ON CONFLICT DO NOTHING`` for ``new_nodes`` and one bulk update of
-        ``visits``/``value_sum`` for ``updated_nodes`` (the only columns that change after a write)."""
+        ``visits``/``value_sum`` for ``updated_nodes`` (the only columns that change after a write).
+        ``claim``: the writing claim's fencing token, kept in ``nodes.claim`` (the caller checks the fence
+        in ``session``)."""
         if session is None:
             with self.sessions.begin() as s:
-                self.write_nodes(new_nodes, updated_nodes, session=s)
+                self.write_nodes(new_nodes, updated_nodes, session=s, claim=claim)
             return
         if new_nodes:
-            self._bulk_insert(session, NODE_TABLE, [node_to_row(n) for n in new_nodes])
+            self._bulk_insert(session, NODE_TABLE, [{**node_to_row(n), "claim": claim} for n in new_nodes])
         if updated_nodes:
             self._bulk_update_stats(session, updated_nodes)
 
@@ -69,8 +77,9 @@ class WritesMixin(StoreBase):
             [{"node_id": n.id, "new_visits": int(n.visits), "new_value_sum": float(n.value_sum)} for n in latest.values()],
         )
 
-    def write_results(self, results: Sequence[SearchResult]) -> None:
-        """Final answers, scores and costs of finished searches (one bulk UPDATE)."""
+    def write_results(self, results: Sequence[SearchResult], fence: Any = None) -> None:
+        """Final answers, scores and costs of finished searches (one bulk UPDATE); with ``fence`` only while
+        that claim holds the job, checked in the UPDATE's transaction."""
         if not results:
             return
         now = utcnow()
@@ -89,6 +98,8 @@ class WritesMixin(StoreBase):
                     "rounds": int(r.rounds),
                     "elapsed_s": float(r.elapsed_s),
                     "chosen_path": list(r.chosen_path),
+                    "tree_depth": int(r.depth),
+                    "path_depth": int(r.path_depth),
                     "error": r.error,
                     "finished_at": now,
                 }
@@ -99,5 +110,6 @@ class WritesMixin(StoreBase):
         stmt = update(t).where(t.c.id == bindparam("sid"), t.c.status != "cancelled").values({k: bindparam("b_" + k) for k in rows[0] if k != "sid"})
         params = [{("b_" + k if k != "sid" else k): v for k, v in row.items()} for row in rows]
         with self.sessions.begin() as s:
+            check_fence(s, fence)
             s.execute(stmt, params)
 

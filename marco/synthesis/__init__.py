@@ -4,7 +4,7 @@
 stored ``synthesize`` job (rows in ``cot_examples``, exports to ``datasets``/JSONL).
 """
 
-from marco.synthesis.build import assistant_turn, path_text, preference_pairs, synthesize
+from marco.synthesis.build import assistant_turn, path_text, preference_pairs, synthesize, unfinished_reason
 from marco.synthesis.config import SynthesisConfig, SynthesisResult
 from marco.synthesis.job import export_run, plan_synthesis, run_synthesis
 
@@ -18,4 +18,5 @@ __all__ = [
     "preference_pairs",
     "run_synthesis",
     "synthesize",
+    "unfinished_reason",
 ]

@@ -17,7 +17,10 @@ class SynthesisConfig:
     keeps paths whose answer scores correct; ``min_value`` keeps paths whose value (mean token confidence of
     the sample that produced the answer) is at least that; ``dedup`` drops exact (or near, MinHash Jaccard ≥
     ``near_threshold``) duplicates of an earlier example. ``pairs`` also builds preference pairs: per
-    problem, its best correct path against its best-valued wrong one.
+    problem, its best correct path against its best-valued wrong one. ``step_pairs`` builds pairs from the
+    tree itself: at every node with two or more expanded (step/mini-step) children, the child with the highest
+    mean value Q against the lowest, when they differ by at least ``pair_margin``; the prompt is the question
+    plus the shared reasoning prefix (``meta["prefix"]``), chosen/rejected are the two steps' texts.
     """
 
     batches: list[str] = field(default_factory=list)
@@ -29,6 +32,8 @@ class SynthesisConfig:
     dedup: str = "exact"
     near_threshold: float = 0.8
     pairs: bool = False
+    step_pairs: bool = False
+    pair_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:

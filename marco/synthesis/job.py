@@ -7,16 +7,13 @@ job names them, writes a ``datasets`` directory and a JSONL file.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from marco.data.examples import save_dataset, write_jsonl
 from marco.synthesis.build import example_row, pair_row, row_to_example, row_to_pair, synthesize
 from marco.synthesis.config import SynthesisConfig, SynthesisResult
-from marco.synthesis.lease import LeaseKeeper
 
-log = logging.getLogger(__name__)
 
 EXPORT_KEYS = ("out", "jsonl", "pairs_out", "pairs_jsonl")
 
@@ -43,10 +40,10 @@ def plan_synthesis(
     )  # fmt: skip
 
 
-def write_result(store: Any, result: SynthesisResult) -> None:
+def write_result(store: Any, result: SynthesisResult, fence: Any = None) -> None:
     rows = [example_row(result.run_id, e) for e in result.examples]
     rows += [pair_row(result.run_id, p, i) for i, p in enumerate(result.pairs)]
-    store.write_cot_examples(rows)
+    store.write_cot_examples(rows, fence=fence)
 
 
 def export_run(
@@ -78,8 +75,29 @@ def export_run(
     return written
 
 
-def run_synthesis(store: Any, run_id: str, payload: dict[str, Any]) -> SynthesisResult:
-    """Synthesise, store and export one run (the body of a synthesis job)."""
+def _claim_paths(exports: dict[str, Any], token: int) -> dict[str, Any]:
+    """Where this claim writes its exports before they move into place: next to each target, named by the
+    claim's token, so a successor claim never writes into the same folder or file."""
+    return {k: (f"{v}.claim-{token}" if v else v) for k, v in exports.items()}
+
+
+def _move_into_place(staged: dict[str, Any], exports: dict[str, Any]) -> None:
+    import os
+    import shutil
+
+    for key, target in exports.items():
+        src = staged.get(key)
+        if not target or not src or not Path(src).exists():
+            continue
+        if Path(target).is_dir():
+            shutil.rmtree(target)
+        os.replace(src, target)
+
+
+def run_synthesis(store: Any, run_id: str, payload: dict[str, Any], fence: Any = None) -> SynthesisResult:
+    """Synthesise, store and export one run (the body of a synthesis job). With ``fence`` (the job's claim)
+    every row is written only while the claim holds the job, and exports are staged under per-claim names
+    and moved into place only after a fenced write succeeded."""
     config = SynthesisConfig.from_dict(payload.get("synthesis") or {})
     result = synthesize(store, config, run_id)
     if not result.examples:
@@ -88,29 +106,24 @@ def run_synthesis(store: Any, run_id: str, payload: dict[str, Any]) -> Synthesis
             f"no example passed the filters ({result.searches} completed searches"
             f"{'; ' + steps if steps else ''}): loosen the filters or reason over more problems"
         )
-    write_result(store, result)
+    write_result(store, result, fence=fence)
     exports = {k: payload.get(k) for k in EXPORT_KEYS}
-    written = export_run(store, run_id, **exports) if any(exports.values()) else {}
-    store.set_batch_result(run_id, {**result.summary(), "exports": {k: v for k, v in exports.items() if v}, "written": written})
+    staged = _claim_paths(exports, fence.token) if fence is not None else exports
+    written = export_run(store, run_id, **staged) if any(exports.values()) else {}
+    summary = {**result.summary(), "exports": {k: v for k, v in exports.items() if v}, "written": written}
+    store.set_batch_result(run_id, summary, fence=fence)  # fails (nothing moved) once the claim is gone
+    if fence is not None:
+        _move_into_place(staged, exports)
     return result
 
 
-def run_synthesis_job(store: Any, claim: Any, backends: Any, worker: str, lease_s: float) -> Any:
-    """The ``synthesize`` job runner :func:`marco.jobs.execute_job` hands claimed jobs to."""
-    from marco.jobs import JobOutcome
+def run_synthesis_job(store: Any, claim: Any, backends: Any, worker: str, lease_s: float, heartbeat: Any = None) -> Any:
+    """The ``synthesize`` job runner :func:`marco.jobs.execute_job` hands claimed jobs to: it stops within
+    one renewal period of losing its lease (the heartbeat interrupts it) and writes only under its claim."""
+    from marco.jobs import run_under_claim
 
-    outcome = JobOutcome(claim.id, "running", attempts=claim.attempts)
-    try:
-        with LeaseKeeper(store, claim.id, worker, lease_s) as lease:
-            result = run_synthesis(store, claim.batch_id, claim.payload)
-        if lease.lost:
-            outcome.status, outcome.error = "lost", f"job {claim.id} lost its lease; another worker owns it now"
-            return outcome
-        store.finish_job(claim.id, worker=worker)
-        outcome.status, outcome.searches = "done", result.searches
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        log.exception("synthesis job %s failed", claim.id)
-        store.fail_job(claim.id, reason, worker=worker)
-        outcome.status, outcome.error = "failed", reason
-    return outcome
+    def body(check: Any) -> int:
+        return int(run_synthesis(store, claim.batch_id, claim.payload, fence=claim.fence).searches)
+
+    # one long step with no progress to report (reads, filters, exports): no progress timeout
+    return run_under_claim(store, claim, worker, lease_s, heartbeat, body, "synthesis", progress_timeout=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from marco.tasks.arith import Arith, heldout as arith_heldout
+from marco.tasks.arith import Arith, hard as arith_hard, heldout as arith_heldout, train as arith_train
 from marco.tasks.base import DatasetInfo, Problem, Score, Task
 from marco.tasks.data import DataError, default_data_dir
 from marco.tasks.demo import Demo
@@ -21,6 +21,8 @@ _TASKS: dict[str, Callable[[], Task]] = {
     "wmt22": lambda: Translation(corpus="wmt22"),
     "arith": Arith,  # generated tuning set (issue 8); "arith-heldout" is its held-out split
     "arith-heldout": arith_heldout,
+    "arith-hard": arith_hard,  # harder held-out tier: 3-4 steps, larger numbers (issue 15)
+    "arith-train": arith_train,  # training split: 50,000, no (template, numbers) of any evaluation split
 }
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 

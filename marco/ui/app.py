@@ -4,6 +4,7 @@
 ``default_transaction_read_only``): the explorer cannot write, whatever a request asks. With a token set,
 every request (pages, ``/api``, static files, the plot) needs it: ``Authorization: Bearer T``, the
 ``X-Marco-Token`` header, the ``marco_token`` cookie, or ``?token=T`` once (which sets the cookie).
+Every request must also name a host the explorer serves (``UISettings.allowed_hosts``): DNS rebinding.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from marco.store.models import Model
 from marco.ui import pages
 from marco.ui.queries import Explorer, SearchFilter
 from marco.ui.tokens import TokenPieces
+from marco.store.urls import safe_url
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_ENV = "MARCO_UI_TOKEN"
+ALLOWED_HOSTS_ENV = "MARCO_UI_ALLOWED_HOSTS"
 COOKIE = "marco_token"
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; base-uri 'none'"
 
@@ -58,6 +61,18 @@ class UISettings:
     token: str | None = None
     require_token: bool | None = None  # None: required exactly when ``host`` is not a loopback address
     decode_tokens: bool = True  # per-token text through the model's tokenizer (else colour blocks)
+    # Host headers served (DNS rebinding: a page the operator opens must not reach /api under its own
+    # name); None: the bound host, localhost, 127.0.0.1 and [::1]; "*" serves any
+    allowed_hosts: tuple[str, ...] | None = None
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The Host names (without port, lower case; IPv6 in brackets) this explorer answers."""
+        if self.allowed_hosts is not None:
+            names = self.allowed_hosts
+        else:
+            names = (self.host, "localhost", "127.0.0.1", "[::1]")
+        return frozenset(_host_name(n) for n in names if n.strip())
 
     @property
     def token_required(self) -> bool:
@@ -92,7 +107,7 @@ def read_only_engine(url: str) -> Engine:
 
     check_connection(engine)
     if migrate.current_revision(engine) is None:
-        raise StoreError(f"{engine.url.render_as_string(hide_password=True)} holds no marco store: "
+        raise StoreError(f"{safe_url(engine.url)} holds no marco store: "
                          "run `marco run` or `marco db upgrade` first")
     return engine
 
@@ -124,6 +139,32 @@ class TokenGate(BaseHTTPMiddleware):
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": message}, status_code=401)
         return HTMLResponse(pages.error_page(401, message), status_code=401)
+
+
+def _host_name(value: str) -> str:
+    """``host[:port]`` -> ``host`` (lower case); an IPv6 address keeps (or gets) its brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    if value.count(":") > 1:  # a bare IPv6 address (a --host ::1, an allowed-hosts entry)
+        return f"[{value}]"
+    return value.split(":", 1)[0]
+
+
+class HostGate(BaseHTTPMiddleware):
+    """Refuse a request whose ``Host`` is not one this explorer serves (421): a DNS-rebinding page names
+    its own domain, which resolves to 127.0.0.1 only after the browser checked the origin."""
+
+    def __init__(self, app: Any, hosts: frozenset[str]) -> None:
+        super().__init__(app)
+        self.hosts = hosts
+
+    async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if "*" in self.hosts or _host_name(request.headers.get("host", "")) in self.hosts:
+            return await call_next(request)
+        message = (f"this explorer does not serve the host {request.headers.get('host', '')!r}; open it as "
+                   f"{' or '.join(sorted(self.hosts))}, or add the name with --allowed-host (${ALLOWED_HOSTS_ENV})")
+        return _error(request, 421, message)
 
 
 class SecurityHeaders(BaseHTTPMiddleware):
@@ -288,7 +329,7 @@ def create_app(settings: UISettings, engine: Engine | None = None) -> Starlette:
         Route("/api/nodes/{node_id}", node),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    middleware = [Middleware(SecurityHeaders)]
+    middleware = [Middleware(HostGate, hosts=settings.hosts), Middleware(SecurityHeaders)]
     if settings.token:
         middleware.append(Middleware(TokenGate, token=settings.token))
     app = Starlette(routes=routes, middleware=middleware,

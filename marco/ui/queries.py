@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from marco.report.html import node_payload
 from marco.store.db import StoreError
+from marco.store.archive import raise_if_archived
 from marco.store.models import Batch, Model, NodeRow, ProblemRow, Search
 from marco.store.rows import _is_uuid
 from marco.store.store import Store, row_to_node
@@ -212,6 +213,7 @@ class Explorer:
                 raise StoreError(f"no search {search_id!r}")
             problem = s.get(ProblemRow, row.problem_id)
             model = s.get(Model, row.model_id) if row.model_id else None
+            raise_if_archived(s, [str(row.id)])  # an archived batch's tree is a file now: say where, never empty
             nodes = [row_to_node(r) for r in s.execute(
                 select(NODES).where(NODES.c.search_id == row.id).order_by(NODES.c.seq)
             )]

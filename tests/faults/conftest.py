@@ -61,8 +61,9 @@ def workers(fault_env, tmp_path) -> Iterator[Callable[..., Proc]]:
     """``start(name, **env)``: a real celery worker; every one started is stopped at the end."""
     started: list[Proc] = []
 
-    def start(name: str = "w1", ready_timeout_s: float = 90.0, **extra: str) -> Proc:
-        proc = start_worker({**fault_env, **extra}, tmp_path / "logs", name=name, queues="reason", ready_timeout_s=ready_timeout_s)
+    def start(name: str = "w1", ready_timeout_s: float = 90.0, pool: str = "prefork", **extra: str) -> Proc:
+        proc = start_worker({**fault_env, **extra}, tmp_path / "logs", name=name, queues="reason", pool=pool,
+                            ready_timeout_s=ready_timeout_s)
         started.append(proc)
         return proc
 

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 import pytest
 import redis
 from fault_kit import (
+    LEASE_S,
     assert_batch_sound,
     job_on,
     nodes_stored,
@@ -256,3 +257,39 @@ def test_worker_older_than_the_database_schema_refuses_to_start(pg_database, red
         assert "newer than this code knows" in proc.output() and "upgrade Marco" in proc.output()
     finally:
         proc.stop()
+
+
+FLEET = int(os.environ.get("MARCO_FAULT_FLEET", "16"))
+
+
+@pytest.mark.timeout(420)
+def test_postgres_restart_under_a_fleet_of_workers(store, dispatcher, fault_env, workers, scheduler, proxy) -> None:
+    """Issue 18: Postgres goes away (every connection dropped, new ones refused) under 16 workers with jobs
+    mid-round, for longer than the lease. All workers resume, every job ends done, nothing is lost or stored
+    twice, and the answers equal an undisturbed run's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:  # solo pools: one process per worker, as one per GPU
+        fleet = list(pool.map(lambda i: workers(f"f{i}", pool="solo", ready_timeout_s=240), range(FLEET)))
+    via_proxy = Store.open(fault_env["MARCO_DATABASE_URL"])
+    scheduler(on=via_proxy, stale_queued_s=30.0)
+    batch = submit(store, dispatcher, n=2 * FLEET, chunk=1, model="scripted:round=0.3")
+    wait_for(lambda: store.batch_progress(batch.batch_id).jobs.get("running", 0) >= FLEET // 2, 120, "jobs running")
+    proxy.cut()
+    running_at_cut = store.batch_progress(batch.batch_id).jobs.get("running", 0)
+    time.sleep(3 * LEASE_S)  # leases run out while the database is away
+    assert store.batch_progress(batch.batch_id).jobs.get("failed", 0) == 0  # an outage fails nothing
+    proxy.restore()
+    assert wait_ended(store, batch.batch_id, 240) == "done", store.batch_progress(batch.batch_id).jobs
+    assert all(w.popen.poll() is None for w in fleet), "a worker died in the outage"
+    with store.sessions() as s:
+        from sqlalchemy import select
+
+        from marco.store.models import Job
+
+        jobs = s.execute(select(Job.status, Job.worker, Job.finished_at).where(Job.batch_id == batch.batch_id)).all()
+    assert {j.status for j in jobs} == {"done"}
+    after_restore = {j.worker.split("@")[0] for j in jobs}
+    assert running_at_cut >= FLEET // 2 and len(after_restore) >= FLEET // 2, (running_at_cut, after_restore)
+    assert_batch_sound(store, batch)  # no node twice, same answers as an undisturbed run
+    via_proxy.close()
