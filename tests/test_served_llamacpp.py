@@ -159,7 +159,15 @@ def test_marco_run_mcts_through_the_server_stores_its_nodes(server, tmp_path) ->
     try:
         searches = store.find_searches(batch_id, limit=None)
         assert len(searches) == 2 and all(s.status == "done" and s.tokens > 0 for s in searches)
-        assert all(store.count_nodes(str(s.id)) > 2 for s in searches)
+        for s in searches:
+            # How many nodes a 96-token tree grows depends on what the model samples (two identical samples
+            # merge; a chain may end inside its first mini-step), so assert the shape, not a count.
+            tree = store.load_tree(str(s.id))
+            assert tree.root.children, "the root has no action the model wrote"
+            written = [n for n in tree if n.kind not in ("root", "reflection")]
+            assert all(len(n.confidences) == len(n.token_ids) for n in written)
+            assert all(0.0 < c <= 1.0 for n in written for c in n.confidences)
+            assert 0 < sum(n.num_tokens for n in written) <= s.tokens <= 96
     finally:
         store.close()
 
