@@ -131,7 +131,7 @@ def test_a_pipeline_that_trains_on_an_evaluation_split_is_refused_at_load(tmp_pa
 
 def test_sft_sources_mix_the_rounds_synthesis_with_the_extra_files(tmp_path: Path) -> None:
     """A round's ``sft: sources`` (e.g. a gold-CoT JSONL) are mixed with the round's own synthesis, which is
-    one more source of weight 1 (never dropped)."""
+    one more source of weight 1 (dropped only when the synthesis kept no example)."""
     sources = [{"path": str(tmp_path / "gold.jsonl"), "weight": 0.5}]
     raw = spec_dict(tmp_path, sft={**spec_dict(tmp_path)["sft"], "sources": sources})
     config = PipelineSpec.from_dict(raw).sft_config("synthesis:x", "smollm2", "out")
@@ -139,6 +139,52 @@ def test_sft_sources_mix_the_rounds_synthesis_with_the_extra_files(tmp_path: Pat
     assert [(s["path"], s["weight"]) for s in config.sources] == [("synthesis:x", 1.0), (str(tmp_path / "gold.jsonl"), 0.5)]
     plain = PipelineSpec.from_dict(spec_dict(tmp_path)).sft_config("synthesis:x", "smollm2", "out")
     assert plain.data == "synthesis:x" and plain.sources == []
+    alone = PipelineSpec.from_dict(raw).sft_config("synthesis:x", "smollm2", "out", with_synthesis=False)
+    assert [(s["path"], s["weight"]) for s in alone.sources] == [(str(tmp_path / "gold.jsonl"), 0.5)]
+
+
+def test_a_round_whose_synthesis_kept_nothing_trains_on_its_other_sources(tmp_path: Path, monkeypatch) -> None:
+    """A base model that cannot write the answer format yet (SmolLM2 finished 0 of 48 sampled chains with
+    its own <Output>) gives a first round with no example. With other SFT sources (gold CoT) the round goes
+    on and trains on them alone, the synthesis's reason in the report; without, the pipeline stops there."""
+    from marco.tasks.arith import gold_cot_rows
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = _fake_sft(monkeypatch, tmp_path)
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps(r) + "\n" for r in gold_cot_rows("arith-train", 100, 4)))
+    search = {**TINY_SEARCH, "budget": 200}
+    keep_none = {"min_value": 1.0}  # no scripted path is fully confident: nothing passes
+
+    store = Store.open(f"sqlite:///{tmp_path / 'p.db'}")
+    dispatcher = _inline(store)
+    plain = PipelineSpec.from_dict(spec_dict(tmp_path, model="scripted", search=search, synthesize=keep_none))
+    status = drive(store, dispatcher, start(store, dispatcher, plain))
+    assert status["status"] == "failed" and status["failed_stage"] == "round1/synthesize"
+    assert "no example passed the filters" in status["error"] and "loosen the filters" in status["error"]
+    assert calls == []
+
+    monkeypatch.setattr("marco.synthesis.build.decoder_for", lambda spec: ScriptedBackend().decode)
+    sft = {**spec_dict(tmp_path)["sft"], "sources": [{"path": str(gold), "weight": 1.0}]}
+    mixed = PipelineSpec.from_dict(spec_dict(tmp_path, model="scripted", search=search, synthesize=keep_none, sft=sft))
+    pid = "22222222-2222-3333-4444-555555555555"
+    from marco.pipeline.stages import stage_batch_id
+    from marco.pipeline.training import training_run_id
+    from marco.search.tree import make_id
+
+    ckpt = "checkpoint:" + make_id("model", "checkpoint", training_run_id(make_id("job", stage_batch_id(pid, "round1/train"), 0)))
+    dispatcher.runtime.backends.put(ckpt, ScriptedBackend())
+    status = drive(store, dispatcher, start(store, dispatcher, mixed, pipeline_id=pid))
+    assert status["status"] == "done", status
+    report = pipeline_report(store, pid)
+    synthesis = report["rounds"][0]["synthesis"]
+    assert synthesis["examples"] == 0 and "no example passed the filters" in synthesis["empty"]
+    assert store.cot_examples(synthesis["run_id"]) == []
+    assert len(calls) == 1 and [s["path"] for s in calls[0].sources] == [str(gold)]  # the gold file alone
+    training = report["rounds"][0]["training"]
+    assert training["model"] == ckpt and training["n_examples"] == 4
+    assert [r["model"] for r in report["table"]] == ["scripted", ckpt]
+    store.close()
 
 
 class Crashing:
@@ -286,6 +332,7 @@ def test_two_rounds_of_expert_iteration_chain_models_and_lineage(tmp_path: Path,
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url, tmp_path: Path) -> None:
+    from marco.tasks.arith import gold_cot_rows
     from scheduler.dispatch import CeleryDispatcher
     from worker.harness import start_worker
     from worker.settings import QueueSettings
@@ -299,18 +346,17 @@ def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url
     worker = start_worker(env, tmp_path / "logs", name="pipe", queues="reason,synthesize,train")
     try:
         dispatcher = CeleryDispatcher(QueueSettings.from_env(env))
-        # chains long enough for SmolLM2 to finish some with its own <Output> (only those become examples). The
-        # sampling seeds follow the (random) batch ids, and the base model finishes few chains: 2 problems at
-        # t=0.7 sometimes gave none. 6 problems at t=0.3, and a second pipeline (new seeds) only when the first
-        # stopped for exactly that reason; any other failure fails the test.
+        # Chains long enough for SmolLM2 to finish some with its own <Output> (only those become examples), but
+        # the base model rarely does (0 of 48 sampled chains on arith-train at t=0.3 on one CPU), so the round
+        # also trains on gold CoT (as Marco-o1-CoT did): the pipeline runs whether its synthesis kept any.
+        gold = tmp_path / "gold.jsonl"
+        gold.write_text("".join(json.dumps(r) + "\n" for r in gold_cot_rows("arith-train", 1000, 8)))
         search = {**TINY_SEARCH, "budget": 1000, "max_answer_tokens": 384, "temperature": 0.3}
+        sft = {**spec_dict(tmp_path)["sft"], "sources": [{"path": str(gold), "weight": 1.0}]}
         spec = PipelineSpec.from_dict(spec_dict(tmp_path, search=search, synthesize={"correct_only": False, "top_k": 4},
-                                                train={"langs": ["en"], "start": 0, "limit": 6}, chunk=3))  # fmt: skip
-        for attempt in range(2):
-            pid = start(store, dispatcher, spec)
-            status = drive(store, dispatcher, pid, poll_s=1.0, timeout_s=780)
-            if status["status"] == "done" or "no example passed the filters" not in str(status):
-                break
+                                                train={"langs": ["en"], "start": 0, "limit": 4}, chunk=2, sft=sft))  # fmt: skip
+        pid = start(store, dispatcher, spec)
+        status = drive(store, dispatcher, pid, poll_s=1.0, timeout_s=780)
         assert status["status"] == "done", (status, worker.output()[-3000:])
     finally:
         worker.stop()
@@ -329,8 +375,13 @@ def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url
     after = sorted((p.dataset, p.lang, p.index) for _, p in store.batch_rows(str(batches["eval/round1/arith-heldout"].id)))
     assert before == after and len(before) == 2
     examples = store.cot_examples(report["rounds"][0]["synthesis"]["run_id"])
-    assert len(report["rounds"][0]["training"]["losses"]) == 2 and report["rounds"][0]["synthesis"]["examples"] == len(examples) >= 1
-    assert {str(e.source_batch_id) for e in examples} == {str(batches["round1/search"].id)}
+    training = report["rounds"][0]["training"]
+    assert len(training["losses"]) == 2 and report["rounds"][0]["synthesis"]["examples"] == len(examples)
+    assert {str(e.source_batch_id) for e in examples} <= {str(batches["round1/search"].id)}
+    assert all(e.messages[-1]["content"].rstrip().endswith("</Output>") for e in examples)  # the model's own
+    # what it trained on: the gold file, and the round's synthesis when that kept anything
+    assert training["n_examples"] == 8 + len(examples) and str(gold) in training["data"]
+    assert ("synthesis:" in training["data"]) == bool(examples)
     for row, stage in zip(report["table"], ("eval/base/arith-heldout", "eval/round1/arith-heldout")):
         rows = [s for s, _ in store.batch_rows(str(batches[stage].id))]
         assert row["n"] == 2 and row["tokens_spent"] == pytest.approx(sum(s.tokens for s in rows) / 2) and row["tokens_spent"] > 0

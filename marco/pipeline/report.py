@@ -94,7 +94,8 @@ def _training(store: Any, batch_id: str) -> dict[str, Any] | None:
     return {
         "training_run_id": str(run.id), "status": run.status, "checkpoint": run.checkpoint, "base": run.base,
         "model": f"checkpoint:{run.output_model_id}" if run.output_model_id else None,
-        "losses": list(run.losses or []), "metrics": dict(run.metrics or {}),
+        "data": run.data, "n_examples": run.n_examples, "losses": list(run.losses or []),
+        "metrics": dict(run.metrics or {}),
     }  # fmt: skip
 
 
@@ -116,7 +117,7 @@ def pipeline_report(store: Any, pipeline_id: str) -> dict[str, Any]:
         synth = by_stage[f"round{r}/synthesize"]
         if synth["batch_id"]:
             result = (batches[f"round{r}/synthesize"].config or {}).get("result") or {}
-            entry["synthesis"] = {k: result.get(k) for k in ("run_id", "searches", "problems", "examples", "pairs")}
+            entry["synthesis"] = {k: result.get(k) for k in ("run_id", "searches", "problems", "examples", "pairs", "empty")}
         train = by_stage[f"round{r}/train"]
         if train["batch_id"]:
             entry["training"] = _training(store, train["batch_id"])

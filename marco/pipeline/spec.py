@@ -188,14 +188,15 @@ class PipelineSpec:
             raise ValueError("synthesize: batches is set by the pipeline; remove it")
         return _build(SynthesisConfig, {**self.synthesize, "batches": batches}, "synthesize")
 
-    def sft_config(self, data: str, base: str, output_dir: str) -> Any:
+    def sft_config(self, data: str, base: str, output_dir: str, with_synthesis: bool = True) -> Any:
         """The round's :class:`SFTConfig`: ``data`` is the round's synthesis; with ``sources`` (extra files
-        mixed in, e.g. a gold-CoT JSONL) the synthesis is one more source, of weight 1."""
+        mixed in, e.g. a gold-CoT JSONL) the synthesis is one more source, of weight 1, left out
+        (``with_synthesis=False``) when the round's synthesis kept no example."""
         from marco.sft import SFTConfig
 
         if self.sft.get("sources"):
             # the round's synthesis is one source (weight 1) beside the extra files
-            sources = [{"path": data, "weight": 1.0}, *self.sft["sources"]]
+            sources = [*([{"path": data, "weight": 1.0}] if with_synthesis else []), *self.sft["sources"]]
             return _build(SFTConfig, {**self.sft, "data": "", "sources": sources, "base": base,
                                       "output_dir": output_dir}, "sft")  # fmt: skip
         return _build(SFTConfig, {**self.sft, "data": data, "base": base, "output_dir": output_dir}, "sft")

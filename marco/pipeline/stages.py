@@ -100,15 +100,19 @@ def plan_stage(store: Any, pipeline_id: str, spec: PipelineSpec, st: Stage) -> l
         _, job_id = plan_synthesis(
             store, spec.synthesis_config([source]), name=name,
             exports={"jsonl": str(out / f"round{st.round}" / "synthesis.jsonl")}, extra=extra,
-            priority=spec.priority, batch_id=batch_id,
+            priority=spec.priority, batch_id=batch_id, allow_empty=bool(spec.sft.get("sources")),
         )  # fmt: skip
         return [(job_id, "synthesize")]
     if st.kind == "train":
         from marco.pipeline.training import plan_training
 
-        data = f"synthesis:{stage_batch_id(pipeline_id, f'round{st.round}/synthesize')}"
+        synthesis_id = stage_batch_id(pipeline_id, f"round{st.round}/synthesize")
+        data = f"synthesis:{synthesis_id}"
         base = round_model(store, pipeline_id, st.round - 1 if spec.train_from == "previous" else 0, spec)
-        config = spec.sft_config(data, base, str(out / f"round{st.round}" / "sft"))
+        # a synthesis that kept nothing gets this far only beside other sources (e.g. gold CoT): a base model
+        # that cannot write the answer format yet learns it from them this round
+        kept = bool(store.cot_examples(synthesis_id, "sft"))
+        config = spec.sft_config(data, base, str(out / f"round{st.round}" / "sft"), with_synthesis=kept)
         _, job_id = plan_training(store, config, data, name=name, priority=spec.priority, extra=extra, batch_id=batch_id)
         return [(job_id, "train")]
     # an evaluation batch: every strategy × budget × seed of this model over one dataset

@@ -7,6 +7,7 @@ job names them, writes a ``datasets`` directory and a JSONL file.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from marco.data.examples import save_dataset, write_jsonl
 from marco.synthesis.build import example_row, pair_row, row_to_example, row_to_pair, synthesize
 from marco.synthesis.config import SynthesisConfig, SynthesisResult
 
+
+log = logging.getLogger(__name__)
 
 EXPORT_KEYS = ("out", "jsonl", "pairs_out", "pairs_jsonl")
 
@@ -27,13 +30,15 @@ def plan_synthesis(
     extra: dict[str, Any] | None = None,
     priority: int = 0,
     batch_id: str | None = None,
+    allow_empty: bool = False,
 ) -> tuple[str, str]:
     """Write a ``synthesize`` batch and its job; returns ``(run_id, job_id)``. Batch names are resolved to
-    ids now, so a typo fails here rather than in a worker."""
+    ids now, so a typo fails here rather than in a worker. ``allow_empty``: a run that keeps no example
+    ends ``done`` with the reason in its result (a pipeline whose SFT has other sources) instead of failing."""
     sources = [store.resolve_batch(b) for b in config.batches]
     config = SynthesisConfig.from_dict({**config.to_dict(), "batches": sources})
     paths = {k: (str(Path(v).resolve()) if v else None) for k, v in (exports or {}).items() if k in EXPORT_KEYS}
-    payload = {"synthesis": config.to_dict(), **paths}
+    payload = {"synthesis": config.to_dict(), **paths, **({"allow_empty": True} if allow_empty else {})}
     return store.create_stage_batch(
         "synthesize", payload, name=name, dataset=config.dataset, priority=priority, batch_id=batch_id,
         config={"source_batches": sources, "synthesis": config.to_dict(), **(extra or {})},
@@ -100,17 +105,19 @@ def run_synthesis(store: Any, run_id: str, payload: dict[str, Any], fence: Any =
     and moved into place only after a fenced write succeeded."""
     config = SynthesisConfig.from_dict(payload.get("synthesis") or {})
     result = synthesize(store, config, run_id)
+    empty = None
     if not result.examples:
         steps = ", ".join(f"{s.name} removed {s.removed}" for s in result.report.steps if s.removed)
-        raise ValueError(
-            f"no example passed the filters ({result.searches} completed searches"
-            f"{'; ' + steps if steps else ''}): loosen the filters or reason over more problems"
-        )
+        empty = f"no example passed the filters ({result.searches} completed searches{'; ' + steps if steps else ''})"
+        if not payload.get("allow_empty"):
+            raise ValueError(f"{empty}: loosen the filters or reason over more problems")
+        log.warning("synthesis %s: %s; the run ends with no example", run_id, empty)
     write_result(store, result, fence=fence)
     exports = {k: payload.get(k) for k in EXPORT_KEYS}
     staged = _claim_paths(exports, fence.token) if fence is not None else exports
     written = export_run(store, run_id, **staged) if any(exports.values()) else {}
-    summary = {**result.summary(), "exports": {k: v for k, v in exports.items() if v}, "written": written}
+    summary = {**result.summary(), "exports": {k: v for k, v in exports.items() if v}, "written": written,
+               **({"empty": empty} if empty else {})}
     store.set_batch_result(run_id, summary, fence=fence)  # fails (nothing moved) once the claim is gone
     if fence is not None:
         _move_into_place(staged, exports)
