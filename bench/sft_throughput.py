@@ -1,8 +1,8 @@
 """Training tokens/s of the SFT path (TRL SFTTrainer, as ``marco sft`` runs it) against a bare PyTorch loop.
 
-Both train the same model on the same tokenized CoT examples (MGSM exemplars in Marco-o1's format, loss on
-assistant tokens only), with the same batch size, sequence length, optimizer (AdamW, clipping at 1.0) and
-number of steps, in one process (nproc 1). Throughput counts non-padding input tokens per second over the
+Both train the same model on the same batches (the trainer's own dataloader over MGSM exemplars in
+Marco-o1's format, loss on assistant tokens only), with the same optimizer (AdamW, clipping at 1.0) and
+number of steps, in one process (nproc 1); the bench checks that both saw the same batch shapes. Throughput counts non-padding input tokens per second over the
 steps after the warm-up ones. Runs alternate (bare, sft, sft, bare, …) so drift in machine load hits both;
 each path's best run is compared.
 
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,55 +66,63 @@ def throughput(step_ends: list[float], step_tokens: list[int], warmup: int) -> t
     return tokens, step_ends[-1] - step_ends[warmup - 1]
 
 
-def run_sft_path(config: SFTConfig, warmup: int) -> tuple[int, float]:
+def _record_shapes(model: torch.nn.Module, shapes: list[tuple[int, ...]]) -> Any:
+    """Record the ``input_ids`` shape of every training forward (grad enabled) of ``model``."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if torch.is_grad_enabled() and ids is not None:
+            shapes.append(tuple(ids.shape))
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run_sft_path(config: SFTConfig, warmup: int) -> tuple[int, float, list[tuple[int, ...]]]:
     from marco.sft.train import _StepClock, build_trainer
 
     clock = _StepClock()
     trainer, _ = build_trainer(config, callbacks=[clock])
+    shapes: list[tuple[int, ...]] = []
+    _record_shapes(trainer.model, shapes)
     trainer.train()
     cumulative = [int(h["num_tokens"]) for h in trainer.state.log_history if "loss" in h]
     step_tokens = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative)]
-    return throughput(clock.step_ends, step_tokens, warmup)
+    return (*throughput(clock.step_ends, step_tokens, warmup), shapes)
 
 
-def run_bare_loop(config: SFTConfig, warmup: int) -> tuple[int, float]:
-    """A hand-written loop: same tokenization and masks, pad-to-longest batches, AdamW, grad clipping."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_bare_loop(config: SFTConfig, warmup: int) -> tuple[int, float, list[tuple[int, ...]]]:
+    """A hand-written loop over the very batches the SFT path trains on (the trainer's own dataloader: same
+    order, padding and masked labels), the model's plain forward and loss, AdamW, gradient clipping. Feeding
+    both paths the same batches matters: MGSM's exemplars range from short English to long Thai, and with
+    pad-to-longest batches a different order changes the padding, and so the tokens/s, by tens of percent."""
+    from transformers import set_seed
 
-    from marco.sft.data import load_chats
-    from marco.sft.masking import tokenize_chats
+    from marco.sft.train import build_trainer
 
-    torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config.base_path)
-    model = AutoModelForCausalLM.from_pretrained(config.base_path, dtype=torch.float32)
+    set_seed(config.seed)
+    trainer, _ = build_trainer(config)
+    model = trainer.model
     model.train()
-    cols = tokenize_chats(tokenizer, load_chats(config.data), config.max_length)
-    rows = list(zip(cols["input_ids"], cols["assistant_masks"]))
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-
+    batches = trainer.get_train_dataloader()
     step_ends: list[float] = []
     step_tokens: list[int] = []
-    for step in range(config.max_steps):
-        batch = [rows[order[(step * config.batch_size + j) % len(rows)]] for j in range(config.batch_size)]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for r, (ids, mask) in enumerate(batch):
-            t = torch.tensor(ids)
-            input_ids[r, : len(ids)] = t
-            attention[r, : len(ids)] = 1
-            labels[r, : len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, -100)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_ends.append(time.perf_counter())
-        step_tokens.append(int(attention.sum()))
-    return throughput(step_ends, step_tokens, warmup)
+    shapes: list[tuple[int, ...]] = []
+    _record_shapes(model, shapes)
+    step = 0
+    while step < config.max_steps:
+        for batch in batches:
+            if step == config.max_steps:
+                break
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_ends.append(time.perf_counter())
+            step_tokens.append(int(batch["attention_mask"].sum()))
+            step += 1
+    return (*throughput(step_ends, step_tokens, warmup), shapes)
 
 
 def main() -> None:
@@ -143,10 +152,13 @@ def main() -> None:
         )  # fmt: skip
         config.base_path = resolve_base(config.base)
         runs: dict[str, list[tuple[int, float]]] = {"bare": [], "sft": []}
+        shapes: dict[str, list[list[tuple[int, ...]]]] = {"bare": [], "sft": []}
         for i in range(args.repeats):
             for path in ("bare", "sft") if i % 2 == 0 else ("sft", "bare"):
                 fn = run_bare_loop if path == "bare" else run_sft_path
-                runs[path].append(fn(config, args.warmup))
+                tokens, seconds, seen = fn(config, args.warmup)
+                runs[path].append((tokens, seconds))
+                shapes[path].append(seen)
 
     print(f"threads={torch.get_num_threads()} steps={args.steps} warmup={args.warmup} "
           f"batch={args.batch_size} max_length={args.max_length} base={args.base}")  # fmt: skip
@@ -156,6 +168,8 @@ def main() -> None:
         for i, (tokens, seconds) in enumerate(results):
             print(f"{path:<6} {i:>3} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>9.1f}")
         best[path] = max(t / s for t, s in results)
+    same = all(seen == shapes["sft"][0] for seen in shapes["sft"] + shapes["bare"])
+    print(f"batch shapes: {shapes['sft'][0]}; the same batches in every run: {'yes' if same else 'NO'}")
     print(f"sft_vs_bare_throughput: {best['sft'] / best['bare']:.3f}")
 
 

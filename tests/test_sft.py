@@ -103,6 +103,27 @@ def test_load_chats_from_every_source(tmp_path: Path, data_dir: Path) -> None:
         load_chats(tmp_path / "missing.jsonl")
 
 
+def test_gold_cot_source_is_made_on_the_fly_from_a_training_split(tmp_path: Path) -> None:
+    from marco.sft.config import SFTConfig
+    from marco.tasks.arith import gold_cot_rows
+
+    # what `marco data gold-cot` writes, read back, equals the source made on the fly
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gold_cot_rows("arith-train", 40000, 3)))
+    chats = load_chats("gold-cot:arith-train?start=40000&limit=3")
+    assert chats == load_chats(tmp_path / "gold.jsonl") and len(chats) == 3
+    assert chats[0][-1]["role"] == "assistant" and chats[0][-1]["content"].rstrip().endswith("</Output>")
+    assert chats != load_chats("gold-cot:arith-train?start=40001&limit=3")
+    assert len(load_chats("gold-cot:arith-train?limit=2")) == 2
+    # a weight after the spec, as `--source` takes it
+    config = SFTConfig(sources=["gold-cot:arith-train?start=0&limit=8:0.5"], base="smollm2", output_dir=str(tmp_path))
+    assert config.sources == [{"path": "gold-cot:arith-train?start=0&limit=8", "weight": 0.5}]
+    with pytest.raises(ValueError, match="evaluation split"):
+        load_chats("gold-cot:arith-heldout?limit=2")
+    for bad in ("gold-cot:arith-train?begin=3", "gold-cot:arith-train?limit=0", "gold-cot:arith-train?start=x"):
+        with pytest.raises(ValueError, match="expected gold-cot:SPLIT"):
+            load_chats(bad)
+
+
 def test_config_validation_and_round_trip(tmp_path: Path) -> None:
     config = SFTConfig(data="x.jsonl", lora=True, nproc=2, max_steps=3)
     config.to_json(tmp_path / "c.json")

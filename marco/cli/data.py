@@ -142,7 +142,7 @@ def import_cot_cmd(
 
 @app.command("sft")
 def sft_cmd(
-    data: Optional[str] = typer.Option(None, "--data", help="Training chats (one source): a `datasets` directory, a .jsonl or .parquet file, or synthesis:RUN (a stored synthesis run, its name, or the batch it came from)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training chats (one source): a `datasets` directory, a .jsonl or .parquet file, synthesis:RUN (a stored synthesis run, its name, or the batch it came from), or gold-cot:SPLIT?start=N&limit=M (worked solutions of a training split, e.g. gold-cot:arith-train?limit=640)."),
     source: list[str] = typer.Option([], "--source", help="A source to mix in, PATH[:WEIGHT] (repeat it; PATH as for --data). WEIGHT multiplies how often its examples are seen: 2 twice per epoch, 0.5 a random half (default 1)."),
     base: str = typer.Option("smollm2", "--base", help="Base model: smollm2, a .gguf file, a model directory, hub id or checkpoint:ID."),
     out: Path = typer.Option(Path("runs/sft"), "--out", help="Output directory: each run of the train job writes its checkpoint and logs in OUT/claim-N (N: its claim)."),

@@ -1,4 +1,5 @@
-"""Read SFT chats from a ``datasets`` directory, a JSONL file or a Parquet file.
+"""Read SFT chats from a ``datasets`` directory, a JSONL file, a Parquet file, or ``gold-cot:SPLIT?start=N&limit=M``
+(worked solutions of a generated training split, made on the fly: what ``marco data gold-cot`` writes).
 
 Rows with a ``messages`` column are taken as they are; ``instruction``/``response`` rows become chats with
 Marco-o1's system prompt (as :mod:`marco.data.importer` does, without its quality filters). A row that is
@@ -17,6 +18,27 @@ from marco.data.importer import RowError, row_messages, read_rows, row_to_exampl
 
 Message = dict[str, str]
 
+GOLD_PREFIX = "gold-cot:"
+
+
+def gold_source(source: str) -> tuple[str, int, int | None]:
+    """``gold-cot:SPLIT?start=N&limit=M`` → ``(split, start, limit)`` (start 0 and the whole split when absent)."""
+    from urllib.parse import parse_qsl
+
+    dataset, _, query = source.removeprefix(GOLD_PREFIX).partition("?")
+    try:
+        params = dict(parse_qsl(query, strict_parsing=True)) if query else {}
+        unknown = set(params) - {"start", "limit"}
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {sorted(unknown)}")
+        start, limit = int(params.get("start", 0)), (int(params["limit"]) if "limit" in params else None)
+        if start < 0 or (limit is not None and limit < 1):
+            raise ValueError("start must be >= 0 and limit >= 1")
+    except ValueError as e:
+        raise ValueError(f"{source}: {e} (expected gold-cot:SPLIT?start=N&limit=M, e.g. "
+                         f"gold-cot:arith-train?start=40000&limit=256)") from None  # fmt: skip
+    return dataset, start, limit
+
 
 def _chat(row: dict[str, Any], source: str, index: int) -> list[Message]:
     if "messages" in row and row["messages"] is not None:
@@ -28,6 +50,10 @@ def _chat(row: dict[str, Any], source: str, index: int) -> list[Message]:
 
 
 def _rows(source: str) -> Iterable[tuple[int, dict[str, Any] | RowError]]:
+    if source.startswith(GOLD_PREFIX):
+        from marco.tasks.arith import gold_cot_rows
+
+        return enumerate(gold_cot_rows(*gold_source(source)))  # refuses an evaluation split
     path = Path(source)
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
