@@ -8,7 +8,9 @@ each path's best run is compared.
 
     PYTHONPATH=. .venv/bin/python bench/sft_throughput.py [--steps 5] [--batch-size 8] [--max-length 192]
 
-Last line: ``sft_vs_bare_throughput: X`` (SFT tokens/s ÷ bare tokens/s; target ≥ 0.8).
+Three paths: ``bare``, ``sft`` (the product's: on a CPU, :mod:`marco.sft.lm_head`'s compact loss head) and
+``sft-trl`` (TRL's own fused head, ``compact_lm_head=False``). Last lines: ``compact_vs_trl_head: X`` and
+``sft_vs_bare_throughput: X`` (SFT tokens/s ÷ bare tokens/s; target ≥ 0.8).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,25 +154,29 @@ def main() -> None:
             batch_size=args.batch_size, max_length=args.max_length,
         )  # fmt: skip
         config.base_path = resolve_base(config.base)
-        runs: dict[str, list[tuple[int, float]]] = {"bare": [], "sft": []}
-        shapes: dict[str, list[list[tuple[int, ...]]]] = {"bare": [], "sft": []}
+        # sft: the product's path (on a CPU, marco.sft.lm_head's compact loss head); sft-trl: TRL's own head
+        paths = ("bare", "sft", "sft-trl")
+        runs: dict[str, list[tuple[int, float]]] = {p: [] for p in paths}
+        shapes: dict[str, list[list[tuple[int, ...]]]] = {p: [] for p in paths}
         for i in range(args.repeats):
-            for path in ("bare", "sft") if i % 2 == 0 else ("sft", "bare"):
+            for path in paths if i % 2 == 0 else paths[::-1]:
                 fn = run_bare_loop if path == "bare" else run_sft_path
-                tokens, seconds, seen = fn(config, args.warmup)
+                cfg = replace(config, compact_lm_head=path != "sft-trl")
+                tokens, seconds, seen = fn(cfg, args.warmup)
                 runs[path].append((tokens, seconds))
                 shapes[path].append(seen)
 
     print(f"threads={torch.get_num_threads()} steps={args.steps} warmup={args.warmup} "
           f"batch={args.batch_size} max_length={args.max_length} base={args.base}")  # fmt: skip
-    print(f"{'path':<6} {'run':>3} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+    print(f"{'path':<8} {'run':>3} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     best: dict[str, float] = {}
     for path, results in runs.items():
         for i, (tokens, seconds) in enumerate(results):
-            print(f"{path:<6} {i:>3} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>9.1f}")
+            print(f"{path:<8} {i:>3} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>9.1f}")
         best[path] = max(t / s for t, s in results)
-    same = all(seen == shapes["sft"][0] for seen in shapes["sft"] + shapes["bare"])
+    same = all(seen == shapes["sft"][0] for p in paths for seen in shapes[p])
     print(f"batch shapes: {shapes['sft'][0]}; the same batches in every run: {'yes' if same else 'NO'}")
+    print(f"compact_vs_trl_head: {best['sft'] / best['sft-trl']:.3f}")
     print(f"sft_vs_bare_throughput: {best['sft'] / best['bare']:.3f}")
 
 

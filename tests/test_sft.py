@@ -351,3 +351,44 @@ def test_dpo_stage_trains_on_whole_path_and_step_pairs(tmp_path: Path, base_dir:
                        (["--pairs", str(tmp_path / "pairs"), "--epochs", "1", "--max-steps", "2"], "not both")):
         bad = runner.invoke(app, ["dpo", "--base", "smollm2", "--out", str(tmp_path / "x"), "--db", db, *args])
         assert bad.exit_code == 1 and said in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
+@pytest.mark.slow
+def test_compact_lm_head_equals_trls_fused_head_on_the_real_model(tmp_path: Path, data_dir: Path, base_dir: str) -> None:
+    """On a CPU the product's SFT scores only labelled positions (marco.sft.lm_head); its loss, gradients and the
+    metrics TRL logs (entropy, top-1 accuracy) equal TRL's own fused head on the same batch, and it leaves a
+    model whose logits are transformed after the head to TRL."""
+    import torch
+
+    from marco.sft.lm_head import add_compact_lm_head, compact_head_applies
+    from marco.sft.train import build_trainer
+
+    write_jsonl(mgsm_cot(data_dir, "en", 8), tmp_path / "a.jsonl")
+    seen = {}
+    for compact in (False, True):
+        config = SFTConfig(data=str(tmp_path / "a.jsonl"), base="smollm2", output_dir=str(tmp_path / "out"),
+                           max_steps=1, batch_size=4, max_length=256, eval_fraction=0.0, compact_lm_head=compact)  # fmt: skip
+        config.base_path = base_dir
+        trainer, _ = build_trainer(config)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompt tokens carry no loss
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grad = trainer.model.model.layers[3].mlp.up_proj.weight.grad.clone()
+        with torch.no_grad():
+            out = trainer.model(**batch, fused_lm_head=True)
+        seen[compact] = (loss.item(), grad, out.entropy, out.is_top1, out.label_mask)
+    (l0, g0, e0, t0, m0), (l1, g1, e1, t1, m1) = seen[False], seen[True]
+    assert l1 == pytest.approx(l0, rel=1e-4) and torch.equal(m0, m1)
+    assert (g1 - g0).abs().max() <= 1e-3 * g0.abs().max()
+    assert (e1 - e0).abs().max() < 1e-3 and torch.equal(t0, t1)
+    assert (e1[~m1] == 0).all() and not t1[~m1].any()  # zero where no label, as TRL's fields are
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert compact_head_applies(model)
+    model.config.final_logit_softcapping = 30.0  # a Gemma-style head: TRL applies it, this head would not
+    forward = model.forward
+    assert not compact_head_applies(model) and add_compact_lm_head(model) is False and model.forward == forward

@@ -85,6 +85,8 @@ class SFTConfig:
     nproc: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
     gradient_checkpointing: bool = False
+    # CPU: score only labelled positions (marco.sft.lm_head), not TRL's every-position fused head
+    compact_lm_head: bool = True
     run_id: str = ""
     # Filled by run_sft: the directory the base spec resolved to (a GGUF is dequantized once, up front).
     base_path: str = ""

@@ -129,6 +129,10 @@ def build_trainer(config: SFTConfig, callbacks: list[Any] | None = None) -> tupl
         callbacks=callbacks,
     )
     trainer.marco_mix = mix  # per-source counts, reported in the result's metrics
+    if not cuda and config.compact_lm_head:
+        from marco.sft.lm_head import add_compact_lm_head
+
+        add_compact_lm_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
     return trainer, tokenizer
 
 
