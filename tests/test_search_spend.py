@@ -473,7 +473,7 @@ def test_the_label_names_every_setting_that_changes_the_result():
                  SearchConfig(strategy="greedy")]
     labels = [c.label for c in [base] + variants]
     assert len(set(labels)) == len(labels)
-    assert base.label == "mcts/ministep:32/k3/c1/b2048/t0.7/p0.95/max-value"
+    assert base.label == "mcts/ministep:32/k3/c1/b2048/t0.7/p0.95/value"
     every = SearchConfig(strategy="mcts", reflect=True, reuse=False, normalize=True, cut_penalty=0.3,
                          final_value="path", seed=4, max_rounds=9, max_depth=5, max_answer_tokens=200)
     assert len(every.label) <= 100 and every.label != SearchConfig.from_dict({**every.to_dict(), "seed": 5}).label
