@@ -17,6 +17,8 @@ from scheduler.dispatch import CeleryDispatcher  # noqa: E402
 from worker.harness import Proc, start_worker  # noqa: E402
 from worker.settings import QueueSettings  # noqa: E402
 
+IDLE_IN_TRANSACTION_S = 10  # the server ends a transaction its client lost after this long
+
 
 @pytest.fixture()
 def proxy() -> Iterator[PgProxy]:
@@ -26,9 +28,16 @@ def proxy() -> Iterator[PgProxy]:
 
 
 @pytest.fixture()
-def fault_env(pg_database, redis_url, proxy) -> dict[str, str]:
-    """A fresh database (reached through the proxy) and the session's Redis database, emptied first."""
+def fault_env(pg_database, redis_url, proxy, monkeypatch) -> dict[str, str]:
+    """A fresh database (reached through the proxy) and the session's Redis database, emptied first.
+
+    Time runs fast here (4 s leases), and so does the server's end of a transaction its client lost in a
+    cut (120 s in production): a row lock held across a cut otherwise stalls the scheduler's requeue for two
+    minutes, longer than a test waits (a Postgres-restart run ended with one job still running after 240 s).
+    The in-process scheduler reads it from this process's environment, the workers from theirs."""
     import redis
+
+    monkeypatch.setenv("MARCO_DB_IDLE_IN_TRANSACTION_TIMEOUT", str(IDLE_IN_TRANSACTION_S))
 
     direct = pg_database()
     Store.open(direct).close()  # migrate before any worker starts
@@ -39,6 +48,7 @@ def fault_env(pg_database, redis_url, proxy) -> dict[str, str]:
         "MARCO_DIRECT_DATABASE_URL": direct,
         "MARCO_LEASE_SECONDS": str(LEASE_S),
         "MARCO_RETRY_BACKOFF_MAX": "8",
+        "MARCO_DB_IDLE_IN_TRANSACTION_TIMEOUT": str(IDLE_IN_TRANSACTION_S),
         "OMP_NUM_THREADS": "1",
     }
 

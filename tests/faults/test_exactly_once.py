@@ -356,6 +356,7 @@ SearchConfigOneRound = SearchConfig(strategy="mcts", action="ministep:6", budget
 
 # --- 6. database session limits ---------------------------------------------------------------------------
 def test_product_connections_carry_session_limits(fault_env, monkeypatch) -> None:
+    monkeypatch.delenv("MARCO_DB_IDLE_IN_TRANSACTION_TIMEOUT", raising=False)  # the product's defaults, not fault_env's
     url = fault_env["MARCO_DIRECT_DATABASE_URL"]
     s = Store.open(url)
     try:
