@@ -41,6 +41,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, poll_s: float) -> bool:  # type: ignore[type-arg]
+    """Poll ``URL/health`` until it answers 200 (True) or ``timeout_s`` passes (False); a RuntimeError when
+    ``proc`` exits first, naming its exit code."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)
+    return False
+
+
 @dataclass
 class LlamaServer:
     """One ``llama-server`` process on 127.0.0.1 (``start``/``stop``, or use it as a context manager).
@@ -80,16 +96,11 @@ class LlamaServer:
         self.port = self.port or free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode} (see {self.log_path or 'its log'})")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        try:
+            if wait_healthy(self.proc, self.url, timeout_s, poll_s=0.2):
+                return self
+        except RuntimeError as e:
+            raise RuntimeError(f"llama-server {e} (see {self.log_path or 'its log'})") from None
         self.stop()
         raise TimeoutError(f"llama-server on {self.url} not healthy after {timeout_s:.0f}s")
 

@@ -16,13 +16,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-from marco.llm.llamacpp_server import free_port
+from marco.llm.llamacpp_server import free_port, wait_healthy
 from marco.llm.vllm_engine import VLLMSettings, resolve_model
 
 PYTHON_ENV = "MARCO_VLLM_PYTHON"
@@ -83,18 +80,12 @@ class VLLMServer:
             env["OMP_NUM_THREADS"] = str(self.threads)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.proc = None
-                raise RuntimeError(f"the vLLM server exited with {code} (see {self.log_path or 'its log'})")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        try:
+            if wait_healthy(self.proc, self.url, timeout_s, poll_s=0.5):
+                return self
+        except RuntimeError as e:
+            self.proc = None
+            raise RuntimeError(f"the vLLM server {e} (see {self.log_path or 'its log'})") from None
         self.stop()
         raise TimeoutError(f"the vLLM server on {self.url} was not healthy after {timeout_s:.0f}s")
 
