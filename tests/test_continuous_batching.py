@@ -2,8 +2,8 @@
 
 A ``generate_continuous`` run with prompts of very different lengths (left padding), greedy and sampled
 rows, rows that finish at different steps, requests that join the running batch through ``refill`` (cache
-merge) and a request whose prompt extends a finished row (prefix-cache hit: the
-``[pad][cached prefix][pad][suffix]`` layout). Every generated position of every row must report the same
+merge) and a request whose prompt extends a finished row (a prefix-cache hit: its cached keys and values are
+copied into its slot and the rest of its prompt runs in the decode steps, ``HFBackend.FEED_TOKENS``). Every generated position of every row must report the same
 5 top token ids and log-probabilities as ``model(input_ids)`` on that row's own tokens, with no cache and
 no padding.
 
@@ -91,7 +91,12 @@ def test_continuous_batch_rows_match_plain_forward_passes(smollm2):
         requests.extend(new)
         return new
 
+    smollm2.prefix_cache.clear()  # earlier tests' prompts would join from the cache too
+    fed = smollm2.fed_rows
     smollm2.generate_continuous(first, refill)
+    # the request extending a finished row joined without a prefill of its own: its cached KV was copied in
+    # and its last prompt tokens ran in the decode steps beside the other rows
+    assert smollm2.fed_rows == fed + 1
     assert refills[0] >= 2 and sorted(done) == list(range(len(requests))) and len(requests) == 6
     worst, ties, checked = 0.0, 0, 0
     for rid, gens in done.items():

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from marco.jobs import BackendCache, engine_family
-from marco.llm.vllm_engine import VLLMSettings
+from marco.llm.vllm_engine import VLLMSettings, cpu_id_list
 
 
 def test_cpu_defaults_work_on_a_small_machine() -> None:
     s = VLLMSettings.from_env(max_rows=48, env={}).resolved(gpu=False)
     assert s.block_size == 32 and s.kv_gib == 1.0 and s.max_rows == 48 and s.enforce_eager
     assert s.dtype in ("float32", "bfloat16")
-    assert s.env() == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    cpus = sorted(os.sched_getaffinity(0))
+    # vLLM's own binding keeps a core free, so it computed on one of two: the default binds every CPU
+    assert s.env() == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_id_list(cpus)}
     kw = s.engine_kwargs()
     assert kw["logprobs_mode"] == "raw_logprobs" and kw["enable_prefix_caching"] and kw["max_logprobs"] == 5
     assert kw["max_num_seqs"] == 48 and kw["block_size"] == 32 and "kv_cache_memory_bytes" not in kw
@@ -23,10 +27,22 @@ def test_cpu_defaults_work_on_a_small_machine() -> None:
     assert kw["enable_chunked_prefill"] is False and "--no-enable-chunked-prefill" in args
 
 
+def test_thread_binding_of_vllms_cpu_worker() -> None:
+    assert cpu_id_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and cpu_id_list([3]) == "3"
+    auto = VLLMSettings.from_env(env={"MARCO_VLLM_CPU_THREADS": "auto"}).resolved(gpu=False)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in auto.env()
+    listed = VLLMSettings.from_env(env={"MARCO_VLLM_CPU_THREADS": "0-3"}).resolved(gpu=False)
+    assert listed.env()["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"
+    # a user's own vLLM variable is kept when Marco's is unset, and a GPU engine gets no CPU binding
+    own = VLLMSettings.from_env(env={"VLLM_CPU_OMP_THREADS_BIND": "1"}).resolved(gpu=False)
+    assert own.env()["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert VLLMSettings.from_env(env={}).resolved(gpu=True).env(gpu=True) == {}
+
+
 def test_the_kv_space_is_one_setting_on_cpu_and_gpu() -> None:
     env = {"MARCO_VLLM_KV_GIB": "2.5", "MARCO_VLLM_DTYPE": "float32", "MARCO_VLLM_BLOCK_SIZE": "16"}
     cpu = VLLMSettings.from_env(env=env).resolved(gpu=False)
-    assert cpu.env() == {"VLLM_CPU_KVCACHE_SPACE": "2.5"} and cpu.dtype == "float32" and cpu.block_size == 16
+    assert cpu.env()["VLLM_CPU_KVCACHE_SPACE"] == "2.5" and cpu.dtype == "float32" and cpu.block_size == 16
     gpu = VLLMSettings.from_env(env=env).resolved(gpu=True)
     assert gpu.env(gpu=True) == {} and gpu.engine_kwargs(gpu=True)["kv_cache_memory_bytes"] == int(2.5 * 2**30)
     assert not gpu.enforce_eager and "--enforce-eager" not in gpu.server_args(gpu=True)

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
+from marco.llm.kernels import decode_attention_op
+
 NAME = "marco_decode"
+# the slot cache's decode step passes each row's length (``model(..., marco_lens=lens)``: transformers hands
+# extra keyword arguments down to the attention function); with it the native kernel reads only the row's
+# own columns, without it (or where the kernel could not be built) the batched matmuls below run
+LENS_KWARG = "marco_lens"
 
 
 def decode_attention(
@@ -47,6 +53,12 @@ def decode_attention(
                                       **kwargs)
     group = heads // kv_heads
     scale = scaling if scaling is not None else d**-0.5
+    lens = kwargs.get(LENS_KWARG)
+    if lens is not None and query.dtype in (torch.float32, torch.bfloat16):
+        op = decode_attention_op()
+        if op is not None:  # reads each row's own columns only (marco.llm.kernels)
+            out = op(query.reshape(n, heads, d), key, value, lens, float(scale))
+            return out.view(n, 1, heads, d), None
     # query heads h*group .. h*group + group - 1 share KV head h (transformers' repeat_kv order)
     q = (query * scale).reshape(n * kv_heads, group, d)
     scores = torch.bmm(q, key.view(n * kv_heads, width, d).transpose(1, 2)).float()

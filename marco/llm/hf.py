@@ -17,8 +17,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from marco.llm.attention import LENS_KWARG
 from marco.llm.attention import register as register_decode_attention
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
+from marco.llm.kernels import decode_attention_op
 from marco.llm.kvcache import KVBudget, KVSpec, PrefixKVCache, SlotKVCache, resolve_kv_cache_bytes, slot_cache
 from marco.llm.precision import resolve_dtype
 
@@ -56,6 +58,9 @@ class HFBackend:
 
     # candidates the sampler's nucleus is looked for in, widest last (a number >= the vocabulary: a full sort)
     SAMPLE_CANDIDATES = (256, 4096, 1 << 62)
+    # a joining row whose prompt is cached but for at most this many tokens runs them in the decode steps
+    # (one per step, beside the other rows) instead of in a prefill forward of its own (see _DecodeBatch.add)
+    FEED_TOKENS = 32
 
     def __init__(
         self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64, prefix_cache_bytes: int | None = None,
@@ -68,8 +73,12 @@ class HFBackend:
         self.prefix_cache = PrefixKVCache(budget) if prefix_cache_bytes != 0 else None
         self.kv_budget = KVBudget(budget, self.prefix_cache, prefix_cache_bytes)
         self.offload_cache = False
-        self.refill_fraction = 0.5  # measured: refilling at half width beat 3/4 by ~10% (fewer cache merges)
+        # refill once the batch has shrunk to this fraction of its width. 1.0: whenever a request completes, as
+        # a joining row whose prompt is cached costs no forward of its own (FEED_TOKENS); with a prefill per
+        # join, half width had beaten 3/4 by ~10%
+        self.refill_fraction = 1.0
         self.tokenizer = tokenizer
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.name = name
         self.max_batch_rows = max_batch_rows
         self.peak_rows = 0  # most rows decoded at once (the budget can keep it below max_batch_rows)
@@ -77,6 +86,8 @@ class HFBackend:
         self.decoded_rows = 0
         self.attended_tokens = 0
         self.attention_columns = 0  # columns attention read per row, padding included
+        self.fed_rows = 0  # rows that joined by running their prompt's uncached tail in decode steps
+        self.prefill_forwards = 0  # forwards of joining rows' prompts
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(gen_eos, int):
@@ -95,6 +106,8 @@ class HFBackend:
         self.decode_attention = decode_attention and getattr(model.config, "_attn_implementation", None) == "sdpa"
         if self.decode_attention:
             model.set_attn_implementation(register_decode_attention())
+        # decode steps read each row's own columns with the native kernel where it builds (marco.llm.kernels)
+        self.native_attention = self.decode_attention and self.device.type == "cpu" and decode_attention_op() is not None
 
     # ------------------------------------------------------------------ loading
     @property
@@ -426,18 +439,72 @@ class _DecodeBatch:
         return self.slots.bytes_after_growth(rows, cols) + temp <= b.kv_budget.total
 
     def add(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:
-        """Admit samples ``first .. first + count - 1`` of each ``(rid, request, first, count)``."""
+        """Admit samples ``first .. first + count - 1`` of each ``(rid, request, first, count)``.
+
+        A request whose prompt is in the prefix cache but for at most ``FEED_TOKENS`` tokens (a search's next
+        expansion: its path was a finished sample's prefix) joins by copying the cached keys and values into
+        its rows' slots; the rest of its prompt runs in the next decode steps, one token per step beside the
+        other rows, so joining costs no forward of its own. The others are prefilled together first."""
+        b = self.b
+        cache = b.prefix_cache
+        fed: list[tuple[int, GenerationRequest, int, int]] = []
+        filled: list[tuple[int, GenerationRequest, int, int]] = []
+        for item in items:
+            prompt = item[1].prompt_ids
+            m = cache.peek(prompt) if cache is not None else 0
+            (fed if m and len(prompt) - m <= b.FEED_TOKENS else filled).append(item)
+        if filled:
+            self._add_prefilled(filled)
+        if fed:
+            self._add_fed(fed)
+
+    def _new_rows(self, rid: int, req: GenerationRequest, first: int, count: int, feed: Sequence[int] = ()) -> list["_Row"]:
+        b = self.b
+        rows = self.pending.setdefault(rid, [None] * req.n)
+        for j in range(first, first + count):
+            rows[j] = _Row(rid, j, req, _row_generator(req.seed, j, self.device) if req.temperature > 0 else None,
+                           b._stop_mask(tuple(req.stop)) if req.stop else None, feed=list(feed))
+        return rows[first : first + count]  # type: ignore[return-value]
+
+    def _add_fed(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:
+        """Join rows whose prompts are cached but for their last few tokens (see :meth:`add`)."""
+        b, slots = self.b, self.slots
+        assert b.prefix_cache is not None
+        new_rows: list[_Row] = []
+        hits = []
+        for rid, req, first, count in items:
+            entry, m = b.prefix_cache.lookup(req.prompt_ids)
+            assert entry is not None and m > 0
+            new_rows.extend(self._new_rows(rid, req, first, count, req.prompt_ids[m:]))
+            hits.append((entry, m, count))
+        b.fed_rows += len(new_rows)
+        start = slots.rows
+        cols = max(len(r.req.prompt_ids) + r.req.max_new_tokens for r in [*self.rows, *new_rows])
+        slots.reserve(start + len(new_rows), cols, max(max(m for _, m, _ in hits), slots.width) + 1)
+        for layer in range(len(slots.keys)):
+            row = start
+            for entry, m, count in hits:  # a request's rows are consecutive: one broadcast copy per request
+                slots.keys[layer][row : row + count, :, :m] = entry.keys[layer][None, :, :m]
+                slots.values[layer][row : row + count, :, :m] = entry.values[layer][None, :, :m]
+                row += count
+        for _, m, count in hits:
+            slots.lens.extend([m] * count)
+        b.kv_budget.note()
+        # placeholders: a fed row's logits are not read until its last prompt token has run
+        zeros = torch.zeros((len(new_rows), b.vocab_size), dtype=b.kv_spec.dtype, device=self.device)
+        self.logits = zeros if self.logits is None else torch.cat([self.logits, zeros.to(self.logits.dtype)])
+        self.rows.extend(new_rows)
+
+    def _add_prefilled(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:
+        """Join rows after a prefill forward of their prompts' uncached parts."""
         b, device, slots = self.b, self.device, self.slots
         new_rows: list[_Row] = []
         fan: list[int] = []
         for u, (rid, req, first, count) in enumerate(items):
-            rows = self.pending.setdefault(rid, [None] * req.n)
-            for j in range(first, first + count):
-                rows[j] = _Row(rid, j, req, _row_generator(req.seed, j, device) if req.temperature > 0 else None,
-                               b._stop_mask(tuple(req.stop)) if req.stop else None)
-                new_rows.append(rows[j])  # type: ignore[arg-type]
-                fan.append(u)
+            new_rows.extend(self._new_rows(rid, req, first, count))
+            fan.extend([u] * count)
         prompts = [list(req.prompt_ids) for _, req, _, _ in items]
+        b.prefill_forwards += 1
         tmp, logits, cached, lc, ls = b._prefill(prompts)
         start = slots.rows
         cols = max(len(r.req.prompt_ids) + r.req.max_new_tokens for r in [*self.rows, *new_rows])
@@ -472,18 +539,26 @@ class _DecodeBatch:
         logp = torch.log_softmax(logits, dim=-1)
         tlp, tid = logp.topk(TOP_K_LOGPROBS, dim=-1)
         next_tok = tid[:, 0].clone()
-        sampled = torch.tensor([r.req.temperature > 0 for r in rows], device=device)
+        # a row still running its prompt (fed, see add) takes its next prompt token and draws nothing
+        fed = [i for i, r in enumerate(rows) if r.feed]
+        sampled = torch.tensor([r.req.temperature > 0 and not r.feed for r in rows], device=device)
         if bool(sampled.any()):
             temps = torch.tensor([max(r.req.temperature, 1e-6) for r in rows], device=device)
             top_ps = torch.tensor([r.req.top_p for r in rows], device=device)
             act = torch.arange(len(rows), device=device)
             next_tok = b._sample(logits, next_tok, act, sampled, temps, top_ps, [r.gen for r in rows])
+        if fed:
+            next_tok[fed] = torch.tensor([rows[i].feed[0] for i in fed], dtype=next_tok.dtype, device=device)
         lp = logp.gather(1, next_tok[:, None])[:, 0]
         is_eos = torch.isin(next_tok, self.eos)
         tok_l, lp_l, tlp_l, tid_l, eos_l = next_tok.tolist(), lp.tolist(), tlp.tolist(), tid.tolist(), is_eos.tolist()
         keep: list[int] = []
         done: list[tuple[int, list[Generation]]] = []
         for i, row in enumerate(rows):
+            if row.feed:
+                row.feed.pop(0)
+                keep.append(i)
+                continue
             row.tokens.append(tok_l[i])
             row.chosen.append(lp_l[i])
             row.top_lp.append(tlp_l[i])
@@ -512,7 +587,7 @@ class _DecodeBatch:
             self.rows = [rows[i] for i in order]
         lens = torch.tensor(self.slots.lens, device=device)
         width = int(max(self.slots.lens)) + 1
-        self.slots.ensure_width(width)
+        self.slots.fit_width(width)
         if b.decode_attention:
             width = self.slots.cols_alloc  # the whole contiguous block; columns past a row's length are masked
         b.decoded_rows += len(self.slots.lens)
@@ -520,9 +595,10 @@ class _DecodeBatch:
         b.attention_columns += width * len(self.slots.lens)
         self.cache.state.update(flat=self.slots.write_index(lens), width=width)
         mask = (torch.arange(width, device=device)[None, :] <= lens[:, None]).long()
+        extra = {LENS_KWARG: lens} if b.native_attention else {}
         self.logits = b.model(
             input_ids=next_tok[:, None], attention_mask=mask, position_ids=lens[:, None],
-            use_cache=True, **{b._cache_kw: self.cache},
+            use_cache=True, **{b._cache_kw: self.cache}, **extra,
         ).logits[:, -1, :]
         self.slots.lens = [n + 1 for n in self.slots.lens]
         return done
@@ -542,6 +618,7 @@ class _Row:
     top_id: list[list[int]] = field(default_factory=list)
     finish: str = "length"
     done: bool = False
+    feed: list[int] = field(default_factory=list)  # prompt tokens still to run before the first draw
 
     def generation(self, backend: HFBackend) -> Generation:
         return Generation(

@@ -277,6 +277,7 @@ class SlotKVCache:
         self.lens: list[int] = []
         self.grows = 0  # buffer reallocations (each copies the live rows once)
         self.moves = 0  # rows moved into a freed slot
+        self.shrinks = 0  # reallocations that gave back columns (counted in grows too)
 
     @property
     def rows(self) -> int:
@@ -324,6 +325,16 @@ class SlotKVCache:
         if width > self.cols_cap:  # pragma: no cover - a row outgrew its reservation: a layout bug
             raise RuntimeError(f"KV slot width {width} exceeds the reserved {self.cols_cap} columns")
         self._allocate(self.rows_cap, min(self.cols_cap, _round_up(width, self.COL_STEP)))
+
+    def fit_width(self, width: int) -> None:
+        """Like :meth:`ensure_width`, and also give back columns once the longest row that needed them has
+        left: at least ``2 * COL_STEP`` spare columns are dropped (one copy of the live rows, which a decode
+        step's attention repays within a few steps, as it reads every allocated column of every row)."""
+        if width > self.cols_alloc:
+            self.ensure_width(width)
+        elif self.cols_alloc - _round_up(max(width, 1), self.COL_STEP) >= 2 * self.COL_STEP:
+            self._allocate(self.rows_cap, _round_up(max(width, 1), self.COL_STEP))
+            self.shrinks += 1
 
     def _allocate(self, rows: int, cols: int) -> None:
         if (rows, cols) == (self.rows_cap, self.cols_alloc):

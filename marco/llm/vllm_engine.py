@@ -49,6 +49,17 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cpu_id_list(ids: Sequence[int]) -> str:
+    """CPU ids as vLLM's thread-binding list: ``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def on_gpu() -> bool:
     try:
         import torch
@@ -72,7 +83,12 @@ class VLLMSettings:
     - ``max_rows``: sequences in flight (``max_num_seqs``; default the backend's ``max_batch_rows``);
     - ``max_model_len``: context per sequence (``MARCO_VLLM_MAX_LEN``, default 4096: a search's prompt plus
       its deepest path);
-    - ``enforce_eager``: no torch.compile/CUDA graphs (default on CPU: compiling costs minutes here).
+    - ``enforce_eager``: no torch.compile/CUDA graphs (default on CPU: compiling costs minutes here);
+    - ``cpu_threads``: the CPUs vLLM's CPU worker binds its compute threads to (``MARCO_VLLM_CPU_THREADS``):
+      ``all`` (default) every CPU this process may run on, ``auto`` vLLM's own choice, which keeps one core
+      free for its API server and engine core (on 2 cores it computed on one: 170 against 277 MCTS
+      tokens/s with both, docs/engines.md), or a list such as ``0-3``. An explicit
+      ``VLLM_CPU_OMP_THREADS_BIND`` in the environment wins when ``MARCO_VLLM_CPU_THREADS`` is unset.
 
     On CPU chunked prefill is off: vLLM 0.32's CPU worker crashes ("CPU Generator does not use offset", in
     ``_bookkeeping_sync``) when a seeded request's prompt is split across steps, and every Marco sample is
@@ -87,6 +103,7 @@ class VLLMSettings:
     max_model_len: int = 4096
     enforce_eager: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_threads: str = "all"
 
     @classmethod
     def from_env(cls, max_rows: int = 64, env: Mapping[str, str] | None = None) -> "VLLMSettings":
@@ -98,6 +115,7 @@ class VLLMSettings:
             kv_gib=float(kv) if kv else None,
             max_rows=int(env.get("MARCO_VLLM_MAX_ROWS", str(max_rows))),
             max_model_len=int(env.get("MARCO_VLLM_MAX_LEN", "4096")),
+            cpu_threads=env.get("MARCO_VLLM_CPU_THREADS") or env.get("VLLM_CPU_OMP_THREADS_BIND") or "all",
         )
 
     def resolved(self, gpu: bool | None = None) -> "VLLMSettings":
@@ -108,11 +126,20 @@ class VLLMSettings:
             dtype = "bfloat16" if gpu or cpu_has_bf16() else "float32"
         kv = self.kv_gib if self.kv_gib is not None or gpu else 1.0
         eager = self.enforce_eager if self.enforce_eager is not None else not gpu
-        return VLLMSettings(dtype, self.block_size, kv, self.max_rows, self.max_model_len, eager, dict(self.extra))
+        return VLLMSettings(dtype, self.block_size, kv, self.max_rows, self.max_model_len, eager, dict(self.extra),
+                            self.cpu_threads)
 
     def env(self, gpu: bool = False) -> dict[str, str]:
-        """Environment the engine process needs (vLLM's CPU backend reads its KV space from it)."""
-        return {} if gpu or self.kv_gib is None else {"VLLM_CPU_KVCACHE_SPACE": f"{self.kv_gib:g}"}
+        """Environment the engine process needs (vLLM's CPU backend reads its KV space and its thread binding
+        from it)."""
+        if gpu:
+            return {}
+        out = {} if self.kv_gib is None else {"VLLM_CPU_KVCACHE_SPACE": f"{self.kv_gib:g}"}
+        if self.cpu_threads == "all":
+            out["VLLM_CPU_OMP_THREADS_BIND"] = cpu_id_list(sorted(os.sched_getaffinity(0)))
+        elif self.cpu_threads != "auto":
+            out["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads
+        return out
 
     def engine_kwargs(self, gpu: bool = False) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(

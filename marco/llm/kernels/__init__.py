@@ -1,0 +1,133 @@
+"""Native CPU kernels for the transformers backend, compiled on first use for the machine they run on.
+
+:func:`decode_attention_op` builds ``decode_attention.cpp`` with the system's C++ compiler against the
+installed PyTorch (``-O3 -march=native``, OpenMP through ATen's ``parallel_for``), caches the library under
+``${MARCO_CACHE:-~/.cache/marco}/kernels/`` (keyed by the source, the PyTorch version and the CPU's flags, so
+a binary is only ever used on the kind of CPU it was built for) and loads it as ``torch.ops.marco``. The first
+build takes about half a minute; ``make install`` runs it (``python -m marco.llm.kernels``).
+
+Where it cannot be built (no compiler, another OS) or its self-check fails, the op is ``None`` and the
+backend keeps the batched-matmul attention of :mod:`marco.llm.attention`, with a warning saying why.
+``MARCO_NATIVE_KERNELS=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
+ENV = "MARCO_NATIVE_KERNELS"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MARCO_CACHE") or Path.home() / ".cache" / "marco") / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def library_path() -> Path:
+    """Where this machine's build of the kernel lives (whether built yet or not)."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + sys.platform.encode()
+    ).hexdigest()[:16]
+    return cache_root() / key / "marco_kernels.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernel library for this machine (once; later calls return the cached file)."""
+    out = library_path()
+    if out.exists() and not force:
+        return out
+    from torch.utils import cpp_extension
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    libs = cpp_extension.library_paths()
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [
+        os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", tmp,
+        *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch",
+    ]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed ({cmd[0]} exited {done.returncode}): "
+                               f"{done.stderr.strip()[-1500:]}")
+        os.replace(tmp, out)  # atomic: workers building at once each finish with a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """What the kernel computes, in float32 with plain tensor ops (tests and the self-check)."""
+    rows, heads, dim = q.shape
+    kv_heads, cols = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    qf = q.float().view(rows, kv_heads, group, dim) * scale
+    kf, vf = k[:rows].float(), v[:rows].float()
+    scores = torch.einsum("rhgd,rhcd->rhgc", qf, kf)
+    keep = torch.arange(cols)[None, :] <= lens[:, None]
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = torch.einsum("rhgc,rhcd->rhgd", torch.softmax(scores, dim=-1), vf)
+    return out.reshape(rows, heads, dim).to(q.dtype)
+
+
+def _self_check(op: Callable[..., torch.Tensor]) -> None:
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q = torch.randn(5, 6, 64, generator=g).to(dtype)
+        k, v = (torch.randn(7, 2, 70, 64, generator=g).to(dtype) for _ in range(2))
+        lens = torch.tensor([0, 1, 31, 32, 69])
+        err = (op(q, k, v, lens, 0.125).float() - reference(q, k, v, lens, 0.125).float()).abs().max().item()
+        if not err <= tol:
+            raise RuntimeError(f"self-check failed: {dtype} error {err:.3g} > {tol:g}")
+
+
+@functools.lru_cache(maxsize=None)
+def decode_attention_op() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.marco.decode_attention(q, k, v, lens, scale)``, built and checked, or None (see module)."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if sys.platform != "linux":
+        return None
+    try:
+        torch.ops.load_library(str(build()))
+        op = torch.ops.marco.decode_attention
+        _self_check(op)
+        return op
+    except Exception as e:  # no compiler, a failed build or check: the matmul path is always there
+        log.warning("native decode attention unavailable, using batched matmuls (%s); set %s=0 to silence", e, ENV)
+        return None
+
+
+def main() -> int:
+    """``python -m marco.llm.kernels`` (``make install``): build and check now rather than on the first model run."""
+    import time
+
+    t = time.perf_counter()
+    path = build()
+    ok = decode_attention_op() is not None
+    print(f"{path} ({'ok' if ok else 'failed its check'}, {time.perf_counter() - t:.1f}s)")
+    return 0 if ok else 1

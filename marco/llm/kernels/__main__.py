@@ -1,0 +1,5 @@
+import sys
+
+from marco.llm.kernels import main
+
+sys.exit(main())

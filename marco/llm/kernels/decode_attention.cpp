@@ -1,0 +1,268 @@
+// Decode-step attention over the slot cache, reading each row's own columns only.
+//
+// q:    [rows, heads, dim]                 one query per row (the token being decoded)
+// k, v: [>= rows, kv_heads, cols, dim]     the slot buffers (contiguous), row r's tokens in columns [0, n_r)
+// lens: [rows] int64                       n_r - 1: a row attends to columns 0 .. lens[r] (the new token's
+//                                          column included), as the mask `column <= lens` says
+// returns [rows, heads, dim] in q's dtype.
+//
+// One task per (row, kv head): the `heads / kv_heads` queries that share the KV head read its keys and values
+// once, in blocks of BLOCK columns, with an online (running max) softmax in float32. Unlike the batched
+// matmuls over the whole block, nothing past a row's own length is read, and no score matrix is written.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16); }
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t dim) {
+#pragma omp simd
+  for (int64_t i = 0; i < dim; ++i) dst[i] = to_float(src[i]);
+}
+
+// exp(x) for the softmax's x <= 0: 2^(x log2 e) split into an integer power (the exponent bits) and a
+// degree-5 polynomial of the fraction (relative error ~2e-7), written so the compiler vectorizes the loops
+// that call it (std::exp is a scalar libm call, and was most of the kernel's time)
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);
+  const float t = x * 1.4426950409f;
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.8775767e-3f;
+  p = p * f + 8.9893397e-3f;
+  p = p * f + 5.5826318e-2f;
+  p = p * f + 2.4015361e-1f;
+  p = p * f + 6.9315308e-1f;
+  p = p * f + 9.9999994e-1f;
+  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, double scale,
+         at::Tensor& out) {
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(1), cols = k.size(2);
+  const int64_t group = heads / kv_heads;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), kf(BLOCK * dim), vf(dim), s(group * BLOCK);
+    std::vector<float> m(group), l(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const int64_t n = std::min(lp[r] + 1, cols);
+      const T* kbase = kp + (r * kv_heads + h) * cols * dim;
+      const T* vbase = vp + (r * kv_heads + h) * cols * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        load_row(qp + (r * heads + h * group + g) * dim, qf.data() + g * dim, dim);
+        for (int64_t i = 0; i < dim; ++i) qf[g * dim + i] *= fscale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
+        const int64_t cn = std::min(BLOCK, n - c0);
+        if (c0 + BLOCK < n) {  // ask for the next block's keys and values while this one is computed
+          const int64_t next = std::min(BLOCK, n - c0 - BLOCK) * dim * static_cast<int64_t>(sizeof(T));
+          const char* kn = reinterpret_cast<const char*>(kbase + (c0 + BLOCK) * dim);
+          const char* vn = reinterpret_cast<const char*>(vbase + (c0 + BLOCK) * dim);
+          for (int64_t b = 0; b < next; b += 64) {
+            __builtin_prefetch(kn + b);
+            __builtin_prefetch(vn + b);
+          }
+        }
+        for (int64_t j = 0; j < cn; ++j) load_row(kbase + (c0 + j) * dim, kf.data() + j * dim, dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * dim;
+          float best = m[g];
+          for (int64_t j = 0; j < cn; ++j) {
+            const float* kj = kf.data() + j * dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < dim; ++i) dot += qg[i] * kj[i];
+            s[g * BLOCK + j] = dot;
+            best = std::max(best, dot);
+          }
+          const float correction = exp_nonpositive(m[g] - best);  // ~0 on the first block (m = -inf)
+          l[g] *= correction;
+          float* ag = acc.data() + g * dim;
+#pragma omp simd
+          for (int64_t i = 0; i < dim; ++i) ag[i] *= correction;
+          m[g] = best;
+          float* sg = s.data() + g * BLOCK;
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < cn; ++j) {
+            const float p = exp_nonpositive(sg[j] - best);
+            sg[j] = p;
+            sum += p;
+          }
+          l[g] += sum;
+        }
+        for (int64_t j = 0; j < cn; ++j) {
+          load_row(vbase + (c0 + j) * dim, vf.data(), dim);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = s[g * BLOCK + j];
+            float* ag = acc.data() + g * dim;
+#pragma omp simd
+            for (int64_t i = 0; i < dim; ++i) ag[i] += p * vf[i];
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        T* og = op + (r * heads + h * group + g) * dim;
+        for (int64_t i = 0; i < dim; ++i) og[i] = static_cast<T>(acc[g * dim + i] * inv);
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// The same computation for bfloat16 with AVX-512, head_dim a multiple of 16 (at most 256), at most 8 query heads
+// per KV head: a key or value row is widened to float32 16 lanes at a time (a shift of the bfloat16 bits), a
+// score is 16-lane FMAs and one horizontal sum, and the weighted sum of values stays in registers. The
+// generic loops above spend most of their time in per-element conversions and scalar reductions.
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int64_t DIM>
+void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, double scale,
+                at::Tensor& out) {
+  constexpr int64_t W = DIM / 16;
+  constexpr int64_t GMAX = 8;
+  const int64_t rows = q.size(0), heads = q.size(1);
+  const int64_t kv_heads = k.size(1), cols = k.size(2);
+  const int64_t group = heads / kv_heads;
+  const auto* qp = q.data_ptr<c10::BFloat16>();
+  const auto* kp = k.data_ptr<c10::BFloat16>();
+  const auto* vp = v.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float s[GMAX][BLOCK];
+    __m512 qv[GMAX][W], acc[GMAX][W];
+    float m[GMAX], l[GMAX];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const int64_t n = std::min(lp[r] + 1, cols);
+      const c10::BFloat16* kbase = kp + (r * kv_heads + h) * cols * DIM;
+      const c10::BFloat16* vbase = vp + (r * kv_heads + h) * cols * DIM;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t w = 0; w < W; ++w) {
+          qv[g][w] = _mm512_mul_ps(load16(qp + (r * heads + h * group + g) * DIM + w * 16), _mm512_set1_ps(fscale));
+          acc[g][w] = _mm512_setzero_ps();
+        }
+        m[g] = -std::numeric_limits<float>::infinity();
+        l[g] = 0.f;
+      }
+      for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
+        const int64_t cn = std::min(BLOCK, n - c0);
+        for (int64_t j = 0; j < cn; ++j) {
+          __m512 kw[W];
+          for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j) * DIM + w * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            __m512 d = _mm512_mul_ps(qv[g][0], kw[0]);
+            for (int64_t w = 1; w < W; ++w) d = _mm512_fmadd_ps(qv[g][w], kw[w], d);
+            s[g][j] = _mm512_reduce_add_ps(d);
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          float best = m[g];
+          for (int64_t j = 0; j < cn; ++j) best = std::max(best, s[g][j]);
+          const float correction = exp_nonpositive(m[g] - best);
+          m[g] = best;
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < cn; ++j) {
+            const float p = exp_nonpositive(s[g][j] - best);
+            s[g][j] = p;
+            sum += p;
+          }
+          l[g] = l[g] * correction + sum;
+          const __m512 c = _mm512_set1_ps(correction);
+          for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_mul_ps(acc[g][w], c);
+        }
+        for (int64_t j = 0; j < cn; ++j) {
+          __m512 vw[W];
+          for (int64_t w = 0; w < W; ++w) vw[w] = load16(vbase + (c0 + j) * DIM + w * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            const __m512 p = _mm512_set1_ps(s[g][j]);
+            for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_fmadd_ps(p, vw[w], acc[g][w]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        alignas(64) float o[DIM];
+        for (int64_t w = 0; w < W; ++w) _mm512_store_ps(o + w * 16, _mm512_mul_ps(acc[g][w], _mm512_set1_ps(inv)));
+        c10::BFloat16* og = op + (r * heads + h * group + g) * DIM;
+        for (int64_t i = 0; i < DIM; ++i) og[i] = static_cast<c10::BFloat16>(o[i]);
+      }
+    }
+  });
+}
+#endif
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q [rows, heads, dim], k and v [rows, kv_heads, cols, dim]");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= q.size(0) && k.size(3) == q.size(2), "mismatched shapes");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == q.size(0), "lens: [rows] int64");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "one dtype");
+  at::Tensor out = at::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
+#if defined(__AVX512F__)
+    const int64_t group = q.size(1) / k.size(1);
+    if (group <= 8 && q.size(2) == 64) {
+      run_avx512<64>(q, k, v, lens, scale, out);
+      return out;
+    }
+    if (group <= 8 && q.size(2) == 128) {
+      run_avx512<128>(q, k, v, lens, scale, out);
+      return out;
+    }
+#endif
+    run<c10::BFloat16>(q, k, v, lens, scale, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16");
+    run<float>(q, k, v, lens, scale, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(marco, lib) {
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(marco, CPU, lib) { lib.impl("decode_attention", &decode_attention); }
