@@ -20,7 +20,7 @@ import torch
 from marco.llm.attention import LENS_KWARG
 from marco.llm.attention import register as register_decode_attention
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
-from marco.llm.kernels import decode_attention_op
+from marco.llm.kernels import decode_attention_op, write_column_op
 from marco.llm.kvcache import KVBudget, KVSpec, PrefixKVCache, SlotKVCache, resolve_kv_cache_bytes, slot_cache
 from marco.llm.precision import resolve_dtype
 
@@ -327,10 +327,13 @@ class HFBackend:
         temps: torch.Tensor,
         top_ps: torch.Tensor,
         gens: list[torch.Generator | None],
+        top: Any = None,
     ) -> torch.Tensor:
         """Temperature + top-p sampling by inverse CDF. Each row draws its uniform from its own generator,
-        so a sample never depends on which other rows share the batch."""
-        probs = torch.softmax(logits / temps[act][:, None], dim=-1)
+        so a sample never depends on which other rows share the batch. ``top``: the logits' own
+        ``topk(SAMPLE_CANDIDATES[0])`` when the caller has it (its probabilities are computed from it, and
+        the whole softmax only for rows whose nucleus is wider)."""
+        scaled = logits / temps[act][:, None]
         top_p = top_ps[act][:, None]
         u = torch.zeros(len(act), 1, device=logits.device)
         for b in torch.nonzero(samp).flatten().tolist():
@@ -340,10 +343,18 @@ class HFBackend:
         # sort of the 49k-token vocabulary took ~1 s for 64 rows: a third of a decode step at the search's
         # top_p 0.95). Each candidate list is a prefix of the full sort, so a draw is the one the full sort
         # gives; the path is decided per row, so a row's sample never depends on the other rows.
-        vocab = probs.shape[-1]
-        cand_p, cand_i = probs.topk(min(self.SAMPLE_CANDIDATES[0], vocab), dim=-1)
+        vocab = scaled.shape[-1]
+        if top is not None and top.values.shape[-1] == min(self.SAMPLE_CANDIDATES[0], vocab):
+            lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+            cand_p, cand_i = torch.exp(top.values / temps[act][:, None] - lse), top.indices
+        else:
+            cand_p, cand_i = torch.softmax(scaled, dim=-1).topk(min(self.SAMPLE_CANDIDATES[0], vocab), dim=-1)
         drawn = self._nucleus_draw(cand_p, cand_i, top_p, u)
         short = torch.nonzero(cand_p.sum(-1) < top_p[:, 0]).flatten()
+        probs = torch.zeros(0)
+        if len(short):  # rows whose top candidates hold less than top_p: their whole distribution
+            probs = torch.empty_like(scaled)  # only the rows in `short` are ever read
+            probs[short] = torch.softmax(scaled[short], dim=-1)
         for k in self.SAMPLE_CANDIDATES[1:]:
             if not len(short):
                 break
@@ -536,8 +547,11 @@ class _DecodeBatch:
         assert self.logits is not None
         rows = self.rows
         logits = self.logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        tlp, tid = logp.topk(TOP_K_LOGPROBS, dim=-1)
+        # one top-k of the raw logits serves both the top-5 log-probabilities and the sampler's candidates
+        # (the order of logits is that of log-probabilities, and of probabilities at any temperature)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        top = logits.topk(min(b.SAMPLE_CANDIDATES[0], logits.shape[-1]), dim=-1)
+        tlp, tid = top.values[:, :TOP_K_LOGPROBS] - lse, top.indices[:, :TOP_K_LOGPROBS]
         next_tok = tid[:, 0].clone()
         # a row still running its prompt (fed, see add) takes its next prompt token and draws nothing
         fed = [i for i, r in enumerate(rows) if r.feed]
@@ -546,10 +560,10 @@ class _DecodeBatch:
             temps = torch.tensor([max(r.req.temperature, 1e-6) for r in rows], device=device)
             top_ps = torch.tensor([r.req.top_p for r in rows], device=device)
             act = torch.arange(len(rows), device=device)
-            next_tok = b._sample(logits, next_tok, act, sampled, temps, top_ps, [r.gen for r in rows])
+            next_tok = b._sample(logits, next_tok, act, sampled, temps, top_ps, [r.gen for r in rows], top=top)
         if fed:
             next_tok[fed] = torch.tensor([rows[i].feed[0] for i in fed], dtype=next_tok.dtype, device=device)
-        lp = logp.gather(1, next_tok[:, None])[:, 0]
+        lp = logits.gather(1, next_tok[:, None])[:, 0] - lse[:, 0]
         is_eos = torch.isin(next_tok, self.eos)
         tok_l, lp_l, tlp_l, tid_l, eos_l = next_tok.tolist(), lp.tolist(), tlp.tolist(), tid.tolist(), is_eos.tolist()
         keep: list[int] = []
@@ -593,7 +607,10 @@ class _DecodeBatch:
         b.decoded_rows += len(self.slots.lens)
         b.attended_tokens += sum(self.slots.lens) + len(self.slots.lens)
         b.attention_columns += width * len(self.slots.lens)
-        self.cache.state.update(flat=self.slots.write_index(lens), width=width)
+        if b.native_attention:
+            self.cache.state.update(lens=lens, write=write_column_op(), width=width)
+        else:
+            self.cache.state.update(flat=self.slots.write_index(lens), width=width)
         mask = (torch.arange(width, device=device)[None, :] <= lens[:, None]).long()
         extra = {LENS_KWARG: lens} if b.native_attention else {}
         self.logits = b.model(

@@ -406,7 +406,9 @@ def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
     at column ``lens[i]``; attention sees columns ``[0, width)`` of ``buffer[:rows]`` (the caller masks each
     row's own). Before each forward the caller sets ``cache.state["flat"]`` (see
     :meth:`SlotKVCache.write_index`) and ``cache.state["width"]``: ``slots.cols_alloc`` gives attention a
-    contiguous block (:mod:`marco.llm.attention`), ``max(lens) + 1`` the narrowest strided one."""
+    contiguous block (:mod:`marco.llm.attention`), ``max(lens) + 1`` the narrowest strided one. With
+    ``state["write"]`` (the native ``write_column``, :mod:`marco.llm.kernels`) and ``state["lens"]`` set, the
+    new column is written by it rather than by ``index_copy_`` at the flat indices."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -419,11 +421,15 @@ def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
             st = cache.state
             assert key_states.shape[-2] == 1, "the slot cache decodes one token per row"
-            # one (row, head) vector per flat index: index_copy_ is a plain row copy, far cheaper than an
-            # advanced-index assignment on CPU
-            d = key_states.shape[-1]
-            slots.keys[self.index].view(-1, d).index_copy_(0, st["flat"], key_states[:, :, 0].reshape(-1, d))
-            slots.values[self.index].view(-1, d).index_copy_(0, st["flat"], value_states[:, :, 0].reshape(-1, d))
+            if st.get("write") is not None and key_states.stride(-1) == 1 and value_states.stride(-1) == 1:
+                st["write"](slots.keys[self.index], key_states, st["lens"])  # the native kernel's plain copies
+                st["write"](slots.values[self.index], value_states, st["lens"])
+            else:
+                # one (row, head) vector per flat index: index_copy_ is a plain row copy, far cheaper than an
+                # advanced-index assignment on CPU
+                d = key_states.shape[-1]
+                slots.keys[self.index].view(-1, d).index_copy_(0, st["flat"], key_states[:, :, 0].reshape(-1, d))
+                slots.values[self.index].view(-1, d).index_copy_(0, st["flat"], value_states[:, :, 0].reshape(-1, d))
             n, w = key_states.shape[0], st["width"]
             keys, values = slots.keys[self.index][:n], slots.values[self.index][:n]
             if w != keys.shape[2]:
@@ -438,5 +444,5 @@ def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
 
     cache = DynamicCache(config=config)
     cache.layers = [SlotLayer(i) for i in range(len(cache.layers))]
-    cache.state = {"flat": None, "width": 1}
+    cache.state = {"flat": None, "width": 1, "lens": None, "write": None}
     return cache

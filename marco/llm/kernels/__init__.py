@@ -96,6 +96,13 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Ten
 
 def _self_check(op: Callable[..., torch.Tensor]) -> None:
     g = torch.Generator().manual_seed(0)
+    buf = torch.zeros(3, 2, 8, 4)
+    x = torch.randn(2, 1, 2, 4, generator=g).transpose(1, 2)  # [n, heads, 1, dim] strided, as transformers' keys
+    torch.ops.marco.write_column(buf, x, torch.tensor([5, 0]))
+    want = torch.zeros(3, 2, 8, 4)
+    want[0, :, 5], want[1, :, 0] = x[0, :, 0], x[1, :, 0]
+    if not torch.equal(buf, want):
+        raise RuntimeError("self-check failed: write_column")
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         q = torch.randn(5, 6, 64, generator=g).to(dtype)
         k, v = (torch.randn(7, 2, 70, 64, generator=g).to(dtype) for _ in range(2))
@@ -103,6 +110,11 @@ def _self_check(op: Callable[..., torch.Tensor]) -> None:
         err = (op(q, k, v, lens, 0.125).float() - reference(q, k, v, lens, 0.125).float()).abs().max().item()
         if not err <= tol:
             raise RuntimeError(f"self-check failed: {dtype} error {err:.3g} > {tol:g}")
+
+
+def write_column_op() -> Callable[..., None] | None:
+    """``torch.ops.marco.write_column(buf, x, lens)`` where the library loaded (see :func:`decode_attention_op`)."""
+    return torch.ops.marco.write_column if decode_attention_op() is not None else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -150,6 +150,37 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// exp_nonpositive on 16 lanes: the fraction's polynomial scaled by 2^floor with scalef (x <= 0)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f));
+  const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, fi);
+  __m512 p = _mm512_set1_ps(1.8775767e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9893397e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5826318e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015361e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315308e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999994e-1f));
+  return _mm512_scalef_ps(p, fi);
+}
+
+// The 16-lane sums of four vectors, as one 4-lane vector: pairwise adds inside each 128-bit lane (unpack,
+// shuffle), then across the four lanes.
+inline __m128 sum4(const __m512* d) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(d[2], d[3]), _mm512_unpackhi_ps(d[2], d[3]));
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512 w = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_castps512_ps128(w);
+}
+
 template <int64_t DIM>
 void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, double scale,
                 at::Tensor& out) {
@@ -184,27 +215,46 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       }
       for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
         const int64_t cn = std::min(BLOCK, n - c0);
-        for (int64_t j = 0; j < cn; ++j) {
+        int64_t j = 0;
+        for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
+          __m512 d[GMAX][4];
+          for (int64_t c = 0; c < 4; ++c) {
+            __m512 kw[W];
+            for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j + c) * DIM + w * 16);
+            for (int64_t g = 0; g < group; ++g) {
+              __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
+              for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
+              d[g][c] = x;
+            }
+          }
+          for (int64_t g = 0; g < group; ++g) _mm_storeu_ps(&s[g][j], sum4(d[g]));
+        }
+        for (; j < cn; ++j) {
           __m512 kw[W];
           for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j) * DIM + w * 16);
           for (int64_t g = 0; g < group; ++g) {
-            __m512 d = _mm512_mul_ps(qv[g][0], kw[0]);
-            for (int64_t w = 1; w < W; ++w) d = _mm512_fmadd_ps(qv[g][w], kw[w], d);
-            s[g][j] = _mm512_reduce_add_ps(d);
+            __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
+            for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
+            s[g][j] = _mm512_reduce_add_ps(x);
           }
         }
         for (int64_t g = 0; g < group; ++g) {
-          float best = m[g];
-          for (int64_t j = 0; j < cn; ++j) best = std::max(best, s[g][j]);
+          __m512 mx = _mm512_set1_ps(m[g]);
+          for (int64_t j0 = 0; j0 < cn; j0 += 16) {
+            const __mmask16 live = tail_mask(cn - j0);
+            mx = _mm512_mask_max_ps(mx, live, mx, _mm512_maskz_loadu_ps(live, &s[g][j0]));
+          }
+          const float best = _mm512_reduce_max_ps(mx);
           const float correction = exp_nonpositive(m[g] - best);
           m[g] = best;
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < cn; ++j) {
-            const float p = exp_nonpositive(s[g][j] - best);
-            s[g][j] = p;
-            sum += p;
+          __m512 total = _mm512_setzero_ps();
+          for (int64_t j0 = 0; j0 < cn; j0 += 16) {
+            const __mmask16 live = tail_mask(cn - j0);
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, &s[g][j0]), _mm512_set1_ps(best)));
+            _mm512_mask_storeu_ps(&s[g][j0], live, p);
+            total = _mm512_mask_add_ps(total, live, total, p);
           }
+          const float sum = _mm512_reduce_add_ps(total);
           l[g] = l[g] * correction + sum;
           const __m512 c = _mm512_set1_ps(correction);
           for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_mul_ps(acc[g][w], c);
@@ -259,10 +309,36 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// buf[r, h, lens[r], :] = x[r, h, 0, :] for every live row r and KV head h: the decode step's new keys (or
+// values) into the slot buffer. x may be strided (transformers hands over a transposed view). index_copy_
+// into the flattened buffer took ~50 us a call for these few hundred bytes a row.
+void write_column(at::Tensor buf, const at::Tensor& x, const at::Tensor& lens) {
+  TORCH_CHECK(buf.dim() == 4 && buf.is_contiguous() && x.dim() == 4 && x.size(2) == 1, "buf [rows, heads, cols, dim], x [n, heads, 1, dim]");
+  TORCH_CHECK(x.size(0) <= buf.size(0) && x.size(1) == buf.size(1) && x.size(3) == buf.size(3), "mismatched shapes");
+  TORCH_CHECK(x.scalar_type() == buf.scalar_type() && x.stride(3) == 1, "one dtype, rows of x contiguous");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == x.size(0), "lens: [n] int64");
+  const int64_t n = x.size(0), heads = x.size(1), cols = buf.size(2), dim = buf.size(3);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t item = buf.element_size();
+  auto* dst = static_cast<char*>(buf.data_ptr());
+  const auto* src = static_cast<const char*>(x.data_ptr());
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(lp[r] >= 0 && lp[r] < cols, "a row's column is outside the buffer");
+    for (int64_t h = 0; h < heads; ++h) {
+      std::memcpy(dst + (((r * heads + h) * cols + lp[r]) * dim) * item,
+                  src + (r * x.stride(0) + h * x.stride(1)) * item, dim * item);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(marco, lib) {
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
+  lib.def("write_column(Tensor(a!) buf, Tensor x, Tensor lens) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(marco, CPU, lib) { lib.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(marco, CPU, lib) {
+  lib.impl("decode_attention", &decode_attention);
+  lib.impl("write_column", &write_column);
+}
