@@ -19,7 +19,7 @@
 Needs the llama-server binary (``make llama-server``; ``--skip-server`` runs without it).
 Last lines: ``server_vs_hf_throughput: X`` (when both ran) and ``best_mcts_vs_roofline: X`` (the best
 engine's MCTS tokens/s / the limit).
-Usage: python bench/engine_throughput.py [--problems 32] [--budget 1024] [--rollout 384] [--slots 16] [--threads 2]
+Usage: python bench/engine_throughput.py [--problems 64] [--budget 1024] [--rollout 384] [--slots 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from marco.llm.engine_map import SampleJob  # noqa: E402
 from marco.llm.hf import smollm2_path  # noqa: E402
 from marco.llm.llamacpp_server import LlamaServer, find_llama_server  # noqa: E402
 from marco.llm.served import ServedBackend  # noqa: E402
-from marco.llm.vllm_engine import VLLMSettings  # noqa: E402
+from marco.llm.vllm_engine import VLLMSettings, cpu_id_list  # noqa: E402
 from marco.llm.vllm_server import VLLMServer, vllm_python  # noqa: E402
 from marco.search.base import SearchConfig  # noqa: E402
 from marco.search.driver import LockstepDriver  # noqa: E402
@@ -111,6 +111,11 @@ class GroupPeakRSS:
         return self.peak / 2**20
 
 
+def bench_cpus(threads: int) -> str:
+    """The first ``threads`` CPUs this process may use, as vLLM's thread-binding list."""
+    return cpu_id_list(sorted(os.sched_getaffinity(0))[:threads])
+
+
 def vllm_offline_row(args: Any) -> tuple[str, int, float, str]:
     """The MCTS batch on vLLM's offline engine, in a subprocess of the vLLM environment."""
     import json
@@ -119,7 +124,8 @@ def vllm_offline_row(args: Any) -> tuple[str, int, float, str]:
     python = vllm_python()
     if python is None:
         raise SystemExit("no vLLM environment: `make install` makes .venv-vllm (or set $MARCO_VLLM_PYTHON)")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": str(args.threads),
+           "MARCO_VLLM_CPU_THREADS": bench_cpus(args.threads)}
     cmd = [python, str(Path(__file__).with_name("vllm_offline_search.py")), str(args.problems), str(args.budget),
            str(args.rollout), str(args.children), str(args.vllm_rows)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
@@ -137,7 +143,8 @@ def vllm_offline_row(args: Any) -> tuple[str, int, float, str]:
 
 def vllm_server_row(args: Any, task: Any, problems: list[Any], config: SearchConfig) -> tuple[str, int, float, str]:
     """The MCTS batch through a vLLM OpenAI-compatible server started here (from the vLLM environment)."""
-    server = VLLMServer("smollm2", VLLMSettings(max_rows=args.vllm_rows), threads=args.threads)
+    server = VLLMServer("smollm2", VLLMSettings(max_rows=args.vllm_rows, cpu_threads=bench_cpus(args.threads)),
+                        threads=args.threads)
     t = time.perf_counter()
     server.start()
     startup = time.perf_counter() - t
@@ -157,22 +164,24 @@ def vllm_server_row(args: Any, task: Any, problems: list[Any], config: SearchCon
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--problems", type=int, default=64, help="problems searched in lockstep (marco run's --chunk)")
     ap.add_argument("--budget", type=int, default=1024, help="tokens per search (the CLI default)")
     ap.add_argument("--rollout", type=int, default=384, help="max tokens of one rollout (the product default)")
     ap.add_argument("--children", type=int, default=3)
     ap.add_argument("--slots", type=int, default=16, help="llama-server parallel sequences (-np)")
-    ap.add_argument("--threads", type=int, default=1, help="compute threads of both engines (torch and llama-server)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="compute threads of every engine (torch, llama-server, vLLM's CPU worker); default all CPUs")
     ap.add_argument("--batch", type=int, default=512, help="llama-server logical batch size (-b)")
     ap.add_argument("--raw-tokens", type=int, default=64, help="tokens per row of the n_probs comparison")
     ap.add_argument("--sweep", default="", help="comma-separated slot counts to time raw generation at")
     ap.add_argument("--skip-hf", action="store_true", help="only the server (no ratio)")
     ap.add_argument("--skip-server", action="store_true", help="no llama-server (the other engines and the limit)")
     ap.add_argument("--dtype", default=None, help="transformers dtype: auto|float32|bfloat16 (default $MARCO_DTYPE/auto)")
-    ap.add_argument("--rows", type=int, default=64, help="rows of the roofline's matmuls (the engines' batch width)")
+    ap.add_argument("--rows", type=int, default=128,
+                    help="rows of the roofline's matmuls (the transformers loop's max_batch_rows)")
     ap.add_argument("--vllm", action="store_true", help="also vLLM's offline engine and server (needs .venv-vllm)")
     ap.add_argument("--vllm-only", action="store_true", help="only the vLLM rows")
-    ap.add_argument("--vllm-rows", type=int, default=96, help="vLLM max_num_seqs (the widest round: k x problems)")
+    ap.add_argument("--vllm-rows", type=int, default=128, help="vLLM max_num_seqs (the widest round: 2 x problems)")
     args = ap.parse_args()
     if args.vllm_only:
         vllm_only(args)
@@ -184,6 +193,7 @@ def main() -> None:
     gguf = os.path.join(*smollm2_path())
     rows: list[tuple[str, int, float, str]] = []
     mcts: dict[str, float] = {}  # engine -> MCTS tokens/s
+    memory: tuple[float, int, int] | None = None  # the transformers run's mean rows per step, weight and KV bytes
     context = args.rollout / 2 + 200.0  # attended tokens per decoded one, replaced by the transformers run's
 
     hf_tps = None
@@ -193,11 +203,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # the same cores for both engines
         hf = load_backend("smollm2", dtype=args.dtype)
         hf.generate([GenerationRequest(hf.encode("Hello"), 4)])  # warm-up
-        hf.decoded_rows = hf.attended_tokens = 0
+        hf.decoded_rows = hf.attended_tokens = hf.decode_steps = 0
         tokens, secs, correct = search(hf, task, problems, config)
         hf_tps = tokens / secs
         hf_dtype = str(hf.kv_spec.dtype).removeprefix("torch.")
         context = hf.attended_tokens / max(1, hf.decoded_rows)
+        memory = (hf.decoded_rows / max(1, hf.decode_steps), sum(p.numel() * p.element_size() for p in hf.model.parameters()),
+                  hf.kv_spec.token_bytes)
         rows.append((f"transformers (in-process, {hf_dtype})", tokens, secs, f"{correct}/{len(problems)} correct"))
         mcts[f"transformers ({hf_dtype})"] = tokens / secs
         print(f"transformers: {tokens} tokens in {secs:.1f}s", file=sys.stderr, flush=True)
@@ -222,10 +234,24 @@ def main() -> None:
               f"{(with_s / with_t) / (without_s / without_t):.3f}")
         if hf_tps is not None:
             print(f"server_vs_hf_throughput: {server_tps / hf_tps:.3f}")
-    print_roofline(mcts, args.rows, args.threads, context)
+    print_roofline(mcts, args.rows, args.threads, context, memory)
 
 
-def print_roofline(mcts: dict[str, float], rows: int, threads: int, context: float) -> None:
+def read_bandwidth(mib: int = 512) -> float:
+    """GB/s of reading a ``mib`` MiB tensor once (best of 5: ``sum`` streams it through the cores)."""
+    import torch
+
+    x = torch.ones(mib << 18)  # float32
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def print_roofline(mcts: dict[str, float], rows: int, threads: int, context: float,
+                   memory: tuple[float, int, int] | None = None) -> None:
     """The machine's limit (fastest matmul at the model's shapes / FLOPs per token) and each engine's MCTS
     tokens/s as a fraction of it; last line ``best_mcts_vs_roofline``."""
     import torch
@@ -245,6 +271,15 @@ def print_roofline(mcts: dict[str, float], rows: int, threads: int, context: flo
     limit = limits[0].tokens_per_s(fpt)
     for name, tps in mcts.items():
         print(f"  {name:<40} MCTS {tps:7.1f} tokens/s = {tps / limit:.3f} of the limit")
+    if memory is not None:
+        # not the issue's limit, a second reading of it: a decode step reads every weight once and every
+        # row's keys and values once, so at the run's mean width it can go no faster than memory streams them
+        width, weight_bytes, kv_token_bytes = memory
+        gbps = read_bandwidth()
+        step_s = (weight_bytes + width * context * kv_token_bytes) / (gbps * 1e9)
+        print(f"  memory: {gbps:.1f} GB/s read; at the transformers run's {width:.1f} rows per step a step reads "
+              f"{weight_bytes / 2**20:.0f} MiB of weights + {width * context * kv_token_bytes / 2**20:.0f} MiB of KV: "
+              f"at most {width / step_s:.0f} tokens/s ({width / step_s / limit:.3f} of the limit)")
     if mcts:
         print(f"best_mcts_vs_roofline: {max(mcts.values()) / limit:.3f}")
 

@@ -24,7 +24,7 @@ def main() -> None:
     n, budget, rollout, children, rows = (int(x) for x in sys.argv[1:6])
     task, problems, config = mcts_batch(n, budget, rollout, children)
     t = time.perf_counter()
-    backend = VLLMBackend.load("smollm2", name="vllm:smollm2", settings=VLLMSettings(max_rows=rows))
+    backend = VLLMBackend.load("smollm2", name="vllm:smollm2", settings=VLLMSettings.from_env(rows))
     backend.generate([GenerationRequest(backend.encode("Hello"), 4)])
     startup = time.perf_counter() - t
     driver = LockstepDriver(backend, task, config)

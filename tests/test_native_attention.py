@@ -69,6 +69,34 @@ def test_kernel_agrees_with_the_batched_matmul_path(op):
     assert (native.float() - matmuls.float()).abs().max().item() <= 2e-2
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rms_norm_equals_llamas(op, dtype):
+    """Same statistics in float32 and the same bfloat16 roundings as transformers' LlamaRMSNorm: float32 to
+    1e-6, bfloat16 to one rounding (2^-8 relative) where the summation order moves a tie."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from marco.llm.kernels import use_native_norms
+
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x = (torch.randn(37, 576) * 3).to(dtype)
+    with torch.no_grad():
+        want = norm(x)
+    holder = torch.nn.Sequential(norm)
+    assert use_native_norms(holder) == 1
+    with torch.no_grad():
+        got = norm(x)
+    assert got.dtype == dtype
+    rel = ((got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-3)).max().item()
+    assert rel <= (1e-6 if dtype == torch.float32 else 2**-7)
+    # with gradients (training) the module's own forward runs
+    x.requires_grad_(dtype == torch.float32)
+    if dtype == torch.float32:
+        norm(x).sum().backward()
+        assert x.grad is not None
+
+
 def test_the_kernel_can_be_turned_off(monkeypatch):
     decode_attention_op.cache_clear()
     monkeypatch.setenv("MARCO_NATIVE_KERNELS", "0")

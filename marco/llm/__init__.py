@@ -61,8 +61,14 @@ def resolve_checkpoint(spec: str) -> str:
         store.close()
 
 
-def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64, dtype: str | None = None) -> Backend:
+VLLM_MAX_ROWS = 64
+
+
+def load_backend(spec: str, device: str | None = None, max_batch_rows: int | None = None, dtype: str | None = None) -> Backend:
     """Load the backend named by ``spec`` (see the module docstring).
+
+    ``max_batch_rows``: rows decoded together; ``None`` is the engine's default (transformers
+    ``HFConfig.max_batch_rows``, 128; vLLM 64, its ``max_num_seqs`` inside a 1 GiB KV space on CPU).
 
     ``dtype`` (transformers backends): ``auto``, ``float32``, ``bfloat16`` or ``float16``; ``None`` reads
     ``$MARCO_DTYPE`` (default ``auto``: bfloat16 where the CPU has AMX or AVX512-BF16, see
@@ -80,8 +86,10 @@ def load_backend(spec: str, device: str | None = None, max_batch_rows: int = 64,
 
         return ServedBackend.connect(spec)
     if spec.startswith("vllm:"):
-        return _load_vllm(spec, max_batch_rows)
+        return _load_vllm(spec, max_batch_rows or VLLM_MAX_ROWS)
     from marco.llm.hf import HFBackend, HFConfig, smollm2_path
+
+    max_batch_rows = max_batch_rows or HFConfig.max_batch_rows
 
     if spec.startswith(CHECKPOINT_PREFIX):
         config = HFConfig(model=resolve_checkpoint(spec), device=device, max_batch_rows=max_batch_rows, dtype=dtype)

@@ -20,7 +20,7 @@ import torch
 from marco.llm.attention import LENS_KWARG
 from marco.llm.attention import register as register_decode_attention
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
-from marco.llm.kernels import decode_attention_op, write_column_op
+from marco.llm.kernels import decode_attention_op, use_native_norms, write_column_op
 from marco.llm.kvcache import KVBudget, KVSpec, PrefixKVCache, SlotKVCache, resolve_kv_cache_bytes, slot_cache
 from marco.llm.precision import resolve_dtype
 
@@ -37,7 +37,9 @@ class HFConfig:
     # auto|float32|bfloat16|float16; None: $MARCO_DTYPE, else auto (bfloat16 on cuda and on CPUs with AMX or
     # AVX512-BF16, float32 elsewhere; see marco.llm.precision)
     dtype: str | None = None
-    max_batch_rows: int = 64
+    # rows decoded together: 128 keeps a 64-problem job's first expansions (k - 1 or 2 samples each) in one
+    # batch; within the KV budget (rows wait for memory), so a small machine admits fewer
+    max_batch_rows: int = 128
     threads: int | None = None
     # KV cache budget in MiB (running rows + prefix cache); None: $MARCO_KV_CACHE_MB, else an eighth of RAM
     # (256 MiB .. 8 GiB) on CPU or half the free GPU memory on CUDA
@@ -63,7 +65,7 @@ class HFBackend:
     FEED_TOKENS = 32
 
     def __init__(
-        self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 64, prefix_cache_bytes: int | None = None,
+        self, model: Any, tokenizer: Any, name: str, max_batch_rows: int = 128, prefix_cache_bytes: int | None = None,
         kv_cache_mb: int | None = None, decode_attention: bool = True,
     ) -> None:
         self.model = model
@@ -84,6 +86,7 @@ class HFBackend:
         self.peak_rows = 0  # most rows decoded at once (the budget can keep it below max_batch_rows)
         # decode steps' totals: rows decoded and the tokens they attended to (benchmarks: attention's FLOPs)
         self.decoded_rows = 0
+        self.decode_steps = 0  # decode forwards (decoded_rows / decode_steps: the batch's mean width)
         self.attended_tokens = 0
         self.attention_columns = 0  # columns attention read per row, padding included
         self.fed_rows = 0  # rows that joined by running their prompt's uncached tail in decode steps
@@ -108,6 +111,8 @@ class HFBackend:
             model.set_attn_implementation(register_decode_attention())
         # decode steps read each row's own columns with the native kernel where it builds (marco.llm.kernels)
         self.native_attention = self.decode_attention and self.device.type == "cpu" and decode_attention_op() is not None
+        if self.native_attention and not getattr(model, "_marco_native_norms", False):
+            model._marco_native_norms = use_native_norms(model) > 0  # once per model (backends may share one)
 
     # ------------------------------------------------------------------ loading
     @property
@@ -605,6 +610,7 @@ class _DecodeBatch:
         if b.decode_attention:
             width = self.slots.cols_alloc  # the whole contiguous block; columns past a row's length are masked
         b.decoded_rows += len(self.slots.lens)
+        b.decode_steps += 1
         b.attended_tokens += sum(self.slots.lens) + len(self.slots.lens)
         b.attention_columns += width * len(self.slots.lens)
         if b.native_attention:

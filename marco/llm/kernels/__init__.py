@@ -94,6 +94,12 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Ten
     return out.reshape(rows, heads, dim).to(q.dtype)
 
 
+def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: float32 statistics, the normalised x cast back before the weight."""
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _self_check(op: Callable[..., torch.Tensor]) -> None:
     g = torch.Generator().manual_seed(0)
     buf = torch.zeros(3, 2, 8, 4)
@@ -103,6 +109,11 @@ def _self_check(op: Callable[..., torch.Tensor]) -> None:
     want[0, :, 5], want[1, :, 0] = x[0, :, 0], x[1, :, 0]
     if not torch.equal(buf, want):
         raise RuntimeError("self-check failed: write_column")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(3, 40, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+        err = (torch.ops.marco.rms_norm(x, w, 1e-5).float() - rms_norm_reference(x, w, 1e-5).float()).abs().max()
+        if not err.item() <= (1e-5 if dtype == torch.float32 else 3e-2):
+            raise RuntimeError(f"self-check failed: rms_norm {dtype} error {err.item():.3g}")
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         q = torch.randn(5, 6, 64, generator=g).to(dtype)
         k, v = (torch.randn(7, 2, 70, 64, generator=g).to(dtype) for _ in range(2))
@@ -115,6 +126,38 @@ def _self_check(op: Callable[..., torch.Tensor]) -> None:
 def write_column_op() -> Callable[..., None] | None:
     """``torch.ops.marco.write_column(buf, x, lens)`` where the library loaded (see :func:`decode_attention_op`)."""
     return torch.ops.marco.write_column if decode_attention_op() is not None else None
+
+
+def rms_norm_op() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.marco.rms_norm(x, w, eps)`` where the library loaded (see :func:`decode_attention_op`)."""
+    return torch.ops.marco.rms_norm if decode_attention_op() is not None else None
+
+
+# RMSNorm classes whose forward is exactly :func:`rms_norm_reference` (Gemma's 1 + w is not)
+LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def use_native_norms(model: torch.nn.Module) -> int:
+    """Route the model's Llama-style RMSNorms through the native op when no gradient is wanted (decoding);
+    training, other dtypes and other norms keep their own forward. Returns how many norms were routed."""
+    op = rms_norm_op()
+    if op is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in LLAMA_STYLE_NORMS or getattr(module, "weight", None) is None:
+            continue
+        original = module.forward
+
+        def forward(x: torch.Tensor, _m: torch.nn.Module = module, _orig: Callable = original) -> torch.Tensor:
+            w = _m.weight
+            if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or not x.is_contiguous():
+                return _orig(x)
+            return op(x, w, float(_m.variance_epsilon))
+
+        module.forward = forward  # type: ignore[method-assign]
+        count += 1
+    return count
 
 
 @functools.lru_cache(maxsize=None)
