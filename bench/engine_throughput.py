@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--sweep", default="", help="comma-separated slot counts to time raw generation at")
     ap.add_argument("--skip-hf", action="store_true", help="only the server (no ratio)")
     ap.add_argument("--skip-server", action="store_true", help="no llama-server (the other engines and the limit)")
+    ap.add_argument("--hf-rows", type=int, default=None, help="the transformers loop's max_batch_rows (default 128)")
     ap.add_argument("--dtype", default=None, help="transformers dtype: auto|float32|bfloat16 (default $MARCO_DTYPE/auto)")
     ap.add_argument("--rows", type=int, default=128,
                     help="rows of the roofline's matmuls (the transformers loop's max_batch_rows)")
@@ -201,7 +202,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)  # the same cores for both engines
-        hf = load_backend("smollm2", dtype=args.dtype)
+        hf = load_backend("smollm2", dtype=args.dtype, max_batch_rows=args.hf_rows)
         hf.generate([GenerationRequest(hf.encode("Hello"), 4)])  # warm-up
         hf.decoded_rows = hf.attended_tokens = hf.decode_steps = 0
         tokens, secs, correct = search(hf, task, problems, config)

@@ -133,16 +133,21 @@ def test_server_greedy_batch_equals_one_by_one(served) -> None:
                ("What is 7 times 8?", "Name a red fruit.", "Count from 1 to 5.")]
     together = [g[0] for g in served.generate([GenerationRequest(p, 24) for p in prompts])]
     alone = [served.generate([GenerationRequest(p, 24)])[0][0] for p in prompts]
+    assert_same_greedy([as_dict(g) for g in together], [as_dict(g) for g in alone])
+
+
+def assert_same_greedy(together: list[dict], alone: list[dict]) -> None:  # type: ignore[type-arg]
+    """Greedy rows of a batch against the same prompts run alone (see the test above for the bounds)."""
     prob_tol, _, gap = tolerances()
     for t, a in zip(together, alone):
         if prob_tol == FP32_PROB_TOL:
-            assert t.token_ids == a.token_ids
-            assert t.logprobs == pytest.approx(a.logprobs, abs=1e-3)
+            assert t["token_ids"] == a["token_ids"]
+            assert t["logprobs"] == pytest.approx(a["logprobs"], abs=1e-3)
             continue
-        n = next((k for k, (x, y) in enumerate(zip(t.token_ids, a.token_ids)) if x != y), len(a.token_ids))
-        if n < len(a.token_ids):
-            assert a.top_logprobs[n][0] - a.top_logprobs[n][1] <= gap, (n, a.top_logprobs[n])
-        for x, y in zip(t.logprobs[:n], a.logprobs[:n]):
+        n = next((k for k, (x, y) in enumerate(zip(t["token_ids"], a["token_ids"])) if x != y), len(a["token_ids"]))
+        if n < len(a["token_ids"]):
+            assert a["top_logprobs"][n][0] - a["top_logprobs"][n][1] <= gap, (n, a["top_logprobs"][n])
+        for x, y in zip(t["logprobs"][:n], a["logprobs"][:n]):
             assert abs(math.exp(x) - math.exp(y)) <= prob_tol
 
 
@@ -155,9 +160,18 @@ def test_server_stop_strings_n_and_seeds(served) -> None:
     assert len(stopped.top_logprobs) == len(stopped.token_ids) == len(stopped.logprobs)
     req = GenerationRequest(prompt, 12, temperature=1.0, n=3, seed=11)
     first = served.generate([req])[0]
-    again = served.generate([req, GenerationRequest(prompt, 12, temperature=1.0, n=1, seed=11)])
-    assert [g.token_ids for g in again[0]] == [g.token_ids for g in first]
-    assert again[1][0].token_ids == first[0].token_ids  # sample 0 does not depend on n
+    pair = [req, GenerationRequest(prompt, 12, temperature=1.0, n=1, seed=11)]
+    again = served.generate(pair)
+    if tolerances()[0] == FP32_PROB_TOL:
+        assert again[1][0].token_ids == again[0][0].token_ids  # sample 0 does not depend on n
+        assert [g.token_ids for g in again[0]] == [g.token_ids for g in first]  # nor on the rest of the batch
+    else:
+        # bfloat16: vLLM's CPU kernels round a row's logits differently by its place in the batch and by the
+        # prefix cache's path (AMX blocks by rows), ~0.1 nat, and a draw at temperature 1 follows that at a
+        # near-tie. On this project's AMX Xeon seed 11's sample 0 drew token 198 or 4239 first from run to
+        # run while samples 1 and 2 repeated exactly; a broken seed would change them all
+        repeats = sum(x.token_ids == y.token_ids for x, y in zip(again[0], first))
+        assert repeats >= 2, [g.token_ids for g in again[0]]
     assert len({tuple(g.token_ids) for g in first}) > 1
     other = served.generate([GenerationRequest(prompt, 12, temperature=1.0, n=3, seed=12)])[0]
     assert [g.token_ids for g in other] != [g.token_ids for g in first]
@@ -240,8 +254,10 @@ def test_offline_engine_agrees_and_its_process_exits(hf, tmp_path) -> None:
     print(f"offline probe: {time.monotonic() - t:.1f}s with the engine's start")
     got = json.loads(line[len("PROBE "):])
     compare_with_transformers(hf, got["prompts"], got["together"])
-    assert [g["token_ids"] for g in got["together"]] == [g["token_ids"] for g in got["alone"]]
-    assert got["sampled_n1"] == got["sampled_n3"][0] and len({tuple(x) for x in got["sampled_n3"]}) > 1
+    assert_same_greedy(got["together"], got["alone"])
+    assert len({tuple(x) for x in got["sampled_n3"]}) > 1
+    if tolerances()[0] == FP32_PROB_TOL:  # bfloat16: a seeded draw follows the row's rounding (see above)
+        assert got["sampled_n1"] == got["sampled_n3"][0]
     stopped, free = got["stopped"], got["together"][0]
     assert stopped["finish"] == "stop" and " " in stopped["text"]
     assert stopped["token_ids"] == free["token_ids"][: len(stopped["token_ids"])]

@@ -85,10 +85,11 @@ class VLLMSettings:
       its deepest path);
     - ``enforce_eager``: no torch.compile/CUDA graphs (default on CPU: compiling costs minutes here);
     - ``cpu_threads``: the CPUs vLLM's CPU worker binds its compute threads to (``MARCO_VLLM_CPU_THREADS``):
-      ``all`` (default) every CPU this process may run on, ``auto`` vLLM's own choice, which keeps one core
-      free for its API server and engine core (on 2 cores it computed on one: 170 against 277 MCTS
-      tokens/s with both, docs/engines.md), or a list such as ``0-3``. An explicit
-      ``VLLM_CPU_OMP_THREADS_BIND`` in the environment wins when ``MARCO_VLLM_CPU_THREADS`` is unset.
+      ``auto`` (default) vLLM's own choice, which keeps one core free for its API server and engine core,
+      ``all`` every CPU this process may run on, or a list such as ``0-3``. On 2 cores ``all`` ran the MCTS
+      batch 1.6x faster (277 against 170 tokens/s), but there vLLM's seeded samples changed with the other
+      requests in the batch and greedy rows split from their lone runs (docs/engines.md), so it is not the
+      default. An explicit ``VLLM_CPU_OMP_THREADS_BIND`` wins when ``MARCO_VLLM_CPU_THREADS`` is unset.
 
     On CPU chunked prefill is off: vLLM 0.32's CPU worker crashes ("CPU Generator does not use offset", in
     ``_bookkeeping_sync``) when a seeded request's prompt is split across steps, and every Marco sample is
@@ -103,7 +104,7 @@ class VLLMSettings:
     max_model_len: int = 4096
     enforce_eager: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    cpu_threads: str = "all"
+    cpu_threads: str = "auto"
 
     @classmethod
     def from_env(cls, max_rows: int = 64, env: Mapping[str, str] | None = None) -> "VLLMSettings":
@@ -115,7 +116,7 @@ class VLLMSettings:
             kv_gib=float(kv) if kv else None,
             max_rows=int(env.get("MARCO_VLLM_MAX_ROWS", str(max_rows))),
             max_model_len=int(env.get("MARCO_VLLM_MAX_LEN", "4096")),
-            cpu_threads=env.get("MARCO_VLLM_CPU_THREADS") or env.get("VLLM_CPU_OMP_THREADS_BIND") or "all",
+            cpu_threads=env.get("MARCO_VLLM_CPU_THREADS") or env.get("VLLM_CPU_OMP_THREADS_BIND") or "auto",
         )
 
     def resolved(self, gpu: bool | None = None) -> "VLLMSettings":

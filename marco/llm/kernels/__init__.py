@@ -151,7 +151,8 @@ def use_native_norms(model: torch.nn.Module) -> int:
 
         def forward(x: torch.Tensor, _m: torch.nn.Module = module, _orig: Callable = original) -> torch.Tensor:
             w = _m.weight
-            if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or not x.is_contiguous():
+            if (torch.is_grad_enabled() or x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16)
+                    or x.device.type != "cpu" or not x.is_contiguous()):
                 return _orig(x)
             return op(x, w, float(_m.variance_epsilon))
 
