@@ -421,9 +421,9 @@ def slot_cache(config: Any, slots: SlotKVCache):  # type: ignore[no-untyped-def]
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
             st = cache.state
             assert key_states.shape[-2] == 1, "the slot cache decodes one token per row"
-            if st.get("write") is not None and key_states.stride(-1) == 1 and value_states.stride(-1) == 1:
-                st["write"](slots.keys[self.index], key_states, st["lens"])  # the native kernel's plain copies
-                st["write"](slots.values[self.index], value_states, st["lens"])
+            if st.get("write") is not None:  # the native library's plain copies (rows of x must be contiguous)
+                for buf, x in ((slots.keys[self.index], key_states), (slots.values[self.index], value_states)):
+                    st["write"](buf, x if x.stride(-1) == 1 else x.contiguous(), st["lens"])
             else:
                 # one (row, head) vector per flat index: index_copy_ is a plain row copy, far cheaper than an
                 # advanced-index assignment on CPU
