@@ -145,6 +145,7 @@ def test_stop_strings_n_and_seeds(served) -> None:
 
 def test_marco_run_mcts_through_the_server_stores_its_nodes(server, tmp_path) -> None:
     from marco.cli import app
+    from marco.search.state import MERGED, REUSED
     from marco.store import Store
 
     db = f"sqlite:///{tmp_path / 'run.db'}"
@@ -167,7 +168,13 @@ def test_marco_run_mcts_through_the_server_stores_its_nodes(server, tmp_path) ->
             written = [n for n in tree if n.kind not in ("root", "reflection")]
             assert all(len(n.confidences) == len(n.token_ids) for n in written)
             assert all(0.0 < c <= 1.0 for n in written for c in n.confidences)
-            assert 0 < sum(n.num_tokens for n in written) <= s.tokens <= 96
+            # what the search spent: every written node once, except copies of a reused rollout (generated
+            # once already), plus a merged sample's action written again
+            copies = [n for n in written if n.finish_reason == REUSED or (
+                n.kind == "rollout" and n.finish_reason != MERGED and tree.nodes[n.parent_id].finish_reason == REUSED)]
+            merged = sum(tree.nodes[n.parent_id].num_tokens for n in tree if n.finish_reason == MERGED)
+            spent = sum(n.num_tokens for n in written) - sum(n.num_tokens for n in copies) + merged
+            assert 0 < spent == s.tokens <= 96
     finally:
         store.close()
 
