@@ -73,11 +73,14 @@ def test_kernel_agrees_with_the_batched_matmul_path(op):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_rms_norm_equals_llamas(op, dtype):
     """Same statistics in float32 and the same bfloat16 roundings as transformers' LlamaRMSNorm: float32 to
-    1e-6, bfloat16 to one rounding (2^-8 relative) where the summation order moves a tie."""
+    1e-6; bfloat16 where the summation order moves a tie, to one step of the normalised x (2^-8 to 2^-7
+    relative, by where it falls in its binade) and the weight's product rounded again: at most 1.5 x 2^-7
+    (0.0088 seen on one draw of the unseeded version of this test)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from marco.llm.kernels import use_native_norms
 
+    torch.manual_seed(576)
     norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
     torch.nn.init.normal_(norm.weight, 1.0, 0.2)
     x = (torch.randn(37, 576) * 3).to(dtype)
@@ -89,12 +92,22 @@ def test_native_rms_norm_equals_llamas(op, dtype):
         got = norm(x)
     assert got.dtype == dtype
     rel = ((got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-3)).max().item()
-    assert rel <= (1e-6 if dtype == torch.float32 else 2**-7)
+    assert rel <= (1e-6 if dtype == torch.float32 else 1.5 * 2**-7)
     # with gradients (training) the module's own forward runs
     x.requires_grad_(dtype == torch.float32)
     if dtype == torch.float32:
         norm(x).sum().backward()
         assert x.grad is not None
+    # a deep copy's norm uses its own weight (the routed forward is bound to its module, not a closure)
+    copy = __import__("copy").deepcopy(norm)
+    with torch.no_grad():
+        copy.weight.mul_(2)
+        assert torch.equal(copy(x.detach()), op_norm(x.detach(), copy))
+        assert torch.equal(norm(x.detach()), got)
+
+
+def op_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    return torch.ops.marco.rms_norm(x, norm.weight, float(norm.variance_epsilon))
 
 
 def test_the_kernel_can_be_turned_off(monkeypatch):

@@ -18,8 +18,12 @@ import numpy as np
 import torch
 
 from marco.llm.attention import LENS_KWARG
+from marco.llm.attention import NAME as DECODE_ATTENTION
 from marco.llm.attention import register as register_decode_attention
 from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
+from marco.llm.decode_step import ENV as FAST_DECODE_ENV
+from marco.llm.decode_step import LlamaDecode
+from marco.llm.decode_step import unsupported as unsupported_fast
 from marco.llm.kernels import decode_attention_op, use_native_norms, write_column_op
 from marco.llm.kvcache import KVBudget, KVSpec, PrefixKVCache, SlotKVCache, resolve_kv_cache_bytes, slot_cache
 from marco.llm.precision import resolve_dtype
@@ -91,6 +95,7 @@ class HFBackend:
         self.attention_columns = 0  # columns attention read per row, padding included
         self.fed_rows = 0  # rows that joined by running their prompt's uncached tail in decode steps
         self.prefill_forwards = 0  # forwards of joining rows' prompts
+        self.fast_steps = 0  # decode steps run by marco.llm.decode_step rather than the model's forward
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(gen_eos, int):
@@ -106,13 +111,27 @@ class HFBackend:
         self._pieces: list[str] | None = None
         # decode steps attend over the slot cache's contiguous block with marco.llm.attention (SDPA models only;
         # False keeps transformers' SDPA over the narrowest strided slice, for comparisons)
-        self.decode_attention = decode_attention and getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self.decode_attention = decode_attention and getattr(model.config, "_attn_implementation", None) in (
+            "sdpa", DECODE_ATTENTION)  # the latter: a model an earlier backend set up
         if self.decode_attention:
             model.set_attn_implementation(register_decode_attention())
         # decode steps read each row's own columns with the native kernel where it builds (marco.llm.kernels)
         self.native_attention = self.decode_attention and self.device.type == "cpu" and decode_attention_op() is not None
         if self.native_attention and not getattr(model, "_marco_native_norms", False):
             model._marco_native_norms = use_native_norms(model) > 0  # once per model (backends may share one)
+        # decode steps of Llama-family models run without transformers' module stack (marco.llm.decode_step);
+        # False (or MARCO_FAST_DECODE=0) keeps the model's own forward, for comparisons
+        self.fast_decode = os.environ.get(FAST_DECODE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        self._fast: LlamaDecode | None = None
+
+    def fast_decoder(self) -> LlamaDecode | None:
+        """The plain decode step for this model, where it applies now (checked per batch: a hook or adapter
+        added since sends the steps back through the model's forward)."""
+        if not (self.fast_decode and self.native_attention and self.decode_attention) or unsupported_fast(self.model):
+            return None
+        if self._fast is None:
+            self._fast = LlamaDecode(self.model)
+        return self._fast
 
     # ------------------------------------------------------------------ loading
     @property
@@ -422,6 +441,7 @@ class _DecodeBatch:
         self.device = backend.device
         self.slots = SlotKVCache(backend.kv_spec, backend.kv_budget, backend.max_batch_rows)
         self.cache = slot_cache(backend.model.config, self.slots)
+        self.fast = backend.fast_decoder()
         self.logits: torch.Tensor | None = None
         self.rows: list[_Row] = []  # live rows, in slot order
         self.pending: dict[int, list[_Row | None]] = {}  # request id -> its rows (None: not admitted yet)
@@ -613,6 +633,11 @@ class _DecodeBatch:
         b.decode_steps += 1
         b.attended_tokens += sum(self.slots.lens) + len(self.slots.lens)
         b.attention_columns += width * len(self.slots.lens)
+        if self.fast is not None:
+            self.logits = self.fast(next_tok, lens, self.slots)
+            b.fast_steps += 1
+            self.slots.lens = [n + 1 for n in self.slots.lens]
+            return done
         if b.native_attention:
             self.cache.state.update(lens=lens, write=write_column_op(), width=width)
         else:

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -147,18 +148,18 @@ def use_native_norms(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module).__name__ not in LLAMA_STYLE_NORMS or getattr(module, "weight", None) is None:
             continue
-        original = module.forward
-
-        def forward(x: torch.Tensor, _m: torch.nn.Module = module, _orig: Callable = original) -> torch.Tensor:
-            w = _m.weight
-            if (torch.is_grad_enabled() or x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16)
-                    or x.device.type != "cpu" or not x.is_contiguous()):
-                return _orig(x)
-            return op(x, w, float(_m.variance_epsilon))
-
-        module.forward = forward  # type: ignore[method-assign]
+        # a method bound to the module (not a closure over it): copy.deepcopy rebinds it to the copy
+        module.forward = types.MethodType(_native_norm_forward, module)  # type: ignore[method-assign]
         count += 1
     return count
+
+
+def _native_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    if (torch.is_grad_enabled() or x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16)
+            or x.device.type != "cpu" or not x.is_contiguous()):
+        return type(self).forward(self, x)
+    return torch.ops.marco.rms_norm(x, w, float(self.variance_epsilon))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,194 @@
+"""One decode step of a Llama-family model without transformers' module stack.
+
+A decode step of the transformers backend runs one new token per row through the model. At a search's
+shapes (about 40 rows, SmolLM2's 30 small layers) the arithmetic is a few dozen milliseconds and transformers'
+own forward adds as much again: per layer a dozen module calls with their keyword plumbing, a mask built and
+a rotary table computed per step, a cache object's update protocol, output dataclasses. :class:`LlamaDecode`
+does the same arithmetic with the model's own weights and nothing else:
+
+- per layer, the RMSNorm, q/k/v projections, rotary embedding, attention and MLP in transformers' order and
+  dtype (the same operations, so the results are those of the module forward up to the matmul library's
+  blocking);
+- the native kernels of :mod:`marco.llm.kernels` for the norms, the slot cache's column writes and the
+  attention over each row's own columns;
+- the rotary cos/sin of every position computed once by the model's own rotary module and indexed per step.
+
+It serves plain ``LlamaForCausalLM``-shaped models only (:func:`unsupported` says why not otherwise: another
+architecture, a bias or scaling it does not apply, adapters or hooks on a module) and only where the native
+kernels loaded; the backend falls back to the model's forward for everything else, prefills included.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from marco.llm.kernels import decode_attention_op, rms_norm_op, write_column_op
+from marco.llm.kvcache import SlotKVCache
+
+ENV = "MARCO_FAST_DECODE"
+PACK_ENV = "MARCO_PACKED_WEIGHTS"
+# prepacked copies of the weights cost their size again; automatic below this (SmolLM2: 270 MB in bfloat16)
+PACK_LIMIT_BYTES = 1 << 30
+# rotary types whose inverse frequencies do not depend on the sequence length (one table serves every step)
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def unsupported(model: torch.nn.Module) -> str | None:
+    """Why :class:`LlamaDecode` cannot run ``model``'s decode steps, or ``None`` when it can."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "llama":
+        return f"model type {getattr(config, 'model_type', None)!r} (only 'llama')"
+    if decode_attention_op() is None or rms_norm_op() is None or write_column_op() is None:
+        return "the native kernels did not load"
+    if getattr(config, "pretraining_tp", 1) != 1 or getattr(config, "hidden_act", "silu") != "silu":
+        return "pretraining_tp or hidden_act"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "projection biases"
+    if model.dtype not in (torch.float32, torch.bfloat16) or model.device.type != "cpu":
+        return f"{model.dtype} on {model.device.type}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "no model.layers / lm_head"
+    rope = getattr(getattr(inner, "rotary_emb", None), "rope_type", None)
+    if rope not in STATIC_ROPE:  # dynamic/longrope rescale with the sequence: no table of positions
+        return f"rope type {rope!r}"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"a hook on {name or 'the model'}"
+        if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
+            return f"{name} is a {type(module).__name__}, not a plain Linear (an adapter?)"
+    return None
+
+
+def pack_weights_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool:
+    """Whether to keep prepacked copies of the decode step's weights: bfloat16 on a CPU whose oneDNN
+    multiplies it, ``MARCO_PACKED_WEIGHTS`` (1/0) or else the copies' size (at most ``limit`` bytes)."""
+    if model.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    env = os.environ.get(PACK_ENV, "").strip().lower()
+    if env in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+        return env in ("1", "true", "yes", "on")
+    size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return size <= limit
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """``w`` ([out, in]) reordered once into oneDNN's blocked layout for :func:`_packed_linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 64)
+
+
+def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    ln1: torch.Tensor
+    eps1: float
+    qkv: list[torch.Tensor]  # q, k, v projections, or one fused [q; k; v] where packed
+    o: torch.Tensor
+    ln2: torch.Tensor
+    eps2: float
+    gate_up: list[torch.Tensor]  # gate and up, or one fused [gate; up] where packed
+    down: torch.Tensor
+
+
+class LlamaDecode:
+    """Decode steps of ``model`` (see :func:`unsupported`) over a :class:`SlotKVCache`.
+
+    The weights are the model's own tensors (no copy); load once per backend. ``__call__`` takes each row's
+    new token and position (= its length so far), writes the token's keys and values at that column of the
+    row's slot, and returns the next-token logits ``[rows, vocab]``.
+    """
+
+    def __init__(self, model: torch.nn.Module, packed: bool | None = None) -> None:
+        reason = unsupported(model)
+        if reason is not None:
+            raise ValueError(f"LlamaDecode cannot run this model: {reason}")
+        config = model.config
+        inner: Any = model.model
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.norm_eps = float(inner.norm.variance_epsilon)
+        # packed: q/k/v and gate/up fused, every matrix reordered once for oneDNN (bfloat16 only: the same
+        # kernel as F.linear's, so the same results, without reordering the weights on every call; 1.3-1.4x
+        # the layers' matmuls at 1-128 rows on an AVX512-BF16 EPYC, bench/fast_decode.py)
+        self.packed = pack_weights_wanted(model) if packed is None else packed
+        prep = _pack if self.packed else (lambda w: w)
+        self.linear = _packed_linear if self.packed else F.linear
+        self.lm_head = prep(model.lm_head.weight.detach())
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.scale = float(inner.layers[0].self_attn.scaling)
+        self.layers = []
+        for layer in inner.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv = [att.q_proj.weight.detach(), att.k_proj.weight.detach(), att.v_proj.weight.detach()]
+            gate_up = [mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]
+            if self.packed:
+                qkv, gate_up = [_pack(torch.cat(qkv))], [_pack(torch.cat(gate_up))]
+            self.layers.append(_Layer(
+                ln1=layer.input_layernorm.weight.detach(), eps1=float(layer.input_layernorm.variance_epsilon),
+                qkv=qkv, o=prep(att.o_proj.weight.detach()), ln2=layer.post_attention_layernorm.weight.detach(),
+                eps2=float(layer.post_attention_layernorm.variance_epsilon), gate_up=gate_up,
+                down=prep(mlp.down_proj.weight.detach()),
+            ))
+        self.embed = self.embed.detach()
+        self.norm = self.norm.detach()
+        self.rotary = inner.rotary_emb
+        self.dtype = model.dtype
+        self._cos = self._sin = torch.empty(0)
+        self._attend = decode_attention_op()
+        self._norm = rms_norm_op()
+        self._write = write_column_op()
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[rows, head_dim]`` at ``positions``, from a table the model's rotary module made."""
+        need = int(positions.max()) + 1
+        if need > self._cos.shape[0]:
+            size = max(need, 2 * self._cos.shape[0], 1024)
+            probe = torch.empty(0, dtype=self.dtype)
+            cos, sin = self.rotary(probe, torch.arange(size)[None, :])
+            self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()
+        return self._cos[positions], self._sin[positions]
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: SlotKVCache) -> torch.Tensor:
+        n, h, kvh, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        cos, sin = self._rotary(positions)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        half = d // 2
+        norm, attend, write, linear = self._norm, self._attend, self._write, self.linear
+        x = F.embedding(tokens, self.embed)
+        for i, w in enumerate(self.layers):
+            a = norm(x, w.ln1, w.eps1)
+            if len(w.qkv) == 1:
+                qkv = linear(a, w.qkv[0])
+                q, k, v = qkv[:, : h * d], qkv[:, h * d : (h + kvh) * d], qkv[:, (h + kvh) * d :]
+            else:
+                q, k, v = (linear(a, m) for m in w.qkv)
+            q, k, v = q.view(n, h, d), k.view(n, kvh, d), v.view(n, kvh, 1, d)
+            # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, in the model's dtype
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            keys, values = slots.keys[i], slots.values[i]
+            write(keys, k.view(n, kvh, 1, d), positions)
+            write(values, v, positions)
+            o = attend(q, keys[:n], values[:n], positions, self.scale)
+            x = x + linear(o.view(n, h * d), w.o)
+            a = norm(x, w.ln2, w.eps2)
+            if len(w.gate_up) == 1:
+                gu = linear(a, w.gate_up[0])
+                gate, up = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
+            else:
+                gate, up = (linear(a, m) for m in w.gate_up)
+            x = x + linear(F.silu(gate) * up, w.down)
+        return linear(norm(x, self.norm, self.norm_eps), self.lm_head)

@@ -1,0 +1,149 @@
+"""marco.llm.decode_step: a Llama decode step without transformers' module stack gives the model's own
+forward's outputs, and is used only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from marco.llm.base import GenerationRequest
+from marco.llm.decode_step import LlamaDecode, unsupported
+from marco.llm.kernels import decode_attention_op
+
+pytestmark = pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
+# prepacked bfloat16 weights need oneDNN's bfloat16 matmuls (AVX512-BF16 or AMX)
+PACKED_HERE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class CharTokenizer:
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:  # type: ignore[no-untyped-def]
+        return "".join(chr(32 + int(t)) for t in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A random 2-layer Llama with grouped KV heads in float32 (the native kernels' dtypes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def tiny_backend(model):  # type: ignore[no-untyped-def]
+    from marco.llm.hf import HFBackend
+
+    return HFBackend(model, CharTokenizer(), "tiny", kv_cache_mb=64)
+
+
+def requests(seed: int = 0) -> list[GenerationRequest]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(6):
+        prompt = rng.integers(1, 64, size=int(rng.integers(3, 40))).tolist()
+        out.append(GenerationRequest(prompt, int(rng.integers(4, 30)), temperature=0.8 if i % 2 else 0.0,
+                                     n=3 if i % 2 else 1, seed=i, ignore_eos=True))
+    return out
+
+
+def run(b, reqs, fast: bool):  # type: ignore[no-untyped-def]
+    b.fast_decode = fast
+    if b.prefix_cache is not None:
+        b.prefix_cache.clear()
+    steps = b.fast_steps
+    out = b.generate(reqs)
+    return out, b.fast_steps - steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_steps_give_the_models_own_outputs_on_a_tiny_llama(tiny_llama, dtype) -> None:
+    model = tiny_llama if dtype == torch.float32 else copy.deepcopy(tiny_llama).to(dtype)
+    b = tiny_backend(model)
+    assert b.fast_decoder() is not None
+    assert b.fast_decoder().packed == (dtype == torch.bfloat16 and PACKED_HERE)
+    reqs = requests()
+    fast, fast_steps = run(b, reqs, True)
+    plain, plain_steps = run(b, reqs, False)
+    assert fast_steps > 0 and plain_steps == 0
+    for a, c in zip(fast, plain):
+        assert [g.token_ids for g in a] == [g.token_ids for g in c]  # greedy and seeded samples alike
+        for x, y in zip(a, c):
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+            np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=1e-5)
+            assert x.top_ids == y.top_ids
+
+
+def test_packing_follows_the_setting_and_the_size_limit(tiny_llama, monkeypatch) -> None:
+    from marco.llm.decode_step import PACK_ENV, pack_weights_wanted
+
+    bf16 = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    assert not pack_weights_wanted(tiny_llama)  # float32 keeps F.linear (MKL's sgemm, not oneDNN's)
+    assert pack_weights_wanted(bf16) == PACKED_HERE
+    assert not pack_weights_wanted(bf16, limit=1000)  # copies larger than the limit are not made
+    monkeypatch.setenv(PACK_ENV, "0")
+    assert not pack_weights_wanted(bf16) and not LlamaDecode(bf16).packed
+    monkeypatch.setenv(PACK_ENV, "1")
+    assert pack_weights_wanted(bf16, limit=1000) == PACKED_HERE
+
+
+def test_what_it_cannot_run_keeps_the_models_forward(tiny_llama) -> None:
+    assert unsupported(tiny_llama) is None
+    assert "dtype" in str(unsupported(copy.deepcopy(tiny_llama).double())) or "float64" in str(
+        unsupported(copy.deepcopy(tiny_llama).double()))
+    hooked = copy.deepcopy(tiny_llama)
+    handle = hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert "hook on model.layers.1.mlp" in str(unsupported(hooked))
+
+    class Adapter(torch.nn.Linear):
+        pass
+
+    adapted = copy.deepcopy(tiny_llama)
+    old = adapted.model.layers[0].self_attn.q_proj
+    adapted.model.layers[0].self_attn.q_proj = Adapter(old.in_features, old.out_features, bias=False)
+    assert "not a plain Linear" in str(unsupported(adapted))
+    with pytest.raises(ValueError, match="cannot run this model"):
+        LlamaDecode(adapted)
+    # a backend whose model gains a hook runs its next batch through the model's forward (hooks see it)
+    b = tiny_backend(hooked)
+    calls = []
+    handle.remove()
+    hooked.model.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+    out, steps = run(b, requests()[:2], True)
+    assert steps == 0 and len(calls) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_steps_give_the_models_own_outputs_on_smollm2(smollm2, dtype) -> None:
+    """Same operations in the same order and dtype as transformers' Llama forward. float32: within 1e-5 (the
+    matmul library may block a [rows, 576] product differently from a [rows, 1, 576] one). bfloat16: its
+    prepacked, fused matmuls are the oneDNN kernel F.linear calls, so the same tokens and log-probabilities
+    within 1e-2 (a few bfloat16 steps of a logit of ~20); both were identical to the bit on an AVX512-BF16
+    EPYC (2026-12-06)."""
+    from marco.llm import load_backend
+
+    b = smollm2 if dtype == torch.float32 else load_backend("smollm2", dtype="bfloat16")
+    assert b.kv_spec.dtype == dtype
+    questions = ["What is 7 times 8?", "Anna has 3 cats and gets 4 more. How many cats?"]
+    prompts = [b.apply_chat_template([{"role": "user", "content": q}], "<Thought>\n") for q in questions]
+    reqs = [GenerationRequest(p, 32, ignore_eos=True) for p in prompts]
+    reqs.append(GenerationRequest(prompts[1], 32, temperature=1.0, n=3, seed=5, ignore_eos=True))
+    try:
+        fast, fast_steps = run(b, reqs, True)
+        plain, plain_steps = run(b, reqs, False)
+    finally:
+        b.fast_decode = True
+    assert fast_steps >= 31 and plain_steps == 0
+    assert b.fast_decoder() is not None and b.fast_decoder().packed == (dtype == torch.bfloat16 and PACKED_HERE)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, c in zip(fast, plain):
+        assert [g.token_ids for g in a] == [g.token_ids for g in c]
+        for x, y in zip(a, c):
+            np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=tol)
