@@ -14,7 +14,11 @@ attention block) and on the backend's generate calls, and prints the share of wa
 No ``torch.profiler``: recording every operator of a whole search takes gigabytes and slows it several
 times over. The hooks cost microseconds per module call.
 
-Usage: python bench/profile_mcts.py [--problems 4] [--threads 2] [--budget 1024]
+Module hooks send the decode steps through the model's forward (``marco.llm.decode_step`` runs no module,
+and steps aside for a hooked model), so this split is the forward path's. ``--fast`` profiles the product's
+path instead: the fast decode steps timed whole, the prefills, the decode loop around them and the search.
+
+Usage: python bench/profile_mcts.py [--problems 4] [--threads 2] [--budget 1024] [--fast]
 """
 
 from __future__ import annotations
@@ -81,6 +85,45 @@ def instrument(hf: Any) -> Timers:
     return timers
 
 
+def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time: list[float], threads: int) -> None:
+    """The product's path: fast decode steps, prefills, the loop around them, the search."""
+    from marco.llm.decode_step import LlamaDecode
+
+    if hf.fast_decoder() is None:
+        raise SystemExit("the fast decode step does not apply to this model here")
+    spent: dict[str, float] = defaultdict(float)
+    fast, prefill = hf.fast_decoder(), hf._prefill
+
+    def timed(label: str, fn: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t0
+        return run
+
+    hf._fast = timed("fast", fast)  # the backend calls whatever fast_decoder() returns
+    hf.fast_decoder = lambda: hf._fast
+    hf._prefill = timed("prefill", prefill)
+    hf.decoded_rows = hf.attended_tokens = hf.decode_steps = 0
+    driver = LockstepDriver(hf, task, config)
+    t = time.perf_counter()
+    driver.run(problems)
+    wall = time.perf_counter() - t
+    tokens = driver.stats.generated_tokens
+    steps = max(1, hf.decode_steps)
+    print(f"{len(problems)} problems · {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s · "
+          f"{hf.decoded_rows / steps:.1f} rows per step · mean context {hf.attended_tokens / max(1, hf.decoded_rows):.0f}"
+          f" · {threads} threads · load {os.getloadavg()[0]:.1f} · packed weights {fast.packed}")
+    for label, sec in (("fast decode steps", spent["fast"]), ("prefill forwards", spent["prefill"]),
+                       ("decode loop outside the forwards", gen_time[0] - spent["fast"] - spent["prefill"]),
+                       ("search outside generation", wall - gen_time[0])):
+        print(f"  {label:<34}{sec:8.1f}s {sec / wall:7.1%}  {1000 * sec / steps:6.1f} ms/step")
+    print(f"model_forward_share: {(spent['fast'] + spent['prefill']) / wall:.3f}")
+    assert isinstance(fast, LlamaDecode)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=4)
@@ -88,6 +131,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--rollout", type=int, default=384)
     ap.add_argument("--children", type=int, default=3)
+    ap.add_argument("--fast", action="store_true", help="time the fast decode step whole (no module hooks)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     task, problems, config = mcts_batch(args.problems, args.budget, args.rollout, args.children)
@@ -105,6 +149,9 @@ def main() -> None:
                 gen_time[0] += time.perf_counter() - t0
 
         setattr(hf, name, timed)
+    if args.fast:
+        profile_fast(hf, task, problems, config, gen_time, args.threads)
+        return
     timers = instrument(hf)
     hf.decoded_rows = hf.attended_tokens = hf.attention_columns = 0
     driver = LockstepDriver(hf, task, config)

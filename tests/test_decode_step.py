@@ -147,3 +147,29 @@ def test_fast_steps_give_the_models_own_outputs_on_smollm2(smollm2, dtype) -> No
         assert [g.token_ids for g in a] == [g.token_ids for g in c]
         for x, y in zip(a, c):
             np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=tol)
+
+
+def test_native_batches_skip_zeroing_the_slots_and_never_read_an_unwritten_column(tiny_llama, monkeypatch) -> None:
+    """With the native kernel the slot buffers are left uninitialised (no write of their whole size); filled
+    with NaN instead, the outputs are still those of zeroed buffers: no column past a row's length is read."""
+    import types
+
+    from marco.llm import kvcache
+
+    b = tiny_backend(tiny_llama)
+    reqs = requests(seed=1)
+    want, _ = run(b, reqs, True)
+    empties = []
+
+    def nan_empty(*shape, **kw):  # type: ignore[no-untyped-def]
+        empties.append(shape)
+        return torch.full(*shape, float("nan"), **kw) if len(shape) == 1 else torch.full(shape, float("nan"), **kw)
+
+    monkeypatch.setattr(kvcache, "torch", types.SimpleNamespace(**{**vars(torch), "empty": nan_empty}))
+    got, steps = run(b, reqs, True)
+    assert empties and steps > 0  # the buffers came from empty, NaN-filled
+    for a, c in zip(got, want):
+        assert [g.token_ids for g in a] == [g.token_ids for g in c]
+        for x, y in zip(a, c):
+            assert np.isfinite(x.logprobs).all()
+            np.testing.assert_array_equal(x.top_logprobs, y.top_logprobs)

@@ -439,7 +439,11 @@ class _DecodeBatch:
     def __init__(self, backend: HFBackend) -> None:
         self.b = backend
         self.device = backend.device
-        self.slots = SlotKVCache(backend.kv_spec, backend.kv_budget, backend.max_batch_rows)
+        # only the native kernel never reads past a row's length: every other attention path needs the
+        # columns it masks to be finite
+        native = backend.native_attention and backend.decode_attention and \
+            backend.kv_spec.dtype in (torch.float32, torch.bfloat16)
+        self.slots = SlotKVCache(backend.kv_spec, backend.kv_budget, backend.max_batch_rows, zero_fill=not native)
         self.cache = slot_cache(backend.model.config, self.slots)
         self.fast = backend.fast_decoder()
         self.logits: torch.Tensor | None = None

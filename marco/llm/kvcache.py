@@ -259,16 +259,19 @@ class SlotKVCache:
     contiguous block (a ``[:, :, :width]`` slice is strided, and batched matmuls over strided blocks ran 7x
     slower), so keeping the allocation tight keeps attention from reading reserved but empty columns.
     Buffers grow one layer at a time, so growing never holds two whole copies at once; they are
-    zero-initialised because a masked NaN would still poison attention.
+    zero-initialised because a masked NaN would still poison attention, unless ``zero_fill`` is False: the
+    native kernel (:mod:`marco.llm.kernels`) reads no column past a row's length, and uninitialised buffers
+    cost no write of their whole size (nor a page fault for pages never touched).
     """
 
     ROW_STEP = 8
     COL_STEP = 64
 
-    def __init__(self, spec: KVSpec, budget: KVBudget, max_rows: int) -> None:
+    def __init__(self, spec: KVSpec, budget: KVBudget, max_rows: int, zero_fill: bool = True) -> None:
         self.spec = spec
         self.budget = budget
         self.max_rows = max_rows
+        self.zero_fill = zero_fill
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows_cap = 0
@@ -342,7 +345,8 @@ class SlotKVCache:
         s, live, width = self.spec, self.rows, self.width
         for layer in range(s.layers):
             for bufs in (self.keys, self.values):
-                new = torch.zeros((rows, s.kv_heads, cols, s.head_dim), dtype=s.dtype, device=s.device)
+                new = (torch.zeros if self.zero_fill else torch.empty)(
+                    (rows, s.kv_heads, cols, s.head_dim), dtype=s.dtype, device=s.device)
                 if layer < len(bufs):
                     if live:
                         new[:live, :, :width] = bufs[layer][:live, :, :width]

@@ -1,0 +1,48 @@
+"""bench/fast_decode.py and bench/packed_linear.py at minimal sizes: both sides run, the same answers, the
+ratio line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from marco.llm.kernels import decode_attention_op
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=550)
+
+
+@pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
+def test_fast_decode_bench_runs_both_paths_to_the_same_answers() -> None:
+    out = bench("fast_decode.py", "--problems", "2")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    rows = re.findall(r"^0\s+(forward|fast)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+[\d.]+$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["forward", "fast"], report[-5000:]
+    assert rows[0][1] == rows[1][1] and rows[0][4] == rows[1][4]  # the same tokens in the same steps
+    assert "same answers on every problem: True" in out.stdout
+    ratio = re.search(r"^fast_decode_vs_forward: ([\d.]+)$", out.stdout, re.M)
+    want = float(rows[1][3]) / float(rows[0][3])
+    assert ratio and float(ratio[1]) == pytest.approx(want, rel=0.01), report[-5000:]
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="no oneDNN bfloat16 matmul on this CPU")
+def test_packed_linear_bench_gives_the_same_outputs() -> None:
+    out = bench("packed_linear.py", "--rows", "1,64", "--reps", "2")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    rows = re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)  (True|False)$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "64"] and all(r[4] == "True" for r in rows), report[-5000:]
+    assert re.search(r"^packed_vs_plain_at_64_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
