@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -288,10 +289,19 @@ def print_roofline(mcts: dict[str, float], rows: int, threads: int, context: flo
 def server_runs(args: argparse.Namespace, task: Any, problems: list[Any], config: SearchConfig, gguf: str,
                 rows: list[tuple[str, int, float, str]]) -> tuple[float, tuple[int, float], tuple[int, float]]:
     """The llama-server part: MCTS, raw rows with and without top-5, the slot sweep (rows appended)."""
-    with LlamaServer(gguf, slots=args.slots, threads=args.threads, batch=args.batch) as server:
+    log = os.path.join(tempfile.gettempdir(), f"marco-bench-llama-server-{os.getpid()}.log")
+    with LlamaServer(gguf, slots=args.slots, threads=args.threads, batch=args.batch, log_path=log) as server:
         served = ServedBackend.connect(f"server+llamacpp:{server.url}?tokenizer=smollm2")
         served.generate([GenerationRequest(served.encode("Hello"), 4)])
-        tokens, secs, correct = search(served, task, problems, config)
+        try:
+            tokens, secs, correct = search(served, task, problems, config)
+        except Exception:
+            exit_code = server.proc.poll() if server.proc is not None else None
+            with open(log, errors="replace") as f:
+                tail = f.read()[-3000:]
+            print(f"llama-server failed mid-run (exit code {exit_code}); the end of its log {log}:\n{tail}",
+                  file=sys.stderr, flush=True)
+            raise
         server_tps = tokens / secs
         print(f"llama-server: {tokens} tokens in {secs:.1f}s", file=sys.stderr, flush=True)
         rows.append((f"llama-server (-np {args.slots} -t {args.threads} -b {args.batch})", tokens, secs,

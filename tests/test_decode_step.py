@@ -110,6 +110,19 @@ def test_what_it_cannot_run_keeps_the_models_forward(tiny_llama) -> None:
     assert "not a plain Linear" in str(unsupported(adapted))
     with pytest.raises(ValueError, match="cannot run this model"):
         LlamaDecode(adapted)
+
+    class Wrapper(torch.nn.Module):  # peft's LoRA layers hold the Linear rather than subclass it
+        def __init__(self, base: torch.nn.Linear) -> None:
+            super().__init__()
+            self.base_layer = base
+
+        @property
+        def weight(self) -> torch.Tensor:
+            return self.base_layer.weight
+
+    wrapped = copy.deepcopy(tiny_llama)
+    wrapped.model.layers[1].mlp.down_proj = Wrapper(wrapped.model.layers[1].mlp.down_proj)
+    assert "model.layers.1.mlp.down_proj is a Wrapper" in str(unsupported(wrapped))
     # a backend whose model gains a hook runs its next batch through the model's forward (hooks see it)
     b = tiny_backend(hooked)
     calls = []

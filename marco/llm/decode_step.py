@@ -62,6 +62,16 @@ def unsupported(model: torch.nn.Module) -> str | None:
             return f"a hook on {name or 'the model'}"
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
             return f"{name} is a {type(module).__name__}, not a plain Linear (an adapter?)"
+    # an adapter wrapping a projection (peft's LoRA layers are Modules holding the Linear, not Linears)
+    for i, layer in enumerate(inner.layers):
+        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for n in names:
+                module = getattr(getattr(layer, part, None), n, None)
+                if type(module) is not torch.nn.Linear:
+                    return f"model.layers.{i}.{part}.{n} is a {type(module).__name__}, not a plain Linear"
+    if type(model.lm_head) is not torch.nn.Linear:
+        return f"lm_head is a {type(model.lm_head).__name__}, not a plain Linear"
     return None
 
 
