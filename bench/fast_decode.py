@@ -8,7 +8,7 @@ runs generate the same tokens: the benchmark checks that and says so.
 
 Last line: ``fast_decode_vs_forward`` (median of the per-round ratios of tokens/s).
 
-Usage: python bench/fast_decode.py [--problems 32] [--rounds 1] [--threads all CPUs] [--dtype auto]
+Usage: python bench/fast_decode.py [--problems 32] [--budget 1024] [--rounds 1] [--threads all CPUs] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from marco.search.driver import LockstepDriver  # noqa: E402
 from bench.mcts_batch import dataset_name, mcts_batch  # noqa: E402
 
 
-def run(backend: HFBackend, fast: bool, problems: int) -> tuple[int, float, int, list[str]]:
+def run(backend: HFBackend, fast: bool, problems: int, budget: int) -> tuple[int, float, int, list[str]]:
     """Tokens, seconds, decode steps and the final answers of one MCTS run."""
     backend.fast_decode = fast
     if backend.prefix_cache is not None:
         backend.prefix_cache.clear()  # each run starts cold, as a new batch would
-    task, loaded, config = mcts_batch(problems)
+    task, loaded, config = mcts_batch(problems, budget)
     steps, fast_before = backend.decode_steps, backend.fast_steps
     driver = LockstepDriver(backend, task, config)
     t = time.perf_counter()
@@ -51,6 +51,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1, help="forward/fast pairs")
+    ap.add_argument("--budget", type=int, default=1024, help="tokens per search (the CLI default)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--dtype", default=None, help="auto|float32|bfloat16 (default: $MARCO_DTYPE, else auto)")
     args = ap.parse_args()
@@ -60,7 +61,7 @@ def main() -> None:
     if backend.fast_decoder() is None:
         sys.exit("the fast decode step does not apply here (see marco.llm.decode_step.unsupported)")
     load = os.getloadavg()[0]
-    print(f"{args.problems} {dataset_name()} problems · mcts ministep:32 k=3 budget 1024 · SmolLM2-135M "
+    print(f"{args.problems} {dataset_name()} problems · mcts ministep:32 k=3 budget {args.budget} · SmolLM2-135M "
           f"({backend.kv_spec.dtype}) · {args.threads} threads · load {load:.1f}")
     print(f"{'round':<7}{'decode step':<14}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'steps':>7}{'ms/step':>9}")
     ratios, same = [], True
@@ -68,7 +69,7 @@ def main() -> None:
         tps = {}
         answers = {}
         for fast in (False, True):
-            tokens, seconds, steps, answers[fast] = run(backend, fast, args.problems)
+            tokens, seconds, steps, answers[fast] = run(backend, fast, args.problems, args.budget)
             tps[fast] = tokens / seconds
             name = "fast" if fast else "forward"
             print(f"{r:<7}{name:<14}{tokens:>8}{seconds:>9.1f}{tps[fast]:>10.1f}{steps:>7}"

@@ -25,7 +25,7 @@ def bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 def test_fast_decode_bench_runs_both_paths_to_the_same_answers() -> None:
-    out = bench("fast_decode.py", "--problems", "2")
+    out = bench("fast_decode.py", "--problems", "2", "--budget", "192")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     rows = re.findall(r"^0\s+(forward|fast)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+[\d.]+$", out.stdout, re.M)
