@@ -85,6 +85,14 @@ def instrument(hf: Any) -> Timers:
     return timers
 
 
+def run_search(hf: Any, task: Any, problems: list[Any], config: Any) -> tuple[int, float]:
+    """Tokens generated and wall seconds of one lockstep MCTS run."""
+    driver = LockstepDriver(hf, task, config)
+    t = time.perf_counter()
+    driver.run(problems)
+    return driver.stats.generated_tokens, time.perf_counter() - t
+
+
 def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time: list[float], threads: int) -> None:
     """The product's path: fast decode steps, prefills, the loop around them, the search."""
     from marco.llm.decode_step import LlamaDecode
@@ -107,11 +115,7 @@ def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time:
     hf.fast_decoder = lambda: hf._fast
     hf._prefill = timed("prefill", prefill)
     hf.decoded_rows = hf.attended_tokens = hf.decode_steps = 0
-    driver = LockstepDriver(hf, task, config)
-    t = time.perf_counter()
-    driver.run(problems)
-    wall = time.perf_counter() - t
-    tokens = driver.stats.generated_tokens
+    tokens, wall = run_search(hf, task, problems, config)
     steps = max(1, hf.decode_steps)
     print(f"{len(problems)} problems · {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s · "
           f"{hf.decoded_rows / steps:.1f} rows per step · mean context {hf.attended_tokens / max(1, hf.decoded_rows):.0f}"
@@ -154,11 +158,7 @@ def main() -> None:
         return
     timers = instrument(hf)
     hf.decoded_rows = hf.attended_tokens = hf.attention_columns = 0
-    driver = LockstepDriver(hf, task, config)
-    t = time.perf_counter()
-    driver.run(problems)
-    wall = time.perf_counter() - t
-    tokens = driver.stats.generated_tokens
+    tokens, wall = run_search(hf, task, problems, config)
     s = timers.seconds
     linear = s["attn linear"] + s["mlp linear"]
     attention = s["attention block"] - s["attn linear"]

@@ -60,9 +60,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
     for name, module in model.named_modules():
         if module._forward_hooks or module._forward_pre_hooks:
             return f"a hook on {name or 'the model'}"
-        if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
-            return f"{name} is a {type(module).__name__}, not a plain Linear (an adapter?)"
-    # an adapter wrapping a projection (peft's LoRA layers are Modules holding the Linear, not Linears)
+    # every weight the step reads must be a plain Linear's: an adapter subclasses it or (peft's LoRA layers)
+    # wraps it, and the step would skip the adapter
     for i, layer in enumerate(inner.layers):
         for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):
@@ -113,7 +112,8 @@ class _Layer:
 class LlamaDecode:
     """Decode steps of ``model`` (see :func:`unsupported`) over a :class:`SlotKVCache`.
 
-    The weights are the model's own tensors (no copy); load once per backend. ``__call__`` takes each row's
+    The weights are the model's own tensors, or prepacked copies of them (:func:`pack_weights_wanted`); load
+    once per backend. ``__call__`` takes each row's
     new token and position (= its length so far), writes the token's keys and values at that column of the
     row's slot, and returns the next-token logits ``[rows, vocab]``.
     """
@@ -124,12 +124,12 @@ class LlamaDecode:
             raise ValueError(f"LlamaDecode cannot run this model: {reason}")
         config = model.config
         inner: Any = model.model
-        self.embed = inner.embed_tokens.weight
-        self.norm = inner.norm.weight
+        self.embed = inner.embed_tokens.weight.detach()
+        self.norm = inner.norm.weight.detach()
         self.norm_eps = float(inner.norm.variance_epsilon)
         # packed: q/k/v and gate/up fused, every matrix reordered once for oneDNN (bfloat16 only: the same
-        # kernel as F.linear's, so the same results, without reordering the weights on every call; 1.3-1.4x
-        # the layers' matmuls at 1-128 rows on an AVX512-BF16 EPYC, bench/fast_decode.py)
+        # kernel as F.linear's, so the same results, without reordering the weights on every call; 1.2-1.8x
+        # the layers' matmuls at 128-1 rows on an AVX512-BF16 EPYC, bench/packed_linear.py)
         self.packed = pack_weights_wanted(model) if packed is None else packed
         prep = _pack if self.packed else (lambda w: w)
         self.linear = _packed_linear if self.packed else F.linear
@@ -151,8 +151,6 @@ class LlamaDecode:
                 eps2=float(layer.post_attention_layernorm.variance_epsilon), gate_up=gate_up,
                 down=prep(mlp.down_proj.weight.detach()),
             ))
-        self.embed = self.embed.detach()
-        self.norm = self.norm.detach()
         self.rotary = inner.rotary_emb
         self.dtype = model.dtype
         self._cos = self._sin = torch.empty(0)
