@@ -1,13 +1,16 @@
-"""A decode step's layer matmuls, F.linear against weights prepacked once for oneDNN, side by side.
+"""A decode step's matmuls, F.linear against weights prepacked once for oneDNN, side by side.
 
-``marco.llm.decode_step`` keeps bfloat16 copies of each layer's weights in oneDNN's blocked layout (q/k/v and
-gate/up fused), so a matmul does not reorder its weight on every call. This times SmolLM2's 30 layers of
-projections (random weights of its shapes, each layer its own tensors, so they stream from memory as in a
-real step) at several batch widths, both ways alternately, and checks that the outputs are the same.
+``marco.llm.decode_step`` keeps copies of each layer's weights in oneDNN's blocked layout (q/k/v and gate/up
+fused): in bfloat16 so that a matmul does not reorder its weight on every call, in float32 where oneDNN's
+sgemm beats MKL's on the CPU. This times SmolLM2's 30 layers of projections (random weights of its shapes,
+each layer its own tensors, so they stream from memory as in a real step) and then its LM head at several
+batch widths, both ways alternately, and checks the outputs: the same to the bit in bfloat16 (one kernel),
+the largest difference in float32 (two libraries).
 
-Last line: ``packed_vs_plain_at_64_rows`` (plain time / packed time).
+Last line: ``packed_vs_plain_at_64_rows`` (plain time / packed time, layers and LM head together).
 
 Usage: python bench/packed_linear.py [--threads all CPUs] [--rows 1,8,32,64,128] [--reps 10]
+       [--dtype bfloat16 where oneDNN has it natively, else float32]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bench.attention_decode import median_ms  # noqa: E402
 SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
           "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
 LAYERS = 30
+VOCAB = 49152
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
@@ -43,21 +47,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rows", default="1,8,32,64,128")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     args = ap.parse_args()
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not torch.backends.mkldnn.is_available():
+        sys.exit("this torch build has no oneDNN: the decode step keeps F.linear")
+    bf16_here = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if bf16_here else "float32"))
+    if dtype == torch.bfloat16 and not bf16_here:
         sys.exit("oneDNN has no bfloat16 matmul on this CPU: the decode step keeps F.linear here")
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    layers = [{k: (torch.randn(*s, generator=g) * 0.05).bfloat16() for k, s in SHAPES.items()} for _ in range(LAYERS)]
+    layers = [{k: (torch.randn(*s, generator=g) * 0.05).to(dtype) for k, s in SHAPES.items()} for _ in range(LAYERS)]
     packed = [{"qkv": pack(torch.cat([w["q"], w["k"], w["v"]])), "o": pack(w["o"]),
                "gate_up": pack(torch.cat([w["gate"], w["up"]])), "down": pack(w["down"])} for w in layers]
-    print(f"SmolLM2's {LAYERS} layers of projections, bfloat16, {args.threads} threads, "
-          f"load {os.getloadavg()[0]:.1f}")
-    print(f"{'rows':>5}{'F.linear ms':>13}{'packed ms':>11}{'ratio':>8}  same outputs")
+    head = (torch.randn(VOCAB, 576, generator=g) * 0.05).to(dtype)
+    head_packed = pack(head)
+    print(f"SmolLM2's {LAYERS} layers of projections and its LM head, {str(dtype).removeprefix('torch.')}, "
+          f"{args.threads} threads, load {os.getloadavg()[0]:.1f}")
+    print(f"{'rows':>5}{'F.linear ms':>13}{'packed ms':>11}{'ratio':>8}{'head F.linear':>15}{'head packed':>13}"
+          f"{'ratio':>8}  max difference")
     ratios: dict[int, float] = {}
     for rows in (int(r) for r in args.rows.split(",")):
-        x = torch.randn(rows, 576, generator=g).bfloat16()
-        h = torch.randn(rows, 1536, generator=g).bfloat16()
+        x = torch.randn(rows, 576, generator=g).to(dtype)
+        h = torch.randn(rows, 1536, generator=g).to(dtype)
 
         def plain() -> None:
             for w in layers:
@@ -71,15 +83,20 @@ def main() -> None:
                     packed_linear(x, w[name])
                 packed_linear(h, w["down"])
 
-        same = torch.equal(packed_linear(x, packed[0]["qkv"]),
-                           torch.cat([F.linear(x, layers[0][n]) for n in ("q", "k", "v")], dim=1))
-        same = same and torch.equal(packed_linear(h, packed[0]["down"]), F.linear(h, layers[0]["down"]))
-        a, b = [], []
+        pairs = [(packed_linear(x, packed[0]["qkv"]),
+                  torch.cat([F.linear(x, layers[0][n]) for n in ("q", "k", "v")], dim=1)),
+                 (packed_linear(h, packed[0]["down"]), F.linear(h, layers[0]["down"])),
+                 (packed_linear(x, head_packed), F.linear(x, head))]
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+        a, b, c, d = [], [], [], []
         for _ in range(2):  # alternate, so a load change hits both
             a.append(median_ms(plain, args.reps))
             b.append(median_ms(fast, args.reps))
-        ratios[rows] = min(a) / min(b)
-        print(f"{rows:>5}{min(a):>13.1f}{min(b):>11.1f}{ratios[rows]:>8.2f}  {same}")
+            c.append(median_ms(lambda: F.linear(x, head), args.reps))
+            d.append(median_ms(lambda: packed_linear(x, head_packed), args.reps))
+        ratios[rows] = (min(a) + min(c)) / (min(b) + min(d))
+        print(f"{rows:>5}{min(a):>13.1f}{min(b):>11.1f}{min(a) / min(b):>8.2f}{min(c):>15.1f}{min(d):>13.1f}"
+              f"{min(c) / min(d):>8.2f}  {diff:.2g}")
     key = 64 if 64 in ratios else max(ratios)
     print(f"packed_vs_plain_at_{key}_rows: {ratios[key]:.3f}")
 

@@ -4,9 +4,10 @@
 the LM head included, plus attention's two products over ``context`` earlier tokens). The embedding lookup,
 norms, activations and softmax are left out (they are a few MFLOP against ~0.27 GFLOP for SmolLM2-135M).
 
-``matmul_roofline(config, rows, dtype)``: times ``torch.nn.functional.linear`` on ``rows`` x ``in`` inputs for
-every linear shape of one decoder layer and the LM head, with the threads torch is set to, and returns
-the effective rate at the model's mix of shapes (all of one token's linear FLOPs / the time to do them at
+``matmul_roofline(config, rows, dtype)``: times ``torch.nn.functional.linear``, and oneDNN's matmul on a weight
+prepacked once (``marco.llm.decode_step``'s packed weights) where oneDNN runs the dtype, on ``rows`` x ``in``
+inputs for every linear shape of one decoder layer and the LM head, with the threads torch is set to; the
+faster of the two counts for each shape (the fastest matmul this CPU offers). It returns the effective rate at the model's mix of shapes (all of one token's linear FLOPs / the time to do them at
 the measured rates). The decode limit in tokens/s is that rate / the FLOPs per token: what an engine could
 reach if nothing but those matmuls ran and attention ran at the same rate.
 
@@ -72,19 +73,36 @@ class Roofline:
         return self.gflops * 1e9 / flops_per_token
 
 
-def time_linear(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, seconds: float = 0.3) -> float:
+def packing_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs prepacked matmuls in ``dtype`` here (bfloat16 needs AVX512-BF16 or AMX)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def time_linear(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, seconds: float = 0.3,
+                packed: bool = False) -> float:
     """GFLOP/s of ``linear(x[rows, in], w[out, in])``: the best of repeated timings over ``seconds``
-    (best, not mean: other processes share the cores and only ever slow a run down)."""
+    (best, not mean: other processes share the cores and only ever slow a run down). ``packed``: oneDNN's
+    matmul on ``w`` reordered once into its blocked layout, as the fast decode step multiplies."""
     x = torch.randn(rows, fan_in).to(dtype)
     w = (torch.randn(fan_out, fan_in) / fan_in**0.5).to(dtype)
+    if packed:
+        pw = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+        def call() -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [None], "")
+    else:
+        def call() -> torch.Tensor:
+            return torch.nn.functional.linear(x, w)
     with torch.inference_mode():
-        torch.nn.functional.linear(x, w)  # warm-up: packing, thread pool
+        call()  # warm-up: packing, thread pool
         best = float("inf")
         deadline = time.perf_counter() + seconds
         reps = 0
         while reps < 3 or time.perf_counter() < deadline:
             t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
+            call()
             best = min(best, time.perf_counter() - t)
             reps += 1
     return 2.0 * rows * fan_in * fan_out / best / 1e9
@@ -97,6 +115,8 @@ def matmul_roofline(config: Any, rows: int = 64, dtype: torch.dtype = torch.floa
     flops = secs = 0.0
     for fan_in, fan_out, count in s.linears():
         rate = time_linear(rows, fan_in, fan_out, dtype)
+        if packing_available(dtype):
+            rate = max(rate, time_linear(rows, fan_in, fan_out, dtype, packed=True))
         per_shape.append((fan_in, fan_out, rate))
         f = 2.0 * fan_in * fan_out * count  # per token
         flops += f

@@ -37,12 +37,31 @@ def test_fast_decode_bench_runs_both_paths_to_the_same_answers() -> None:
     assert ratio and float(ratio[1]) == pytest.approx(want, rel=0.01), report[-5000:]
 
 
-@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                    reason="no oneDNN bfloat16 matmul on this CPU")
-def test_packed_linear_bench_gives_the_same_outputs() -> None:
-    out = bench("packed_linear.py", "--rows", "1,64", "--reps", "2")
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_packed_linear_bench_gives_the_same_outputs(dtype: str) -> None:
+    """bfloat16: one kernel both ways, the same outputs to the bit; float32: two libraries, float32 rounding."""
+    if dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no oneDNN bfloat16 matmul on this CPU")
+    out = bench("packed_linear.py", "--rows", "1,64", "--reps", "2", "--dtype", dtype)
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
-    rows = re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)  (True|False)$", out.stdout, re.M)
-    assert [r[0] for r in rows] == ["1", "64"] and all(r[4] == "True" for r in rows), report[-5000:]
+    num = r"\s+([\d.]+)"
+    rows = re.findall(rf"^\s*(\d+){num * 6}  (\S+)$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "64"], report[-5000:]
+    for r in rows:
+        assert float(r[3]) == pytest.approx(float(r[1]) / float(r[2]), rel=0.05)
+        assert float(r[7]) == (0.0 if dtype == "bfloat16" else pytest.approx(0.0, abs=1e-4)), report[-5000:]
     assert re.search(r"^packed_vs_plain_at_64_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
+
+
+@pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
+def test_attention_kernel_bench_times_both_paths_and_they_agree() -> None:
+    out = bench("attention_kernel.py", "--rows", "4", "--dtype", "float32,bfloat16", "--reps", "1")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    rows = re.findall(r"^(float32|bfloat16)\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+  (\S+)$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["float32", "bfloat16"], report[-5000:]
+    assert float(rows[0][4]) <= 1e-5 and float(rows[1][4]) <= 2e-2  # the kernel's stated tolerances
+    ratio = re.search(r"^vector_vs_portable_at_4_rows: ([\d.]+)$", out.stdout, re.M)
+    assert ratio and float(ratio[1]) == pytest.approx(float(rows[0][1]) / float(rows[0][2]), rel=0.1)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from marco.llm.base import GenerationRequest
-from marco.llm.decode_step import LlamaDecode, unsupported
+from marco.llm.decode_step import PACK_ENV, LlamaDecode, pack_weights_wanted, packed_float32_pays, unsupported
 from marco.llm.kernels import decode_attention_op
 
 pytestmark = pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 # prepacked bfloat16 weights need oneDNN's bfloat16 matmuls (AVX512-BF16 or AMX)
 PACKED_HERE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class CharTokenizer:
@@ -62,35 +63,63 @@ def run(b, reqs, fast: bool):  # type: ignore[no-untyped-def]
     return out, b.fast_steps - steps
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_steps_give_the_models_own_outputs_on_a_tiny_llama(tiny_llama, dtype) -> None:
+@pytest.mark.parametrize(("dtype", "packing"), [(torch.float32, "0"), (torch.float32, "1"), (torch.bfloat16, "")])
+def test_fast_steps_give_the_models_own_outputs_on_a_tiny_llama(tiny_llama, dtype, packing, monkeypatch) -> None:
+    """float32 on F.linear: within 1e-5 of the forward. float32 prepacked for oneDNN (its sgemm, not MKL's):
+    within 1e-4, float32 rounding through two layers. bfloat16: packed where oneDNN multiplies it natively."""
+    if packing == "1" and not ONEDNN:
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setenv(PACK_ENV, packing)
     model = tiny_llama if dtype == torch.float32 else copy.deepcopy(tiny_llama).to(dtype)
     b = tiny_backend(model)
     assert b.fast_decoder() is not None
-    assert b.fast_decoder().packed == (dtype == torch.bfloat16 and PACKED_HERE)
+    want_packed = packing == "1" or (dtype == torch.bfloat16 and PACKED_HERE)
+    assert b.fast_decoder().packed == want_packed
     reqs = requests()
     fast, fast_steps = run(b, reqs, True)
     plain, plain_steps = run(b, reqs, False)
     assert fast_steps > 0 and plain_steps == 0
+    tol = 1e-4 if dtype == torch.float32 and want_packed else 1e-5
     for a, c in zip(fast, plain):
         assert [g.token_ids for g in a] == [g.token_ids for g in c]  # greedy and seeded samples alike
         for x, y in zip(a, c):
-            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
-            np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=1e-5)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=tol)
+            np.testing.assert_allclose(x.top_logprobs, y.top_logprobs, atol=tol)
             assert x.top_ids == y.top_ids
 
 
 def test_packing_follows_the_setting_and_the_size_limit(tiny_llama, monkeypatch) -> None:
-    from marco.llm.decode_step import PACK_ENV, pack_weights_wanted
-
+    monkeypatch.delenv(PACK_ENV, raising=False)
     bf16 = copy.deepcopy(tiny_llama).to(torch.bfloat16)
-    assert not pack_weights_wanted(tiny_llama)  # float32 keeps F.linear (MKL's sgemm, not oneDNN's)
+    # float32: packed where oneDNN's prepacked sgemm is the faster one at the LM head's shape on this CPU
+    assert pack_weights_wanted(tiny_llama) == (ONEDNN and packed_float32_pays(tiny_llama.lm_head.weight))
     assert pack_weights_wanted(bf16) == PACKED_HERE
     assert not pack_weights_wanted(bf16, limit=1000)  # copies larger than the limit are not made
+    assert not pack_weights_wanted(tiny_llama, limit=1000)
+    assert not pack_weights_wanted(copy.deepcopy(tiny_llama).double())
     monkeypatch.setenv(PACK_ENV, "0")
     assert not pack_weights_wanted(bf16) and not LlamaDecode(bf16).packed
+    assert not pack_weights_wanted(tiny_llama) and not LlamaDecode(tiny_llama).packed
     monkeypatch.setenv(PACK_ENV, "1")
     assert pack_weights_wanted(bf16, limit=1000) == PACKED_HERE
+    assert pack_weights_wanted(tiny_llama, limit=1000) == ONEDNN
+
+
+@pytest.mark.skipif(not ONEDNN, reason="no oneDNN in this torch build")
+def test_the_float32_packing_decision_is_a_measured_speedup_kept_per_shape() -> None:
+    from marco.llm import decode_step
+
+    w = torch.randn(96, 32)
+    assert packed_float32_pays(w, margin=0.0)  # any measured speed-up passes a zero margin
+    key = (96, 32, 64, torch.get_num_threads())
+    speedup = decode_step._SPEEDUP[key]
+    assert speedup > 0
+    assert not packed_float32_pays(w, margin=speedup * 1.01) and packed_float32_pays(w, margin=speedup)
+    assert decode_step._SPEEDUP[key] == speedup  # measured once, not per call
+    # the packed product is float32 rounding away from F.linear's
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(decode_step._packed_linear(x, decode_step._pack(w)), torch.nn.functional.linear(x, w),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_what_it_cannot_run_keeps_the_models_forward(tiny_llama) -> None:
@@ -154,8 +183,8 @@ def test_fast_steps_give_the_models_own_outputs_on_smollm2(smollm2, dtype) -> No
     finally:
         b.fast_decode = True
     assert fast_steps >= 31 and plain_steps == 0
-    assert b.fast_decoder() is not None and b.fast_decoder().packed == (dtype == torch.bfloat16 and PACKED_HERE)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert b.fast_decoder() is not None and b.fast_decoder().packed == pack_weights_wanted(b.model)
+    tol = (1e-3 if b.fast_decoder().packed else 1e-5) if dtype == torch.float32 else 1e-2
     for a, c in zip(fast, plain):
         assert [g.token_ids for g in a] == [g.token_ids for g in c]
         for x, y in zip(a, c):

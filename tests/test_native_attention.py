@@ -35,7 +35,10 @@ def op():
 @needs_compiler
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("dim,group", [(64, 3), (64, 1), (128, 2), (32, 4)])
-def test_kernel_equals_masked_softmax_attention(op, dtype, tol, dim, group):
+@pytest.mark.parametrize("entry", ["decode_attention", "decode_attention_portable"])
+def test_kernel_equals_masked_softmax_attention(op, dtype, tol, dim, group, entry):
+    """Both the op (its AVX-512 or AVX2 path where the CPU and shape have one) and its portable loops."""
+    op = getattr(torch.ops.marco, entry)
     g = torch.Generator().manual_seed(dim + group)
     rows, kv_heads, cols = 9, 2, 150
     q = torch.randn(rows, kv_heads * group, dim, generator=g).to(dtype)

@@ -21,6 +21,7 @@ kernels loaded; the backend falls back to the model's forward for everything els
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,20 +75,6 @@ def unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def pack_weights_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool:
-    """Whether to keep prepacked copies of the decode step's weights: bfloat16 on a CPU whose oneDNN
-    multiplies it, ``MARCO_PACKED_WEIGHTS`` (1/0) or else the copies' size (at most ``limit`` bytes)."""
-    if model.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    env = os.environ.get(PACK_ENV, "").strip().lower()
-    if env in ("0", "1", "false", "true", "no", "yes", "off", "on"):
-        return env in ("1", "true", "yes", "on")
-    size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return size <= limit
-
-
 def _pack(w: torch.Tensor) -> torch.Tensor:
     """``w`` ([out, in]) reordered once into oneDNN's blocked layout for :func:`_packed_linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 64)
@@ -95,6 +82,54 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+
+
+def pack_weights_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool:
+    """Whether to keep prepacked copies of the decode step's weights for oneDNN.
+
+    bfloat16: where oneDNN multiplies it natively (AVX512-BF16, AMX). float32: where oneDNN's prepacked matmul
+    beats ``F.linear`` (MKL's sgemm) at the LM head's shape on this CPU, timed once per process and shape
+    (:func:`packed_float32_pays`; 1.7-1.9x on an AVX2 AMD EPYC). Either way ``MARCO_PACKED_WEIGHTS`` (1/0)
+    decides where set, and otherwise the copies' size (at most ``limit`` bytes)."""
+    if model.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    if model.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    env = os.environ.get(PACK_ENV, "").strip().lower()
+    if env in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+        return env in ("1", "true", "yes", "on")
+    size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if size > limit:
+        return False
+    head = getattr(model, "lm_head", None)
+    if model.dtype == torch.float32:
+        return isinstance(head, torch.nn.Linear) and packed_float32_pays(head.weight.detach())
+    return True
+
+
+_SPEEDUP: dict[tuple[int, int, int, int], float] = {}
+
+
+def packed_float32_pays(weight: torch.Tensor, rows: int = 64, margin: float = 1.15) -> bool:
+    """Whether ``weight`` ([out, in], float32) multiplies at least ``margin`` times faster prepacked for oneDNN
+    than through ``F.linear`` at ``rows`` rows: the best of three calls each, alternating, with torch's threads.
+
+    Which float32 kernel wins depends on the CPU (MKL's sgemm is tuned for Intel's), so it is measured, not
+    assumed; the speed-up is kept per shape, rows and thread count for the process."""
+    key = (weight.shape[0], weight.shape[1], rows, torch.get_num_threads())
+    if key not in _SPEEDUP:
+        x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        packed = _pack(weight)
+        best = {"plain": float("inf"), "packed": float("inf")}
+        with torch.inference_mode():
+            F.linear(x, weight), _packed_linear(x, packed)  # warm-up
+            for _ in range(3):
+                for name, fn in (("plain", lambda: F.linear(x, weight)), ("packed", lambda: _packed_linear(x, packed))):
+                    t = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t)
+        _SPEEDUP[key] = best["plain"] / best["packed"]
+    return _SPEEDUP[key] >= margin
 
 
 @dataclass(frozen=True)
@@ -127,9 +162,10 @@ class LlamaDecode:
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
         self.norm_eps = float(inner.norm.variance_epsilon)
-        # packed: q/k/v and gate/up fused, every matrix reordered once for oneDNN (bfloat16 only: the same
-        # kernel as F.linear's, so the same results, without reordering the weights on every call; 1.2-1.8x
-        # the layers' matmuls at 128-1 rows on an AVX512-BF16 EPYC, bench/packed_linear.py)
+        # packed: q/k/v and gate/up fused, every matrix reordered once for oneDNN. bfloat16: the kernel
+        # F.linear ends in, so the same results, without reordering the weights on every call (1.2-1.8x the
+        # layers' matmuls at 128-1 rows on an AVX512-BF16 EPYC, bench/packed_linear.py). float32: oneDNN's
+        # sgemm instead of MKL's, within float32 rounding of it, where it is the faster one here
         self.packed = pack_weights_wanted(model) if packed is None else packed
         prep = _pack if self.packed else (lambda w: w)
         self.linear = _packed_linear if self.packed else F.linear

@@ -280,6 +280,144 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The same computation for float32 with AVX2 and FMA (CPUs without AVX-512, where float32 is the model's
+// dtype), head_dim a multiple of 8 (at most 256), at most 8 query heads per KV head: keys and values are read
+// in place 8 lanes at a time (the generic loops copy each row first and reduce lane by lane), four columns'
+// scores share their horizontal adds, and exp is the same polynomial on 8 lanes.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f));
+  const __m256 fi = _mm256_floor_ps(t);
+  const __m256 f = _mm256_sub_ps(t, fi);
+  __m256 p = _mm256_set1_ps(1.8775767e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.9893397e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5826318e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4015361e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9315308e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.9999994e-1f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// the 8-lane sums of four vectors, as one 4-lane vector
+inline __m128 sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit lane: a b c d partial sums
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+inline float sum8(__m256 x) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  h = _mm_hadd_ps(h, h);
+  return _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
+template <int64_t DIM>
+void run_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, double scale,
+              at::Tensor& out) {
+  constexpr int64_t W = DIM / 8;
+  constexpr int64_t GMAX = 8;
+  const int64_t rows = q.size(0), heads = q.size(1);
+  const int64_t kv_heads = k.size(1), cols = k.size(2);
+  const int64_t group = heads / kv_heads;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float s[GMAX][BLOCK];
+    __m256 qv[GMAX][W], acc[GMAX][W];
+    float m[GMAX], l[GMAX];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const int64_t n = std::min(lp[r] + 1, cols);
+      const float* kbase = kp + (r * kv_heads + h) * cols * DIM;
+      const float* vbase = vp + (r * kv_heads + h) * cols * DIM;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t w = 0; w < W; ++w) {
+          qv[g][w] = _mm256_mul_ps(_mm256_loadu_ps(qp + (r * heads + h * group + g) * DIM + w * 8),
+                                   _mm256_set1_ps(fscale));
+          acc[g][w] = _mm256_setzero_ps();
+        }
+        m[g] = -std::numeric_limits<float>::infinity();
+        l[g] = 0.f;
+      }
+      for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
+        const int64_t cn = std::min(BLOCK, n - c0);
+        if (c0 + BLOCK < n) {  // ask for the next block's keys and values while this one is computed
+          const int64_t next = std::min(BLOCK, n - c0 - BLOCK) * DIM * static_cast<int64_t>(sizeof(float));
+          const char* kn = reinterpret_cast<const char*>(kbase + (c0 + BLOCK) * DIM);
+          const char* vn = reinterpret_cast<const char*>(vbase + (c0 + BLOCK) * DIM);
+          for (int64_t b = 0; b < next; b += 64) {
+            __builtin_prefetch(kn + b);
+            __builtin_prefetch(vn + b);
+          }
+        }
+        int64_t j = 0;
+        for (; j + 4 <= cn; j += 4) {
+          const float* k0 = kbase + (c0 + j) * DIM;
+          for (int64_t g = 0; g < group; ++g) {
+            __m256 d[4];
+            for (int64_t c = 0; c < 4; ++c) {
+              __m256 x = _mm256_mul_ps(qv[g][0], _mm256_loadu_ps(k0 + c * DIM));
+              for (int64_t w = 1; w < W; ++w) x = _mm256_fmadd_ps(qv[g][w], _mm256_loadu_ps(k0 + c * DIM + w * 8), x);
+              d[c] = x;
+            }
+            _mm_storeu_ps(&s[g][j], sum4x8(d[0], d[1], d[2], d[3]));
+          }
+        }
+        for (; j < cn; ++j) {
+          const float* kj = kbase + (c0 + j) * DIM;
+          for (int64_t g = 0; g < group; ++g) {
+            __m256 x = _mm256_mul_ps(qv[g][0], _mm256_loadu_ps(kj));
+            for (int64_t w = 1; w < W; ++w) x = _mm256_fmadd_ps(qv[g][w], _mm256_loadu_ps(kj + w * 8), x);
+            s[g][j] = sum8(x);
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          float best = m[g];
+          for (int64_t jj = 0; jj < cn; ++jj) best = std::max(best, s[g][jj]);
+          const float correction = exp_nonpositive(m[g] - best);
+          m[g] = best;
+          const __m256 bv = _mm256_set1_ps(best);
+          __m256 total = _mm256_setzero_ps();
+          int64_t j0 = 0;
+          for (; j0 + 8 <= cn; j0 += 8) {
+            const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][j0]), bv));
+            _mm256_store_ps(&s[g][j0], p);
+            total = _mm256_add_ps(total, p);
+          }
+          float sum = sum8(total);
+          for (; j0 < cn; ++j0) {
+            s[g][j0] = exp_nonpositive(s[g][j0] - best);
+            sum += s[g][j0];
+          }
+          l[g] = l[g] * correction + sum;
+          const __m256 c = _mm256_set1_ps(correction);
+          for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm256_mul_ps(acc[g][w], c);
+        }
+        for (int64_t jj = 0; jj < cn; ++jj) {
+          const float* vj = vbase + (c0 + jj) * DIM;
+          for (int64_t g = 0; g < group; ++g) {
+            const __m256 p = _mm256_set1_ps(s[g][jj]);
+            for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + w * 8), acc[g][w]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const __m256 inv = _mm256_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
+        float* og = op + (r * heads + h * group + g) * DIM;
+        for (int64_t w = 0; w < W; ++w) _mm256_storeu_ps(og + w * 8, _mm256_mul_ps(acc[g][w], inv));
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
                             double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q [rows, heads, dim], k and v [rows, kv_heads, cols, dim]");
@@ -301,6 +439,35 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       return out;
     }
 #endif
+    run<c10::BFloat16>(q, k, v, lens, scale, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16");
+#if defined(__AVX2__) && defined(__FMA__)
+    const int64_t group = q.size(1) / k.size(1);
+    if (group <= 8 && q.size(2) == 64) {
+      run_avx2<64>(q, k, v, lens, scale, out);
+      return out;
+    }
+    if (group <= 8 && q.size(2) == 128) {
+      run_avx2<128>(q, k, v, lens, scale, out);
+      return out;
+    }
+#endif
+    run<float>(q, k, v, lens, scale, out);
+  }
+  return out;
+}
+
+// The portable loops alone, whatever the CPU: to compare the vector paths against (tests, bench/).
+at::Tensor decode_attention_portable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && q.is_contiguous() && k.is_contiguous() &&
+              v.is_contiguous() && k.sizes() == v.sizes() && k.size(0) >= q.size(0) && k.size(3) == q.size(2) &&
+              q.size(1) % k.size(1) == 0 && lens.scalar_type() == at::kLong && lens.numel() == q.size(0) &&
+              q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "the shapes and dtypes decode_attention takes");
+  at::Tensor out = at::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
     run<c10::BFloat16>(q, k, v, lens, scale, out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16");
@@ -375,12 +542,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 
 TORCH_LIBRARY(marco, lib) {
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
+  lib.def("decode_attention_portable(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
   lib.def("write_column(Tensor(a!) buf, Tensor x, Tensor lens) -> ()");
   lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(marco, CPU, lib) {
   lib.impl("decode_attention", &decode_attention);
+  lib.impl("decode_attention_portable", &decode_attention_portable);
   lib.impl("write_column", &write_column);
   lib.impl("rms_norm", &rms_norm);
 }
