@@ -111,6 +111,20 @@ def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time:
                 spent[label] += time.perf_counter() - t0
         return run
 
+    # inside the fast step: the callables it reads from its attributes at each call
+    plain_linear = fast.linear
+
+    def linear(x: Any, w: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return plain_linear(x, w)
+        finally:
+            spent["LM head" if w is fast.lm_head else "projections"] += time.perf_counter() - t0
+
+    fast.linear = linear
+    fast._attend = timed("attention kernel", fast._attend)
+    fast._norm = timed("norms", fast._norm)
+    fast._write = timed("column writes", fast._write)
     hf._fast = timed("fast", fast)  # the backend calls whatever fast_decoder() returns
     hf.fast_decoder = lambda: hf._fast
     hf._prefill = timed("prefill", prefill)
@@ -120,10 +134,15 @@ def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time:
     print(f"{len(problems)} problems · {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s · "
           f"{hf.decoded_rows / steps:.1f} rows per step · mean context {hf.attended_tokens / max(1, hf.decoded_rows):.0f}"
           f" · {threads} threads · load {os.getloadavg()[0]:.1f} · packed weights {fast.packed}")
-    for label, sec in (("fast decode steps", spent["fast"]), ("prefill forwards", spent["prefill"]),
+    inside = ("projections", "LM head", "attention kernel", "norms", "column writes")
+    rest = spent["fast"] - sum(spent[k] for k in inside)
+    for label, sec in (("fast decode steps", spent["fast"]),
+                       *((f"  {k}", spent[k]) for k in inside),
+                       ("  the rest (RoPE, residuals, SiLU, embedding)", rest),
+                       ("prefill forwards", spent["prefill"]),
                        ("decode loop outside the forwards", gen_time[0] - spent["fast"] - spent["prefill"]),
                        ("search outside generation", wall - gen_time[0])):
-        print(f"  {label:<34}{sec:8.1f}s {sec / wall:7.1%}  {1000 * sec / steps:6.1f} ms/step")
+        print(f"  {label:<46}{sec:8.1f}s {sec / wall:7.1%}  {1000 * sec / steps:6.1f} ms/step")
     print(f"model_forward_share: {(spent['fast'] + spent['prefill']) / wall:.3f}")
     assert isinstance(fast, LlamaDecode)
 
