@@ -24,7 +24,7 @@ from marco.llm.base import TOP_K_LOGPROBS, Generation, GenerationRequest
 from marco.llm.decode_step import ENV as FAST_DECODE_ENV
 from marco.llm.decode_step import LlamaDecode
 from marco.llm.decode_step import unsupported as unsupported_fast
-from marco.llm.kernels import decode_attention_op, use_native_norms, write_column_op
+from marco.llm.kernels import decode_attention_op, logit_stats_op, use_native_norms, write_column_op
 from marco.llm.kvcache import KVBudget, KVSpec, PrefixKVCache, SlotKVCache, resolve_kv_cache_bytes, slot_cache
 from marco.llm.precision import resolve_dtype
 
@@ -357,7 +357,6 @@ class HFBackend:
         so a sample never depends on which other rows share the batch. ``top``: the logits' own
         ``topk(SAMPLE_CANDIDATES[0])`` when the caller has it (its probabilities are computed from it, and
         the whole softmax only for rows whose nucleus is wider)."""
-        scaled = logits / temps[act][:, None]
         top_p = top_ps[act][:, None]
         u = torch.zeros(len(act), 1, device=logits.device)
         for b in torch.nonzero(samp).flatten().tolist():
@@ -367,18 +366,23 @@ class HFBackend:
         # sort of the 49k-token vocabulary took ~1 s for 64 rows: a third of a decode step at the search's
         # top_p 0.95). Each candidate list is a prefix of the full sort, so a draw is the one the full sort
         # gives; the path is decided per row, so a row's sample never depends on the other rows.
-        vocab = scaled.shape[-1]
+        vocab = logits.shape[-1]
         if top is not None and top.values.shape[-1] == min(self.SAMPLE_CANDIDATES[0], vocab):
-            lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+            # the log-sum-exp of the scaled logits: the native pass's (_Top.lse_scaled), else computed here
+            lse = getattr(top, "lse_scaled", None)
+            if lse is None:
+                scaled = logits / temps[act][:, None]
+                lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
             cand_p, cand_i = torch.exp(top.values / temps[act][:, None] - lse), top.indices
         else:
+            scaled = logits / temps[act][:, None]
             cand_p, cand_i = torch.softmax(scaled, dim=-1).topk(min(self.SAMPLE_CANDIDATES[0], vocab), dim=-1)
         drawn = self._nucleus_draw(cand_p, cand_i, top_p, u)
         short = torch.nonzero(cand_p.sum(-1) < top_p[:, 0]).flatten()
         probs = torch.zeros(0)
         if len(short):  # rows whose top candidates hold less than top_p: their whole distribution
-            probs = torch.empty_like(scaled)  # only the rows in `short` are ever read
-            probs[short] = torch.softmax(scaled[short], dim=-1)
+            probs = torch.empty_like(logits)  # only the rows in `short` are ever read
+            probs[short] = torch.softmax(logits[short] / temps[act][short, None], dim=-1)
         for k in self.SAMPLE_CANDIDATES[1:]:
             if not len(short):
                 break
@@ -576,17 +580,23 @@ class _DecodeBatch:
         assert self.logits is not None
         rows = self.rows
         logits = self.logits.float()
+        k = min(b.SAMPLE_CANDIDATES[0], logits.shape[-1])
+        temps = torch.tensor([max(r.req.temperature, 1e-6) for r in rows], device=device)
         # one top-k of the raw logits serves both the top-5 log-probabilities and the sampler's candidates
         # (the order of logits is that of log-probabilities, and of probabilities at any temperature)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        top = logits.topk(min(b.SAMPLE_CANDIDATES[0], logits.shape[-1]), dim=-1)
+        stats = logit_stats_op() if device.type == "cpu" and b.native_attention else None
+        if stats is not None:  # one native pass a row: both log-sum-exps and the top-k
+            lse_raw, lse_t, values, indices = stats(logits.contiguous(), temps, k)
+            lse, top = lse_raw[:, None], _Top(values, indices, lse_t[:, None])
+        else:
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            top = logits.topk(k, dim=-1)
         tlp, tid = top.values[:, :TOP_K_LOGPROBS] - lse, top.indices[:, :TOP_K_LOGPROBS]
         next_tok = tid[:, 0].clone()
         # a row still running its prompt (fed, see add) takes its next prompt token and draws nothing
         fed = [i for i, r in enumerate(rows) if r.feed]
         sampled = torch.tensor([r.req.temperature > 0 and not r.feed for r in rows], device=device)
         if bool(sampled.any()):
-            temps = torch.tensor([max(r.req.temperature, 1e-6) for r in rows], device=device)
             top_ps = torch.tensor([r.req.top_p for r in rows], device=device)
             act = torch.arange(len(rows), device=device)
             next_tok = b._sample(logits, next_tok, act, sampled, temps, top_ps, [r.gen for r in rows], top=top)
@@ -654,6 +664,16 @@ class _DecodeBatch:
         ).logits[:, -1, :]
         self.slots.lens = [n + 1 for n in self.slots.lens]
         return done
+
+@dataclass(frozen=True)
+class _Top:
+    """A step's top-k logits from the native pass, and the log-sum-exp of each row's temperature-scaled
+    logits (what ``torch.topk`` returns, plus what the sampler would otherwise compute again)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    lse_scaled: torch.Tensor
+
 
 @dataclass(eq=False)
 class _Row:

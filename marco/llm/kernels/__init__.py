@@ -115,6 +115,11 @@ def _self_check(op: Callable[..., torch.Tensor]) -> None:
         err = (torch.ops.marco.rms_norm(x, w, 1e-5).float() - rms_norm_reference(x, w, 1e-5).float()).abs().max()
         if not err.item() <= (1e-5 if dtype == torch.float32 else 3e-2):
             raise RuntimeError(f"self-check failed: rms_norm {dtype} error {err.item():.3g}")
+    x, t = torch.randn(3, 300, generator=g) * 4, torch.tensor([1.0, 0.7, 1.3])
+    got, want = torch.ops.marco.logit_stats(x, t, 20), logit_stats_reference(x, t, 20)
+    if not (torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])
+            and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got[:2], want[:2]))):
+        raise RuntimeError("self-check failed: logit_stats")
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         q = torch.randn(5, 6, 64, generator=g).to(dtype)
         k, v = (torch.randn(7, 2, 70, 64, generator=g).to(dtype) for _ in range(2))
@@ -122,6 +127,19 @@ def _self_check(op: Callable[..., torch.Tensor]) -> None:
         err = (op(q, k, v, lens, 0.125).float() - reference(q, k, v, lens, 0.125).float()).abs().max().item()
         if not err <= tol:
             raise RuntimeError(f"self-check failed: {dtype} error {err:.3g} > {tol:g}")
+
+
+def logit_stats_op() -> Callable[..., list[torch.Tensor]] | None:
+    """``torch.ops.marco.logit_stats(logits, temps, k)`` -> ``[lse, lse of logits / temps, top-k values,
+    top-k ids]`` where the library loaded (see :func:`decode_attention_op` and :func:`logit_stats_reference`)."""
+    return torch.ops.marco.logit_stats if decode_attention_op() is not None else None
+
+
+def logit_stats_reference(logits: torch.Tensor, temps: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """What ``logit_stats`` computes, with torch's ops: log-sum-exps of the logits and of the logits over each
+    row's temperature, and the k largest logits with their ids, largest first."""
+    top = logits.topk(k, dim=-1)
+    return [torch.logsumexp(logits, -1), torch.logsumexp(logits / temps[:, None], -1), top.values, top.indices]
 
 
 def write_column_op() -> Callable[..., None] | None:

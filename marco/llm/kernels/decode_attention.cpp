@@ -458,6 +458,125 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// One pass a row over a decode step's next-token logits [rows, vocab] (float32): the log-sum-exp of the raw
+// logits, the log-sum-exp of the logits divided by the row's temperature, and the row's k largest logits with
+// their ids, largest first (ties: the lower id first). The sampler's probabilities and the top-5
+// log-probabilities are these values less a log-sum-exp; torch's logsumexp, division and topk made three
+// passes (and topk a slow one) over ~13 MB of logits a step at 64 rows.
+struct Cand {
+  float v;
+  int64_t i;
+};
+// heap order: the root is the candidate to drop first (the smallest value; among equals the higher id)
+inline bool drop_first(const Cand& a, const Cand& b) { return a.v < b.v || (a.v == b.v && a.i > b.i); }
+
+inline void sift_down(Cand* h, int64_t n, int64_t at) {
+  for (;;) {
+    int64_t c = 2 * at + 1;
+    if (c >= n) return;
+    if (c + 1 < n && drop_first(h[c + 1], h[c])) ++c;
+    if (!drop_first(h[c], h[at])) return;
+    std::swap(h[c], h[at]);
+    at = c;
+  }
+}
+
+std::vector<at::Tensor> logit_stats(const at::Tensor& logits, const at::Tensor& temps, int64_t k) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+              "logits: [rows, vocab] float32, contiguous");
+  TORCH_CHECK(temps.dim() == 1 && temps.is_contiguous() && temps.scalar_type() == at::kFloat &&
+              temps.numel() == logits.size(0), "temps: [rows] float32");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= vocab, "1 <= k <= vocab");
+  at::Tensor lse = at::empty({rows}, logits.options());
+  at::Tensor lse_t = at::empty({rows}, logits.options());
+  at::Tensor values = at::empty({rows, k}, logits.options());
+  at::Tensor ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
+  const float* xp = logits.data_ptr<float>();
+  const float* tp = temps.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  float* ltp = lse_t.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Cand> heap(k);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = xp + r * vocab;
+      const float inv_t = 1.f / tp[r];
+      float m = -std::numeric_limits<float>::infinity();
+      int64_t j = 0;
+      double s1 = 0.0, st = 0.0;  // the partial sums' last additions in double: ~1e-7 of the log-sum-exp
+#if defined(__AVX2__) && defined(__FMA__)
+      {
+        __m256 mv[4];
+        for (auto& a : mv) a = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        for (; j + 32 <= vocab; j += 32)
+          for (int u = 0; u < 4; ++u) mv[u] = _mm256_max_ps(mv[u], _mm256_loadu_ps(x + j + 8 * u));
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(mv[0], mv[1]), _mm256_max_ps(mv[2], mv[3])));
+        for (float v : lanes) m = std::max(m, v);
+      }
+#endif
+      for (; j < vocab; ++j) m = std::max(m, x[j]);
+      const float mt = m * inv_t;
+      j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      {
+        const __m256 mb = _mm256_set1_ps(m), mtb = _mm256_set1_ps(mt), ib = _mm256_set1_ps(inv_t);
+        __m256 a1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, at[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; j + 16 <= vocab; j += 16)
+          for (int u = 0; u < 2; ++u) {
+            const __m256 v = _mm256_loadu_ps(x + j + 8 * u);
+            a1[u] = _mm256_add_ps(a1[u], exp8(_mm256_sub_ps(v, mb)));
+            at[u] = _mm256_add_ps(at[u], exp8(_mm256_fmsub_ps(v, ib, mtb)));
+          }
+        alignas(32) float l1[8], lt[8];
+        _mm256_store_ps(l1, _mm256_add_ps(a1[0], a1[1]));
+        _mm256_store_ps(lt, _mm256_add_ps(at[0], at[1]));
+        for (int u = 0; u < 8; ++u) s1 += l1[u], st += lt[u];
+      }
+#endif
+      for (; j < vocab; ++j) {
+        s1 += exp_nonpositive(x[j] - m);
+        st += exp_nonpositive(std::min(0.f, x[j] * inv_t - mt));
+      }
+      lp[r] = m + static_cast<float>(std::log(s1));
+      ltp[r] = mt + static_cast<float>(std::log(st));
+      for (int64_t c = 0; c < k; ++c) heap[c] = {x[c], c};
+      for (int64_t c = k / 2 - 1; c >= 0; --c) sift_down(heap.data(), k, c);
+      float floor_v = heap[0].v;
+      j = k;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; j + 8 <= vocab; j += 8) {  // most blocks of 8 hold nothing above the heap's floor
+        int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(floor_v), _CMP_GT_OQ));
+        while (bits) {
+          const int64_t c = j + __builtin_ctz(bits);
+          bits &= bits - 1;
+          if (x[c] > floor_v) {
+            heap[0] = {x[c], c};
+            sift_down(heap.data(), k, 0);
+            floor_v = heap[0].v;
+          }
+        }
+      }
+#endif
+      for (; j < vocab; ++j) {
+        if (x[j] > floor_v) {  // a later equal value has the higher id: it never displaces the root
+          heap[0] = {x[j], j};
+          sift_down(heap.data(), k, 0);
+          floor_v = heap[0].v;
+        }
+      }
+      std::sort(heap.begin(), heap.end(), [](const Cand& a, const Cand& b) { return drop_first(b, a); });
+      for (int64_t j = 0; j < k; ++j) {
+        vp[r * k + j] = heap[j].v;
+        ip[r * k + j] = heap[j].i;
+      }
+    }
+  });
+  return {lse, lse_t, values, ids};
+}
+
 // The portable loops alone, whatever the CPU: to compare the vector paths against (tests, bench/).
 at::Tensor decode_attention_portable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& lens, double scale) {
@@ -542,6 +661,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 
 TORCH_LIBRARY(marco, lib) {
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
+  lib.def("logit_stats(Tensor logits, Tensor temps, int k) -> Tensor[]");
   lib.def("decode_attention_portable(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
   lib.def("write_column(Tensor(a!) buf, Tensor x, Tensor lens) -> ()");
   lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -550,6 +670,7 @@ TORCH_LIBRARY(marco, lib) {
 TORCH_LIBRARY_IMPL(marco, CPU, lib) {
   lib.impl("decode_attention", &decode_attention);
   lib.impl("decode_attention_portable", &decode_attention_portable);
+  lib.impl("logit_stats", &logit_stats);
   lib.impl("write_column", &write_column);
   lib.impl("rms_norm", &rms_norm);
 }
