@@ -199,3 +199,35 @@ def test_budget_setting_resolution(monkeypatch):
     assert 256 << 20 <= resolve_kv_cache_bytes(None, cpu) <= 8 << 30
     with pytest.raises(ValueError):
         resolve_kv_cache_bytes(0, cpu)
+
+
+def test_the_default_cpu_budget_is_a_quarter_of_memory_within_what_is_free(monkeypatch) -> None:
+    from marco.llm import kvcache
+
+    gib = 1 << 30
+    cpu = torch.device("cpu")
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * gib // 4096}
+    monkeypatch.setattr(kvcache.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(kvcache, "_mem_available", lambda: 22 * gib)
+    assert kvcache.default_kv_cache_bytes(cpu) == 6 * gib
+    monkeypatch.setattr(kvcache, "_mem_available", lambda: 4 * gib)  # a busy machine: half of what is free
+    assert kvcache.default_kv_cache_bytes(cpu) == 2 * gib
+    monkeypatch.setattr(kvcache, "_mem_available", lambda: None)
+    assert kvcache.default_kv_cache_bytes(cpu) == 6 * gib
+    monkeypatch.setattr(kvcache, "_mem_available", lambda: 100 << 20)
+    assert kvcache.default_kv_cache_bytes(cpu) == 256 << 20  # the floor
+    pages["SC_PHYS_PAGES"] = 256 * gib // 4096
+    monkeypatch.setattr(kvcache, "_mem_available", lambda: 200 * gib)
+    assert kvcache.default_kv_cache_bytes(cpu) == 8 * gib  # the ceiling
+
+
+def test_free_memory_is_read_from_proc_meminfo_where_there_is_one() -> None:
+    import os
+
+    from marco.llm.kvcache import _mem_available
+
+    free = _mem_available()
+    if os.path.exists("/proc/meminfo"):
+        assert free is not None and 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        assert free is None

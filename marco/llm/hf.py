@@ -45,8 +45,8 @@ class HFConfig:
     # batch; within the KV budget (rows wait for memory), so a small machine admits fewer
     max_batch_rows: int = 128
     threads: int | None = None
-    # KV cache budget in MiB (running rows + prefix cache); None: $MARCO_KV_CACHE_MB, else an eighth of RAM
-    # (256 MiB .. 8 GiB) on CPU or half the free GPU memory on CUDA
+    # KV cache budget in MiB (running rows + prefix cache); None: $MARCO_KV_CACHE_MB, else a quarter of RAM
+    # and at most half of what is free (256 MiB .. 8 GiB) on CPU or half the free GPU memory on CUDA
     kv_cache_mb: int | None = None
     prefix_cache_bytes: int | None = None  # extra cap on the prefix cache inside the budget; 0 disables it
     decode_attention: bool = True  # marco.llm.attention for decode steps (False: transformers' SDPA)
