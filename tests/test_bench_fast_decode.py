@@ -65,3 +65,13 @@ def test_attention_kernel_bench_times_both_paths_and_they_agree() -> None:
     assert float(rows[0][4]) <= 1e-5 and float(rows[1][4]) <= 2e-2  # the kernel's stated tolerances
     ratio = re.search(r"^vector_vs_portable_at_4_rows: ([\d.]+)$", out.stdout, re.M)
     assert ratio and float(ratio[1]) == pytest.approx(float(rows[0][1]) / float(rows[0][2]), rel=0.1)
+
+
+@pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
+def test_logit_stats_bench_times_both_and_they_agree() -> None:
+    out = bench("logit_stats.py", "--rows", "3", "--reps", "2")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    row = re.search(r"^\s+3\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)  (True|False)\s+(\S+)$", out.stdout, re.M)
+    assert row and row[4] == "True" and float(row[5]) <= 1e-4, report[-5000:]
+    assert re.search(r"^native_vs_torch_at_3_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
