@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench import roofline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is scripts, not an installed package
+from bench import roofline  # noqa: E402
 
 SMOLLM2 = types.SimpleNamespace(num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
                                 num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152)
