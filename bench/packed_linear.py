@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.attention_decode import median_ms  # noqa: E402
+from marco.llm.decode_step import _pack, _packed_linear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, MLP 1536, 30 layers
 SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
@@ -34,12 +35,8 @@ LAYERS = 30
 VOCAB = 49152
 
 
-def pack(w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(w, 64)
-
-
-def packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+# the decode step's own packing and matmul, so this times what the product runs
+pack, packed_linear = _pack, _packed_linear
 
 
 def main() -> None:

@@ -665,6 +665,7 @@ class _DecodeBatch:
         self.slots.lens = [n + 1 for n in self.slots.lens]
         return done
 
+
 @dataclass(frozen=True)
 class _Top:
     """A step's top-k logits from the native pass, and the log-sum-exp of each row's temperature-scaled
