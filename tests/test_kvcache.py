@@ -231,3 +231,30 @@ def test_free_memory_is_read_from_proc_meminfo_where_there_is_one() -> None:
         assert free is not None and 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     else:
         assert free is None
+
+
+def test_slots_read_only_up_to_each_rows_length_take_their_whole_reservation_once():
+    """Without zero_fill (the native kernel's readers, which read no column past a row's length) the buffers
+    hold the whole reservation, rounded up to WIDE_STEP, from the first reserve: rows lengthening and the
+    longest row leaving reallocate nothing. With zero_fill (readers of the whole block) the buffers stay as
+    narrow as the longest row, rounded up to COL_STEP, and give columns back."""
+    from marco.llm.kvcache import KVSpec, SlotKVCache
+
+    spec = KVSpec(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
+    for zero_fill in (False, True):
+        slots = SlotKVCache(spec, KVBudget(8 << 20), max_rows=8, zero_fill=zero_fill)
+        slots.reserve(3, 300, 40)
+        slots.lens.extend([40, 20, 10])
+        grows = slots.grows
+        if zero_fill:
+            assert slots.cols_cap == 320 and slots.cols_alloc == 64
+        else:
+            assert slots.cols_cap == slots.cols_alloc == 512 and slots.keys[0].shape[2] == 512
+        for width in (60, 100, 250):  # rows lengthen (the narrow buffers grow at 100 and at 250)
+            slots.fit_width(width)
+        slots.fit_width(30)  # the longest row left
+        if zero_fill:
+            assert slots.grows == grows + 2 + 1 and slots.shrinks == 1 and slots.cols_alloc == 64
+        else:
+            assert slots.grows == grows and slots.shrinks == 0 and slots.cols_alloc == 512
+        assert slots.nbytes <= KVBudget(8 << 20).total

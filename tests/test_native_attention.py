@@ -57,6 +57,33 @@ def test_kernel_equals_masked_softmax_attention(op, dtype, tol, dim, group, entr
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_transformers_rotary_embedding_to_the_bit(op, dtype):
+    """``rotary`` on a slice of a fused q/k/v projection (strided rows) against transformers' own
+    apply_rotary_pos_emb with the model's rotary module's cos and sin: equal, not merely close."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(2)
+    n, heads, kv_heads, dim = 13, 9, 3, 64
+    config = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    positions = torch.randint(0, 2000, (n,), generator=g)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.empty(0, dtype=dtype), positions[None, :])
+    cos, sin = cos[0].contiguous(), sin[0].contiguous()
+    qkv = (torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g) * 3).to(dtype)
+    q = qkv[:, : heads * dim].view(n, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(n, kv_heads, dim)
+    # transformers works on [batch, heads, seq, dim]: one sequence of n tokens
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    got_q, got_k = torch.ops.marco.rotary(q, cos, sin), torch.ops.marco.rotary(k, cos, sin)
+    assert got_q.is_contiguous() and got_q.dtype == dtype
+    assert torch.equal(got_q, want_q[0].transpose(0, 1))
+    assert torch.equal(got_k, want_k[0].transpose(0, 1))
+    with pytest.raises(RuntimeError, match="heads contiguous"):
+        torch.ops.marco.rotary(q.transpose(0, 1), cos, sin)
+
+
+@needs_compiler
 def test_kernel_agrees_with_the_batched_matmul_path(op):
     """The attention function with and without the row lengths: kernel against batched matmuls (bfloat16)."""
     g = torch.Generator().manual_seed(1)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from marco.llm.kernels import decode_attention_op, rms_norm_op, write_column_op
+from marco.llm.kernels import decode_attention_op, rms_norm_op, rotary_op, write_column_op
 from marco.llm.kvcache import SlotKVCache
 
 ENV = "MARCO_FAST_DECODE"
@@ -193,6 +193,7 @@ class LlamaDecode:
         self._attend = decode_attention_op()
         self._norm = rms_norm_op()
         self._write = write_column_op()
+        self._rope = rotary_op()
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[rows, head_dim]`` at ``positions``, from a table the model's rotary module made."""
@@ -208,9 +209,7 @@ class LlamaDecode:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: SlotKVCache) -> torch.Tensor:
         n, h, kvh, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         cos, sin = self._rotary(positions)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        half = d // 2
-        norm, attend, write, linear = self._norm, self._attend, self._write, self.linear
+        norm, attend, write, linear, rope = self._norm, self._attend, self._write, self.linear, self._rope
         x = F.embedding(tokens, self.embed)
         for i, w in enumerate(self.layers):
             a = norm(x, w.ln1, w.eps1)
@@ -219,10 +218,8 @@ class LlamaDecode:
                 q, k, v = qkv[:, : h * d], qkv[:, h * d : (h + kvh) * d], qkv[:, (h + kvh) * d :]
             else:
                 q, k, v = (linear(a, m) for m in w.qkv)
-            q, k, v = q.view(n, h, d), k.view(n, kvh, d), v.view(n, kvh, 1, d)
-            # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, in the model's dtype
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            # transformers' apply_rotary_pos_emb (x * cos + rotate_half(x) * sin, in the model's dtype) in one op
+            q, k, v = rope(q.view(n, h, d), cos, sin), rope(k.view(n, kvh, d), cos, sin), v.view(n, kvh, 1, d)
             keys, values = slots.keys[i], slots.values[i]
             write(keys, k.view(n, kvh, 1, d), positions)
             write(values, v, positions)

@@ -646,7 +646,9 @@ class _DecodeBatch:
         b.decoded_rows += len(self.slots.lens)
         b.decode_steps += 1
         b.attended_tokens += sum(self.slots.lens) + len(self.slots.lens)
-        b.attention_columns += width * len(self.slots.lens)
+        # the native kernel reads each row's own columns; the other paths the whole block
+        b.attention_columns += (sum(self.slots.lens) + len(self.slots.lens)) if not self.slots.zero_fill \
+            else width * len(self.slots.lens)
         if self.fast is not None:
             self.logits = self.fast(next_tok, lens, self.slots)
             b.fast_steps += 1

@@ -152,6 +152,12 @@ def rms_norm_op() -> Callable[..., torch.Tensor] | None:
     return torch.ops.marco.rms_norm if decode_attention_op() is not None else None
 
 
+def rotary_op() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.marco.rotary(x, cos, sin)``: transformers' rotary embedding of one token a row, to the bit
+    (see decode_attention.cpp), where the library loaded (see :func:`decode_attention_op`)."""
+    return torch.ops.marco.rotary if decode_attention_op() is not None else None
+
+
 # RMSNorm classes whose forward is exactly :func:`rms_norm_reference` (Gemma's 1 + w is not)
 LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 

@@ -617,6 +617,59 @@ void write_column(at::Tensor buf, const at::Tensor& x, const at::Tensor& lens) {
   }
 }
 
+// Rotary embedding of a decode step's queries or keys, transformers' apply_rotary_pos_emb for one token a row:
+// out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]). x [n, heads, dim] with
+// contiguous heads (rows may be strided: a slice of the fused q/k/v projection), cos and sin [n, dim]; returns
+// a contiguous [n, heads, dim]. Each product and the sum are rounded to the dtype as the eager ops round them
+// (never fused into an FMA), so the result is theirs to the bit; seven small ops per tensor and layer cost
+// more in dispatch than in arithmetic at a decode step's few rows.
+//
+// One head of one row. Its own function, built without FMA contraction (an FMA rounds once where the eager
+// ops round the product and the sum apart) and kept out of line so the option holds where it is called.
+template <typename T>
+__attribute__((noinline, optimize("fp-contract=off"))) void rotary_head(const T* x, const T* c, const T* s, T* o,
+                                                                        int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const T a = static_cast<T>(to_float(x[i]) * to_float(c[i]));
+    const T b = static_cast<T>(to_float(static_cast<T>(-to_float(x[i + half]))) * to_float(s[i]));
+    o[i] = static_cast<T>(to_float(a) + to_float(b));
+  }
+  for (int64_t i = half; i < dim; ++i) {
+    const T a = static_cast<T>(to_float(x[i]) * to_float(c[i]));
+    const T b = static_cast<T>(to_float(x[i - half]) * to_float(s[i]));
+    o[i] = static_cast<T>(to_float(a) + to_float(b));
+  }
+}
+
+template <typename T>
+void rotary_rows(const T* x, int64_t row_stride, const T* cos, const T* sin, T* out, int64_t n, int64_t heads,
+                 int64_t dim) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t h = 0; h < heads; ++h)
+        rotary_head(x + r * row_stride + h * dim, cos + r * dim, sin + r * dim, out + (r * heads + h) * dim, dim);
+  });
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "x [n, heads, dim], heads contiguous");
+  TORCH_CHECK(x.size(2) % 2 == 0, "an even head dim");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
+              cos.is_contiguous() && sin.is_contiguous(), "cos, sin [n, dim], contiguous");
+  TORCH_CHECK(x.scalar_type() == cos.scalar_type() && cos.scalar_type() == sin.scalar_type(), "one dtype");
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
+    rotary_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), cos.data_ptr<c10::BFloat16>(),
+                sin.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), x.size(2));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "float32 or bfloat16");
+    rotary_rows(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                out.data_ptr<float>(), x.size(0), x.size(1), x.size(2));
+  }
+  return out;
+}
+
 // Llama's RMSNorm in one pass a row: y = w * (x / sqrt(mean(x^2) + eps)), the mean in float32; in bfloat16 the
 // normalised x is rounded to bfloat16 before the weight multiplies it, as transformers' LlamaRMSNorm does.
 // Eight small ops a norm (casts, pow, mean, rsqrt, two muls) cost more in dispatch than in arithmetic at a
@@ -665,6 +718,7 @@ TORCH_LIBRARY(marco, lib) {
   lib.def("decode_attention_portable(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
   lib.def("write_column(Tensor(a!) buf, Tensor x, Tensor lens) -> ()");
   lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  lib.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(marco, CPU, lib) {
@@ -673,4 +727,5 @@ TORCH_LIBRARY_IMPL(marco, CPU, lib) {
   lib.impl("logit_stats", &logit_stats);
   lib.impl("write_column", &write_column);
   lib.impl("rms_norm", &rms_norm);
+  lib.impl("rotary", &rotary);
 }
