@@ -258,3 +258,31 @@ def test_slots_read_only_up_to_each_rows_length_take_their_whole_reservation_onc
         else:
             assert slots.grows == grows and slots.shrinks == 0 and slots.cols_alloc == 512
         assert slots.nbytes <= KVBudget(8 << 20).total
+
+
+def test_prompts_sharing_a_long_prefix_prefill_it_once(tiny_model):
+    """A batch's prompts that share a prefix of two blocks or more (a job's system prompt) have it prefilled
+    once, into the prefix cache, before their own prefill reads it from there; outputs equal those of a
+    backend without a prefix cache."""
+    rng = np.random.default_rng(5)
+    system = rng.integers(1, VOCAB, size=45).tolist()  # 2 whole blocks of 16 shared, and 13 more tokens
+    reqs = [GenerationRequest(system + rng.integers(1, VOCAB, size=int(rng.integers(2, 20))).tolist(), 8,
+                              temperature=0.0 if i % 2 else 0.8, n=1 + i % 3, seed=i, ignore_eos=True)
+            for i in range(5)]
+    b = backend(tiny_model)
+    out = b.generate(reqs)
+    assert b.prefill_forwards == 2  # the shared prefix, then the five prompts
+    assert b.prefix_cache.peek(system + [0]) == 32
+    assert any(e.ids == tuple(system[:32]) for e in b.prefix_cache.entries.values())
+    assert b.prefix_cache.hits_tokens >= 5 * 32  # every prompt's prefill read it
+    plain = backend(tiny_model, prefix_cache_bytes=0)
+    want = plain.generate(reqs)
+    assert plain.prefill_forwards == 1
+    assert as_tuples(out) == as_tuples(want)
+    for gs, ws in zip(out, want):
+        for g, w in zip(gs, ws):
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-9)
+    # a later batch (suffixes too long to join through decode steps) finds the prefix cached: one prefill
+    later = [GenerationRequest(system + rng.integers(1, VOCAB, size=40).tolist(), 4, ignore_eos=True) for _ in range(2)]
+    b.generate(later)
+    assert b.prefill_forwards == 3

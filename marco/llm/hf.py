@@ -331,6 +331,31 @@ class HFBackend:
         budget.transient = rows * (lc + ls) * self.kv_spec.token_bytes
         return cache, logits, cached, lc, ls
 
+    def _cache_common_prefix(self, prompts: list[list[int]]) -> int:
+        """Prefill the prompts' longest common block-aligned prefix once, into the prefix cache, when it is at
+        least two blocks long and not cached yet, so the prefill that follows runs it once instead of once per
+        prompt (a job's first prompts share their system prompt: 98 of 194 tokens a prompt on MGSM-en).
+        Returns the tokens prefilled here (0: nothing to share)."""
+        cache = self.prefix_cache
+        if cache is None or len(prompts) < 2:
+            return 0
+        common = len(os.path.commonprefix(prompts))
+        common -= common % cache.block
+        # lookup leaves a prompt's last token uncached, so a prefix as long as the shortest prompt is one block less
+        if common >= min(len(p) for p in prompts):
+            common -= cache.block
+        head = prompts[0][:common]
+        if common < 2 * cache.block or cache.peek(head + [self.pad_id]) >= common:
+            return 0
+        tmp, _, cached, _, _ = self._prefill([head])
+        self.prefill_forwards += 1
+        # one row, no pads: columns [0, common) are the prefix's keys and values
+        cache.insert(head, [layer.keys[0] for layer in tmp.layers], [layer.values[0] for layer in tmp.layers])
+        del tmp
+        self.kv_budget.transient = 0
+        self.kv_budget.reset_limit()
+        return common - cached[0]
+
     def _remember(self, slots: SlotKVCache, i: int, ids: list[int]) -> None:
         """Copy live row ``i``'s KV into the prefix cache."""
         assert self.prefix_cache is not None
@@ -548,6 +573,7 @@ class _DecodeBatch:
             new_rows.extend(self._new_rows(rid, req, first, count))
             fan.extend([u] * count)
         prompts = [list(req.prompt_ids) for _, req, _, _ in items]
+        b._cache_common_prefix(prompts)
         b.prefill_forwards += 1
         tmp, logits, cached, lc, ls = b._prefill(prompts)
         start = slots.rows
