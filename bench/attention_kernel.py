@@ -8,14 +8,24 @@ values actually read per second, and the largest difference between the two path
 
 Last line: ``vector_vs_portable_at_R_rows`` (portable time / vector time, the first ``--rows`` and dtype).
 
+``--base REV`` compares instead the vector path of this checkout's kernel with the one of git revision REV
+(built from that revision's ``decode_attention.cpp`` into a temporary library): the two libraries register
+the same ops, so each is timed in its own process, alternating, ``--rounds`` times, on the same seeded data.
+Last line: ``vector_after_vs_before_at_R_rows`` (REV's time / this checkout's, median over rounds).
+
 Usage: python bench/attention_kernel.py [--rows 36,64] [--dtype float32,bfloat16] [--threads all CPUs]
+       python bench/attention_kernel.py --base HEAD [--rounds 3] [--rows 64] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from marco.llm.kernels import decode_attention_op  # noqa: E402
+from marco.llm.kernels import SOURCE, build, decode_attention_op  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, DIM, COLS = 30, 9, 3, 64, 512
 
@@ -38,29 +48,87 @@ def best_ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return best * 1e3
 
 
+def inputs(rows: int, dtype: torch.dtype, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A step's queries, each layer's own key and value buffers, and the rows' lengths (seeded)."""
+    g = torch.Generator().manual_seed(seed + rows)
+    ks = [torch.randn(rows, KV_HEADS, COLS, DIM, generator=g).to(dtype) for _ in range(LAYERS)]
+    vs = [torch.randn(rows, KV_HEADS, COLS, DIM, generator=g).to(dtype) for _ in range(LAYERS)]
+    return torch.randn(rows, HEADS, DIM, generator=g).to(dtype), ks, vs, torch.randint(150, 455, (rows,), generator=g)
+
+
+def time_library(library: str, rows: list[int], dtypes: list[str], reps: int) -> dict[str, float]:
+    """(In a process of its own) the vector path's best 30-layer time of ``library`` per dtype and rows."""
+    torch.ops.load_library(library)
+    op = torch.ops.marco.decode_attention
+    out = {}
+    for name in dtypes:
+        for r in rows:
+            q, ks, vs, lens = inputs(r, getattr(torch, name))
+            out[f"{name}/{r}"] = best_ms(lambda: [op(q, ks[i], vs[i], lens, 0.125) for i in range(LAYERS)], reps)
+    return out
+
+
+def compare_with(base: str, args: argparse.Namespace) -> None:
+    """This checkout's kernel against revision ``base``'s, alternating processes."""
+    source = subprocess.run(["git", "show", f"{base}:marco/llm/kernels/decode_attention.cpp"], capture_output=True,
+                            text=True, cwd=SOURCE.parent)
+    if source.returncode != 0:
+        sys.exit(f"git show {base}:marco/llm/kernels/decode_attention.cpp failed: {source.stderr.strip()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "base.cpp").write_text(source.stdout)
+        libs = {"before": str(build(source=Path(tmp) / "base.cpp", out=Path(tmp) / "base.so")), "after": str(build())}
+        print(f"decode attention, vector path: {base} (before) against this checkout (after), {LAYERS} layers, "
+              f"{args.threads} threads, load {os.getloadavg()[0]:.1f}")
+        times: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
+        for _ in range(args.rounds):
+            for which, lib in libs.items():
+                done = subprocess.run(
+                    [sys.executable, __file__, "--time", lib, "--rows", args.rows, "--dtype", args.dtype,
+                     "--threads", str(args.threads), "--reps", str(args.reps)],
+                    capture_output=True, text=True, check=True)
+                for key, ms in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                    times[which].setdefault(key, []).append(ms)
+    print(f"{'dtype':<10}{'rows':>5}{'before ms':>11}{'after ms':>10}{'ratio':>7}")
+    first = None
+    for key in times["before"]:
+        ratios = [b / a for b, a in zip(times["before"][key], times["after"][key])]
+        name, rows = key.split("/")
+        print(f"{name:<10}{rows:>5}{min(times['before'][key]):>11.1f}{min(times['after'][key]):>10.1f}"
+              f"{statistics.median(ratios):>7.2f}")
+        first = statistics.median(ratios) if first is None else first
+    print(f"load {os.getloadavg()[0]:.1f}")
+    print(f"vector_after_vs_before_at_{args.rows.split(',')[0]}_rows: {first:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="36,64")
     ap.add_argument("--dtype", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--base", help="compare with the kernel of this git revision instead of the portable loops")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating before/after processes (with --base)")
+    ap.add_argument("--time", help=argparse.SUPPRESS)  # internal: time one library, print JSON
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.time:
+        print(json.dumps(time_library(args.time, [int(r) for r in args.rows.split(",")], args.dtype.split(","),
+                                      args.reps)))
+        return
+    if args.base:
+        compare_with(args.base, args)
+        return
     if decode_attention_op() is None:
         sys.exit("the native kernels did not build here (see the warning above)")
-    torch.set_num_threads(args.threads)
     vector, portable = torch.ops.marco.decode_attention, torch.ops.marco.decode_attention_portable
     print(f"decode attention, {LAYERS} layers, {HEADS}/{KV_HEADS} heads of {DIM}, {COLS} columns, "
           f"{args.threads} threads, load {os.getloadavg()[0]:.1f}")
     print(f"{'dtype':<10}{'rows':>5}{'portable ms':>13}{'vector ms':>11}{'ratio':>7}{'GB/s':>7}  max difference")
     first: float | None = None
-    g = torch.Generator().manual_seed(0)
     for name in args.dtype.split(","):
         dtype = getattr(torch, name)
         for rows in (int(r) for r in args.rows.split(",")):
-            ks = [torch.randn(rows, KV_HEADS, COLS, DIM, generator=g).to(dtype) for _ in range(LAYERS)]
-            vs = [torch.randn(rows, KV_HEADS, COLS, DIM, generator=g).to(dtype) for _ in range(LAYERS)]
-            q = torch.randn(rows, HEADS, DIM, generator=g).to(dtype)
-            lens = torch.randint(150, 455, (rows,), generator=g)
+            q, ks, vs, lens = inputs(rows, dtype)
             diff = float((vector(q, ks[0], vs[0], lens, 0.125).float()
                           - portable(q, ks[0], vs[0], lens, 0.125).float()).abs().max())
             a, b = [], []

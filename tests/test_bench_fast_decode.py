@@ -68,6 +68,21 @@ def test_attention_kernel_bench_times_both_paths_and_they_agree() -> None:
 
 
 @pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
+def test_attention_kernel_bench_compares_with_a_git_revisions_kernel() -> None:
+    """--base REV builds REV's kernel source into a library of its own and times both in separate processes."""
+    out = bench("attention_kernel.py", "--base", "HEAD", "--rows", "4", "--dtype", "float32", "--reps", "1",
+                "--rounds", "1")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    row = re.search(r"^float32\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out.stdout, re.M)
+    assert row and float(row[1]) > 0 and float(row[2]) > 0, report[-5000:]
+    ratio = re.search(r"^vector_after_vs_before_at_4_rows: ([\d.]+)$", out.stdout, re.M)
+    assert ratio and float(ratio[1]) == pytest.approx(float(row[3]), abs=0.01)
+    bad = bench("attention_kernel.py", "--base", "no-such-revision", "--rows", "4")
+    assert bad.returncode != 0 and "no-such-revision" in bad.stderr
+
+
+@pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 def test_logit_stats_bench_times_both_and_they_agree() -> None:
     out = bench("logit_stats.py", "--rows", "3", "--reps", "2")
     report = out.stdout + out.stderr

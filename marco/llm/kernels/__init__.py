@@ -52,9 +52,10 @@ def library_path() -> Path:
     return cache_root() / key / "marco_kernels.so"
 
 
-def build(force: bool = False) -> Path:
-    """Compile the kernel library for this machine (once; later calls return the cached file)."""
-    out = library_path()
+def build(force: bool = False, source: Path = SOURCE, out: Path | None = None) -> Path:
+    """Compile the kernel library for this machine (once; later calls return the cached file). ``source`` and
+    ``out``: another revision's source into a library of its own (benchmarks compare the two)."""
+    out = out or library_path()
     if out.exists() and not force:
         return out
     from torch.utils import cpp_extension
@@ -66,13 +67,13 @@ def build(force: bool = False) -> Path:
     cmd = [
         os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", tmp,
+        *(f"-I{p}" for p in cpp_extension.include_paths()), str(source), "-o", tmp,
         *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch",
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({cmd[0]} exited {done.returncode}): "
+            raise RuntimeError(f"compiling {source.name} failed ({cmd[0]} exited {done.returncode}): "
                                f"{done.stderr.strip()[-1500:]}")
         os.replace(tmp, out)  # atomic: workers building at once each finish with a whole file
     finally:

@@ -215,6 +215,15 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       }
       for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
         const int64_t cn = std::min(BLOCK, n - c0);
+        if (c0 + BLOCK < n) {  // ask for the next block's keys and values while this one is computed
+          const int64_t next = std::min(BLOCK, n - c0 - BLOCK) * DIM * static_cast<int64_t>(sizeof(c10::BFloat16));
+          const char* kn = reinterpret_cast<const char*>(kbase + (c0 + BLOCK) * DIM);
+          const char* vn = reinterpret_cast<const char*>(vbase + (c0 + BLOCK) * DIM);
+          for (int64_t b = 0; b < next; b += 64) {
+            __builtin_prefetch(kn + b);
+            __builtin_prefetch(vn + b);
+          }
+        }
         int64_t j = 0;
         for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
           __m512 d[GMAX][4];
