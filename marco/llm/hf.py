@@ -331,14 +331,13 @@ class HFBackend:
         budget.transient = rows * (lc + ls) * self.kv_spec.token_bytes
         return cache, logits, cached, lc, ls
 
-    def _cache_common_prefix(self, prompts: list[list[int]]) -> int:
+    def _cache_common_prefix(self, prompts: list[list[int]]) -> None:
         """Prefill the prompts' longest common block-aligned prefix once, into the prefix cache, when it is at
         least two blocks long and not cached yet, so the prefill that follows runs it once instead of once per
-        prompt (a job's first prompts share their system prompt: 98 of 194 tokens a prompt on MGSM-en).
-        Returns the tokens prefilled here (0: nothing to share)."""
+        prompt (a job's first prompts share their system prompt: 98 of 194 tokens a prompt on MGSM-en)."""
         cache = self.prefix_cache
         if cache is None or len(prompts) < 2:
-            return 0
+            return
         common = len(os.path.commonprefix(prompts))
         common -= common % cache.block
         # lookup leaves a prompt's last token uncached, so a prefix as long as the shortest prompt is one block less
@@ -346,15 +345,14 @@ class HFBackend:
             common -= cache.block
         head = prompts[0][:common]
         if common < 2 * cache.block or cache.peek(head + [self.pad_id]) >= common:
-            return 0
-        tmp, _, cached, _, _ = self._prefill([head])
+            return
+        tmp, _, _, _, _ = self._prefill([head])
         self.prefill_forwards += 1
         # one row, no pads: columns [0, common) are the prefix's keys and values
         cache.insert(head, [layer.keys[0] for layer in tmp.layers], [layer.values[0] for layer in tmp.layers])
         del tmp
         self.kv_budget.transient = 0
         self.kv_budget.reset_limit()
-        return common - cached[0]
 
     def _remember(self, slots: SlotKVCache, i: int, ids: list[int]) -> None:
         """Copy live row ``i``'s KV into the prefix cache."""
@@ -671,10 +669,10 @@ class _DecodeBatch:
             width = self.slots.cols_alloc  # the whole contiguous block; columns past a row's length are masked
         b.decoded_rows += len(self.slots.lens)
         b.decode_steps += 1
-        b.attended_tokens += sum(self.slots.lens) + len(self.slots.lens)
+        attended = sum(self.slots.lens) + len(self.slots.lens)
+        b.attended_tokens += attended
         # the native kernel reads each row's own columns; the other paths the whole block
-        b.attention_columns += (sum(self.slots.lens) + len(self.slots.lens)) if not self.slots.zero_fill \
-            else width * len(self.slots.lens)
+        b.attention_columns += attended if not self.slots.zero_fill else width * len(self.slots.lens)
         if self.fast is not None:
             self.logits = self.fast(next_tok, lens, self.slots)
             b.fast_steps += 1
