@@ -215,18 +215,15 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       }
       for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
         const int64_t cn = std::min(BLOCK, n - c0);
-        if (c0 + BLOCK < n) {  // ask for the next block's keys and values while this one is computed
-          const int64_t next = std::min(BLOCK, n - c0 - BLOCK) * DIM * static_cast<int64_t>(sizeof(c10::BFloat16));
-          const char* kn = reinterpret_cast<const char*>(kbase + (c0 + BLOCK) * DIM);
-          const char* vn = reinterpret_cast<const char*>(vbase + (c0 + BLOCK) * DIM);
-          for (int64_t b = 0; b < next; b += 64) {
-            __builtin_prefetch(kn + b);
-            __builtin_prefetch(vn + b);
-          }
-        }
+        // the next block's keys and values are asked for column by column while this one is computed (a burst
+        // of requests at the block's start fills the core's miss buffers and stalls it)
+        const int64_t ahead = std::min(BLOCK, std::max<int64_t>(n - c0 - BLOCK, 0));
         int64_t j = 0;
         for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
           __m512 d[GMAX][4];
+          for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
+            for (int64_t b = 0; b < DIM * 2; b += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(kbase + (c0 + BLOCK + j + c) * DIM) + b);
           for (int64_t c = 0; c < 4; ++c) {
             __m512 kw[W];
             for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j + c) * DIM + w * 16);
@@ -269,6 +266,9 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
           for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_mul_ps(acc[g][w], c);
         }
         for (int64_t j = 0; j < cn; ++j) {
+          if (j < ahead)
+            for (int64_t b = 0; b < DIM * 2; b += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(vbase + (c0 + BLOCK + j) * DIM) + b);
           __m512 vw[W];
           for (int64_t w = 0; w < W; ++w) vw[w] = load16(vbase + (c0 + j) * DIM + w * 16);
           for (int64_t g = 0; g < group; ++g) {
@@ -357,18 +357,14 @@ void run_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       }
       for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
         const int64_t cn = std::min(BLOCK, n - c0);
-        if (c0 + BLOCK < n) {  // ask for the next block's keys and values while this one is computed
-          const int64_t next = std::min(BLOCK, n - c0 - BLOCK) * DIM * static_cast<int64_t>(sizeof(float));
-          const char* kn = reinterpret_cast<const char*>(kbase + (c0 + BLOCK) * DIM);
-          const char* vn = reinterpret_cast<const char*>(vbase + (c0 + BLOCK) * DIM);
-          for (int64_t b = 0; b < next; b += 64) {
-            __builtin_prefetch(kn + b);
-            __builtin_prefetch(vn + b);
-          }
-        }
+        // the next block's keys and values, asked for column by column as in run_avx512
+        const int64_t ahead = std::min(BLOCK, std::max<int64_t>(n - c0 - BLOCK, 0));
         int64_t j = 0;
         for (; j + 4 <= cn; j += 4) {
           const float* k0 = kbase + (c0 + j) * DIM;
+          for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
+            for (int64_t b = 0; b < DIM * 4; b += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(k0 + (BLOCK + c) * DIM) + b);
           for (int64_t g = 0; g < group; ++g) {
             __m256 d[4];
             for (int64_t c = 0; c < 4; ++c) {
@@ -411,6 +407,8 @@ void run_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         }
         for (int64_t jj = 0; jj < cn; ++jj) {
           const float* vj = vbase + (c0 + jj) * DIM;
+          if (jj < ahead)
+            for (int64_t b = 0; b < DIM * 4; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vj + BLOCK * DIM) + b);
           for (int64_t g = 0; g < group; ++g) {
             const __m256 p = _mm256_set1_ps(s[g][jj]);
             for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + w * 8), acc[g][w]);
