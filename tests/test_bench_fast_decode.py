@@ -90,3 +90,16 @@ def test_logit_stats_bench_times_both_and_they_agree() -> None:
     row = re.search(r"^\s+3\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)  (True|False)\s+(\S+)$", out.stdout, re.M)
     assert row and row[4] == "True" and float(row[5]) <= 1e-4, report[-5000:]
     assert re.search(r"^native_vs_torch_at_3_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
+
+
+def test_prefill_groups_bench_runs_fewer_padded_tokens() -> None:
+    out = bench("prefill_groups.py", "--problems", "16", "--rounds", "1")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    one = re.search(r"^one forward:\s+([\d.]+) s, (\d+) tokens", out.stdout, re.M)
+    grouped = re.search(r"^grouped:\s+([\d.]+) s, (\d+) tokens", out.stdout, re.M)
+    assert one and grouped, report[-5000:]
+    real = int(re.search(r"^16 prompts, (\d+) tokens", out.stdout, re.M)[1])  # type: ignore[index]
+    assert 0 < int(grouped[2]) <= int(one[2]) < real  # fewer padded tokens; the shared prefix ran once
+    ratio = re.search(r"^grouped_vs_one_forward: ([\d.]+)$", out.stdout, re.M)
+    assert ratio and float(ratio[1]) == pytest.approx(float(one[1]) / float(grouped[1]), rel=0.02), report[-5000:]

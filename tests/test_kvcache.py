@@ -260,6 +260,45 @@ def test_slots_read_only_up_to_each_rows_length_take_their_whole_reservation_onc
         assert slots.nbytes <= KVBudget(8 << 20).total
 
 
+def test_prefill_groups_bound_the_padding_and_keep_small_groups_whole():
+    from marco.llm.hf import prefill_groups
+
+    lens = [12, 300, 290, 60, 50, 20, 10, 285]
+    groups = prefill_groups(lens, 0.05, 0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens)))  # every prompt once
+    assert groups[0] == [1, 2, 7]  # longest first
+    for g in groups:
+        assert all(lens[g[0]] >= lens[i] for i in g)
+        real = sum(lens[i] for i in g)
+        assert len(g) == 1 or lens[g[0]] * len(g) <= 1.05 * real  # padding within 5% of the real tokens
+    assert len(groups) > 2
+    assert prefill_groups(lens, 0.05, 10_000) == [[1, 2, 7, 3, 4, 5, 0, 6]]  # too few tokens to split
+    assert prefill_groups([], 0.05, 0) == []
+
+
+def test_prompts_of_different_lengths_prefill_in_groups_with_the_same_outputs(tiny_model, monkeypatch):
+    """Prompts whose uncached lengths differ widely run in several prefill forwards (each padded to its own
+    longest) and give the outputs of one forward of them all."""
+    import marco.llm.hf as hf
+
+    rng = np.random.default_rng(9)
+    reqs = [GenerationRequest(rng.integers(1, VOCAB, size=n).tolist(), 6, temperature=0.0 if i % 2 else 0.8,
+                              n=1 + i % 2, seed=i, ignore_eos=True)
+            for i, n in enumerate([150, 12, 140, 40, 35, 145])]
+    monkeypatch.setattr(hf, "PREFILL_GROUP_TOKENS", 0)
+    grouped = backend(tiny_model, prefix_cache_bytes=0)
+    out = grouped.generate(reqs)
+    assert grouped.prefill_forwards == 4  # [150, 145, 140], [40], [35], [12]: 40 + 35 in one would pad 7%
+    monkeypatch.setattr(hf, "PREFILL_PAD_WASTE", 1e9)
+    whole = backend(tiny_model, prefix_cache_bytes=0)
+    want = whole.generate(reqs)
+    assert whole.prefill_forwards == 1
+    assert as_tuples(out) == as_tuples(want)
+    for gs, ws in zip(out, want):
+        for g, w in zip(gs, ws):
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-9)
+
+
 def test_prompts_sharing_a_long_prefix_prefill_it_once(tiny_model):
     """A batch's prompts that share a prefix of two blocks or more (a job's system prompt) have it prefilled
     once, into the prefix cache, before their own prefill reads it from there; outputs equal those of a

@@ -30,6 +30,11 @@ from marco.llm.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 
+# prompts prefilled together: padding at most this share of their real tokens, unless the group is still
+# smaller than PREFILL_GROUP_TOKENS (see prefill_groups)
+PREFILL_PAD_WASTE = 0.05
+PREFILL_GROUP_TOKENS = 1024
+
 
 @dataclass
 class HFConfig:
@@ -563,7 +568,17 @@ class _DecodeBatch:
         self.rows.extend(new_rows)
 
     def _add_prefilled(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:
-        """Join rows after a prefill forward of their prompts' uncached parts."""
+        """Join rows after prefill forwards of their prompts' uncached parts: their shared prefix once, then
+        the prompts in groups of similar uncached length (:func:`prefill_groups`), each one forward."""
+        b = self.b
+        b._cache_common_prefix([list(req.prompt_ids) for _, req, _, _ in items])
+        cache = b.prefix_cache
+        suffix = [len(req.prompt_ids) - (cache.peek(req.prompt_ids) if cache is not None else 0) for _, req, _, _ in items]
+        for group in prefill_groups(suffix, PREFILL_PAD_WASTE, PREFILL_GROUP_TOKENS):
+            self._add_prefilled_group([items[i] for i in group])
+
+    def _add_prefilled_group(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:
+        """One prefill forward of ``items``' prompts, and their rows' keys and values copied into slots."""
         b, device, slots = self.b, self.device, self.slots
         new_rows: list[_Row] = []
         fan: list[int] = []
@@ -571,7 +586,6 @@ class _DecodeBatch:
             new_rows.extend(self._new_rows(rid, req, first, count))
             fan.extend([u] * count)
         prompts = [list(req.prompt_ids) for _, req, _, _ in items]
-        b._cache_common_prefix(prompts)
         b.prefill_forwards += 1
         tmp, logits, cached, lc, ls = b._prefill(prompts)
         start = slots.rows
@@ -690,6 +704,26 @@ class _DecodeBatch:
         ).logits[:, -1, :]
         self.slots.lens = [n + 1 for n in self.slots.lens]
         return done
+
+
+def prefill_groups(suffix: Sequence[int], waste: float, least: int) -> list[list[int]]:
+    """Indices of prompts (by their uncached lengths ``suffix``) grouped for prefill forwards, longest first.
+
+    A forward pads every prompt to its group's longest, so one forward of a job's 64 first prompts (98-166
+    uncached tokens on MGSM-en) ran 1.7x their real tokens. A group grows while its padding stays within
+    ``waste`` of its real tokens, or while it holds fewer than ``least`` tokens (small forwards waste the
+    matmuls' width instead)."""
+    order = sorted(range(len(suffix)), key=lambda i: (-suffix[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            longest, real = suffix[g[0]], sum(suffix[j] for j in g) + suffix[i]
+            if real < least or longest * (len(g) + 1) <= (1 + waste) * real:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 @dataclass(frozen=True)
