@@ -42,7 +42,7 @@ def main() -> None:
     grouped_waste = hf_module.PREFILL_PAD_WASTE
     padded: dict[str, int] = {}
 
-    def run(waste: float) -> float:
+    def run(label: str, waste: float) -> float:
         hf_module.PREFILL_PAD_WASTE = waste
         assert hf.prefix_cache is not None
         hf.prefix_cache.clear()
@@ -60,14 +60,14 @@ def main() -> None:
             hf.generate(requests)
         finally:
             del hf._prefill
-        padded["grouped" if waste == grouped_waste else "one"] = sum(seen[1:])  # [0]: the shared prefix
+        padded[label] = sum(seen[1:])  # [0]: the shared prefix
         return time.perf_counter() - t
 
-    run(grouped_waste)  # warm-up
+    run("grouped", grouped_waste)  # warm-up
     one, grouped = [], []
     for _ in range(args.rounds):
-        one.append(run(1e9))
-        grouped.append(run(grouped_waste))
+        one.append(run("one", 1e9))
+        grouped.append(run("grouped", grouped_waste))
     hf_module.PREFILL_PAD_WASTE = grouped_waste
     real = sum(len(p) for p in prompts)
     print(f"{len(prompts)} prompts, {real} tokens ({real / len(prompts):.0f} a prompt) · {args.threads} threads · "

@@ -110,6 +110,14 @@ def as_tuples(out):  # type: ignore[no-untyped-def]
     return [[(g.token_ids, g.finish_reason) for g in gs] for gs in out]
 
 
+def assert_same_outputs(out, want):  # type: ignore[no-untyped-def]
+    """The same tokens and finish reasons, and the chosen tokens' log-probabilities to 1e-9."""
+    assert as_tuples(out) == as_tuples(want)
+    for gs, ws in zip(out, want):
+        for g, w in zip(gs, ws):
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-9)
+
+
 def test_greedy_rows_equal_plain_forward_passes(tiny_model):
     b = backend(tiny_model)
     reqs = tiny_requests()
@@ -293,10 +301,7 @@ def test_prompts_of_different_lengths_prefill_in_groups_with_the_same_outputs(ti
     whole = backend(tiny_model, prefix_cache_bytes=0)
     want = whole.generate(reqs)
     assert whole.prefill_forwards == 1
-    assert as_tuples(out) == as_tuples(want)
-    for gs, ws in zip(out, want):
-        for g, w in zip(gs, ws):
-            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-9)
+    assert_same_outputs(out, want)
 
 
 def test_prompts_sharing_a_long_prefix_prefill_it_once(tiny_model):
@@ -317,10 +322,7 @@ def test_prompts_sharing_a_long_prefix_prefill_it_once(tiny_model):
     plain = backend(tiny_model, prefix_cache_bytes=0)
     want = plain.generate(reqs)
     assert plain.prefill_forwards == 1
-    assert as_tuples(out) == as_tuples(want)
-    for gs, ws in zip(out, want):
-        for g, w in zip(gs, ws):
-            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-9)
+    assert_same_outputs(out, want)
     # a later batch (suffixes too long to join through decode steps) finds the prefix cached: one prefill
     later = [GenerationRequest(system + rng.integers(1, VOCAB, size=40).tolist(), 4, ignore_eos=True) for _ in range(2)]
     b.generate(later)
