@@ -123,6 +123,8 @@ def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time:
 
     fast.linear = linear
     fast._attend = timed("attention kernel", fast._attend)
+    if fast._attend_shared is not None:
+        fast._attend_shared = timed("attention kernel", fast._attend_shared)
     fast._norm = timed("norms", fast._norm)
     fast._write = timed("column writes", fast._write)
     hf._fast = timed("fast", fast)  # the backend calls whatever fast_decoder() returns

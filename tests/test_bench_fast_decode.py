@@ -103,3 +103,14 @@ def test_prefill_groups_bench_runs_fewer_padded_tokens() -> None:
     assert 0 < int(grouped[2]) <= int(one[2]) < real  # fewer padded tokens; the shared prefix ran once
     ratio = re.search(r"^grouped_vs_one_forward: ([\d.]+)$", out.stdout, re.M)
     assert ratio and float(ratio[1]) == pytest.approx(float(one[1]) / float(grouped[1]), rel=0.02), report[-5000:]
+
+
+def test_shared_columns_bench_reads_fewer_columns_for_the_same_tokens() -> None:
+    out = bench("shared_columns.py", "--problems", "2", "--rounds", "1", "--threads", "2")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    share = dict(re.findall(r"^(own|shared)\s+\d+ tokens .* a step, (\d+)% of the columns a group's", out.stdout, re.M))
+    assert set(share) == {"own", "shared"}, report[-5000:]
+    assert int(share["own"]) == 0 and int(share["shared"]) > 0, report[-5000:]
+    assert re.search(r"the same tokens both ways: True$", out.stdout, re.M), report[-5000:]
+    assert re.search(r"^shared_vs_own_columns: [\d.]+ \(", out.stdout, re.M), report[-5000:]

@@ -215,3 +215,57 @@ def test_native_batches_skip_zeroing_the_slots_and_never_read_an_unwritten_colum
         for x, y in zip(a, c):
             assert np.isfinite(x.logprobs).all()
             np.testing.assert_array_equal(x.top_logprobs, y.top_logprobs)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64():
+    """A random 2-layer Llama with SmolLM2's head size (64) and query heads per KV head (3), float32: the
+    shape the shared-columns attention has its vector path for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=64, hidden_size=384, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def test_samples_of_a_request_read_their_shared_prompt_once_with_the_same_outputs(tiny_llama64, monkeypatch) -> None:
+    """A request's k samples hold copies of one prefill's prompt columns; the decode step's attention reads
+    them once for the group (``decode_attention_shared``). Every token and log-probability is, to the bit,
+    what the rows give each reading its own copy, with rows retiring at different steps (the group's first
+    row, whose slot the others read, among them)."""
+    from marco.llm import hf
+
+    b = tiny_backend(tiny_llama64)
+    fast = b.fast_decoder()
+    assert fast is not None
+    groups: list[int] = []
+    inner = fast._attend_shared
+
+    def counting(q, k, v, lens, src, split, scale):  # type: ignore[no-untyped-def]
+        groups.append(int((src != torch.arange(len(src))).sum()))
+        return inner(q, k, v, lens, src, split, scale)
+
+    monkeypatch.setattr(fast, "_attend_shared", counting)
+    rng = np.random.default_rng(3)
+    reqs = [GenerationRequest(rng.integers(1, 64, size=int(rng.integers(20, 70))).tolist(), int(rng.integers(8, 40)),
+                              temperature=0.9, n=3, seed=i) for i in range(5)]
+    shared, _ = run(b, reqs, True)
+    assert max(groups) > 0  # rows did read another row's columns
+    original = hf._DecodeBatch._shared_columns
+
+    def alone(self):  # type: ignore[no-untyped-def]
+        src, split = original(self)
+        return torch.arange(len(src)), split
+
+    monkeypatch.setattr(hf._DecodeBatch, "_shared_columns", alone)
+    groups.clear()
+    own, _ = run(b, reqs, True)
+    assert groups and max(groups) == 0
+    uneven = 0
+    for a, c in zip(shared, own):
+        assert [g.token_ids for g in a] == [g.token_ids for g in c]
+        uneven += len({len(g.token_ids) for g in a}) > 1
+        for x, y in zip(a, c):
+            assert x.logprobs == y.logprobs and x.top_logprobs == y.top_logprobs
+    assert uneven  # some request's samples finished at different steps (end of sequence)

@@ -57,6 +57,37 @@ def test_kernel_equals_masked_softmax_attention(op, dtype, tol, dim, group, entr
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dim,group", [(64, 3), (128, 2), (32, 4)])
+def test_rows_sharing_their_first_columns_read_them_once_with_the_same_results(op, dtype, tol, dim, group):
+    """decode_attention_shared: rows whose first ``split`` columns copy another row's (the samples of one
+    request) give, to the bit, what they give reading their own copies; within the tolerance of plain
+    attention. A group larger than one task holds (32 queries) is read in several tasks, with the same results."""
+    g = torch.Generator().manual_seed(dim * group)
+    rows, kv_heads, cols = 24, 2, 150
+    q = torch.randn(rows, kv_heads * group, dim, generator=g).to(dtype)
+    k, v = (torch.randn(rows + 2, kv_heads, cols, dim, generator=g).to(dtype) for _ in range(2))
+    # rows 0..15 share 70 columns with row 0; rows 16..18 share 33 with row 16; 19 shares 31 with nobody;
+    # 20..23 read alone (split 0)
+    src = torch.tensor([0] * 16 + [16] * 3 + [19, 20, 21, 22, 23])
+    split = torch.tensor([70] * 16 + [33] * 3 + [31, 0, 0, 0, 0])
+    for r in range(rows):
+        k[r, :, : split[r]], v[r, :, : split[r]] = k[src[r], :, : split[r]], v[src[r], :, : split[r]]
+    lens = torch.cat([torch.randint(69, cols, (16,), generator=g), torch.tensor([32, 40, 149, 30, 0, 1, 31, 149])])
+    scale = dim**-0.5
+    shared = torch.ops.marco.decode_attention_shared
+    got = shared(q, k, v, lens, src, split, scale)
+    assert torch.equal(got, shared(q, k, v, lens, torch.arange(rows), split, scale))
+    assert (got.float() - reference(q, k, v, lens, scale).float()).abs().max().item() <= tol
+    no_split = torch.zeros(rows, dtype=torch.long)
+    assert torch.equal(shared(q, k, v, lens, torch.arange(rows), no_split, scale), op(q, k, v, lens, scale))
+    with pytest.raises(RuntimeError, match="its own source"):
+        shared(q, k, v, lens, torch.tensor([1, 2] + [2] * (rows - 2)), split, scale)
+    with pytest.raises(RuntimeError, match="split must be"):
+        shared(q, k, v, lens, src, torch.tensor([70] * 15 + [60] + [33] * 3 + [31, 0, 0, 0, 0]), scale)
+
+
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_is_transformers_rotary_embedding_to_the_bit(op, dtype):
     """``rotary`` on a slice of a fused q/k/v projection (strided rows) against transformers' own

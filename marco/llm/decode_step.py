@@ -28,7 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from marco.llm.kernels import decode_attention_op, rms_norm_op, rotary_op, write_column_op
+from marco.llm.kernels import (
+    decode_attention_op, decode_attention_shared_op, rms_norm_op, rotary_op, write_column_op,
+)
 from marco.llm.kvcache import SlotKVCache
 
 ENV = "MARCO_FAST_DECODE"
@@ -191,6 +193,7 @@ class LlamaDecode:
         self.dtype = model.dtype
         self._cos = self._sin = torch.empty(0)
         self._attend = decode_attention_op()
+        self._attend_shared = decode_attention_shared_op()
         self._norm = rms_norm_op()
         self._write = write_column_op()
         self._rope = rotary_op()
@@ -206,10 +209,22 @@ class LlamaDecode:
         return self._cos[positions], self._sin[positions]
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: SlotKVCache) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: SlotKVCache,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``shared``: ``(src, split)`` per row, rows whose first ``split`` columns equal row ``src``'s (the
+        samples of one request), which the attention reads once for all of them (``decode_attention_shared``)."""
         n, h, kvh, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         cos, sin = self._rotary(positions)
-        norm, attend, write, linear, rope = self._norm, self._attend, self._write, self.linear, self._rope
+        norm, write, linear, rope = self._norm, self._write, self.linear, self._rope
+        if shared is not None and self._attend_shared is not None:
+            src, split, attend_shared = shared[0], shared[1], self._attend_shared
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+                return attend_shared(q, k, v, lens, src, split, scale)
+        else:
+            attend = self._attend
         x = F.embedding(tokens, self.embed)
         for i, w in enumerate(self.layers):
             a = norm(x, w.ln1, w.eps1)

@@ -480,6 +480,8 @@ class _DecodeBatch:
         self.fast = backend.fast_decoder()
         self.logits: torch.Tensor | None = None
         self.rows: list[_Row] = []  # live rows, in slot order
+        self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # _shared_columns of these rows
+        self._next_share = 0
         self.pending: dict[int, list[_Row | None]] = {}  # request id -> its rows (None: not admitted yet)
         self.eos = torch.tensor(backend.eos_ids, device=self.device)
 
@@ -530,12 +532,20 @@ class _DecodeBatch:
         if fed:
             self._add_fed(fed)
 
-    def _new_rows(self, rid: int, req: GenerationRequest, first: int, count: int, feed: Sequence[int] = ()) -> list["_Row"]:
+    def _new_rows(
+        self, rid: int, req: GenerationRequest, first: int, count: int, split: int, feed: Sequence[int] = (),
+    ) -> list["_Row"]:
+        """Rows for samples ``first .. first + count - 1`` of a request, whose slots will hold one copy each of
+        the same ``split`` first columns."""
         b = self.b
         rows = self.pending.setdefault(rid, [None] * req.n)
+        share = self._next_share if count > 1 else -1
+        self._next_share += 1
+        self._shared = None
         for j in range(first, first + count):
             rows[j] = _Row(rid, j, req, _row_generator(req.seed, j, self.device) if req.temperature > 0 else None,
-                           b._stop_mask(tuple(req.stop)) if req.stop else None, feed=list(feed))
+                           b._stop_mask(tuple(req.stop)) if req.stop else None, feed=list(feed), share=share,
+                           split=split)
         return rows[first : first + count]  # type: ignore[return-value]
 
     def _add_fed(self, items: list[tuple[int, GenerationRequest, int, int]]) -> None:
@@ -547,7 +557,7 @@ class _DecodeBatch:
         for rid, req, first, count in items:
             entry, m = b.prefix_cache.lookup(req.prompt_ids)
             assert entry is not None and m > 0
-            new_rows.extend(self._new_rows(rid, req, first, count, req.prompt_ids[m:]))
+            new_rows.extend(self._new_rows(rid, req, first, count, m, req.prompt_ids[m:]))
             hits.append((entry, m, count))
         b.fed_rows += len(new_rows)
         start = slots.rows
@@ -583,7 +593,7 @@ class _DecodeBatch:
         new_rows: list[_Row] = []
         fan: list[int] = []
         for u, (rid, req, first, count) in enumerate(items):
-            new_rows.extend(self._new_rows(rid, req, first, count))
+            new_rows.extend(self._new_rows(rid, req, first, count, len(req.prompt_ids)))
             fan.extend([u] * count)
         prompts = [list(req.prompt_ids) for _, req, _, _ in items]
         b.prefill_forwards += 1
@@ -611,6 +621,16 @@ class _DecodeBatch:
         logits = logits[fan_t]
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.rows.extend(new_rows)
+
+    def _shared_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(src, split)`` for the attention: each live row's first ``split`` columns are a copy of those of
+        row ``src`` (the first live row of its admission group, see :attr:`_Row.share`)."""
+        if self._shared is None:
+            first: dict[int, int] = {}
+            src = [first.setdefault(r.share, i) if r.share >= 0 else i for i, r in enumerate(self.rows)]
+            split = [r.split for r in self.rows]
+            self._shared = (torch.tensor(src, dtype=torch.long), torch.tensor(split, dtype=torch.long))
+        return self._shared
 
     def step(self) -> list[tuple[int, list[Generation]]]:
         """Sample one token for every row, retire finished rows, and run the model on the rest."""
@@ -667,6 +687,8 @@ class _DecodeBatch:
             if all(s is not None and s.done for s in siblings):
                 del self.pending[row.rid]
                 done.append((row.rid, [s.generation(b) for s in siblings if s is not None]))
+        if len(keep) != len(rows):
+            self._shared = None
         if not keep:
             self.rows, self.logits = [], None
             self.slots.release()
@@ -688,7 +710,7 @@ class _DecodeBatch:
         # the native kernel reads each row's own columns; the other paths the whole block
         b.attention_columns += attended if not self.slots.zero_fill else width * len(self.slots.lens)
         if self.fast is not None:
-            self.logits = self.fast(next_tok, lens, self.slots)
+            self.logits = self.fast(next_tok, lens, self.slots, self._shared_columns())
             b.fast_steps += 1
             self.slots.lens = [n + 1 for n in self.slots.lens]
             return done
@@ -752,6 +774,10 @@ class _Row:
     finish: str = "length"
     done: bool = False
     feed: list[int] = field(default_factory=list)  # prompt tokens still to run before the first draw
+    # rows admitted together for one request hold copies of the same first `split` columns in their slots
+    # (one prefill, or one cached prefix): `share` names that group (-1: alone), see _shared_columns
+    share: int = -1
+    split: int = 0
 
     def generation(self, backend: HFBackend) -> Generation:
         return Generation(

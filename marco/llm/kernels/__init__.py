@@ -130,6 +130,13 @@ def _self_check(op: Callable[..., torch.Tensor]) -> None:
             raise RuntimeError(f"self-check failed: {dtype} error {err:.3g} > {tol:g}")
 
 
+def decode_attention_shared_op() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.marco.decode_attention_shared(q, k, v, lens, src, split, scale)`` where the library loaded:
+    :func:`decode_attention_op` for rows whose first ``split`` columns equal row ``src``'s, which it reads once
+    for the whole group where it has the vector path (see decode_attention.cpp)."""
+    return torch.ops.marco.decode_attention_shared if decode_attention_op() is not None else None
+
+
 def logit_stats_op() -> Callable[..., list[torch.Tensor]] | None:
     """``torch.ops.marco.logit_stats(logits, temps, k)`` -> ``[lse, lse of logits / temps, top-k values,
     top-k ids]`` where the library loaded (see :func:`decode_attention_op` and :func:`logit_stats_reference`)."""

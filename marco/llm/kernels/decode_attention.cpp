@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -322,6 +323,144 @@ inline float sum8(__m256 x) {
   return _mm_cvtss_f32(_mm_hadd_ps(h, h));
 }
 
+// Columns [c_begin, c_end) of one KV head (kbase, vbase: its column 0) for nq queries: scores in blocks of BLOCK
+// columns from c_begin, the online softmax's running max m, sum l and weighted values acc carried over from
+// whatever columns the queries saw before. The next block's keys and values are asked for column by column as
+// this block's are computed (a burst at the block's start filled the core's miss buffers).
+template <int64_t DIM>
+inline void attend_columns_avx2(const float* kbase, const float* vbase, int64_t c_begin, int64_t c_end, int64_t nq,
+                                const __m256 (*qv)[DIM / 8], __m256 (*acc)[DIM / 8], float* m, float* l,
+                                float (*s)[BLOCK]) {
+  constexpr int64_t W = DIM / 8;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BLOCK) {
+    const int64_t cn = std::min(BLOCK, c_end - c0);
+    const int64_t ahead = std::min(BLOCK, std::max<int64_t>(c_end - c0 - BLOCK, 0));
+    int64_t j = 0;
+    for (; j + 4 <= cn; j += 4) {
+      const float* k0 = kbase + (c0 + j) * DIM;
+      for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
+        for (int64_t b = 0; b < DIM * 4; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(k0 + (BLOCK + c) * DIM) + b);
+      for (int64_t g = 0; g < nq; ++g) {
+        __m256 d[4];
+        for (int64_t c = 0; c < 4; ++c) {
+          __m256 x = _mm256_mul_ps(qv[g][0], _mm256_loadu_ps(k0 + c * DIM));
+          for (int64_t w = 1; w < W; ++w) x = _mm256_fmadd_ps(qv[g][w], _mm256_loadu_ps(k0 + c * DIM + w * 8), x);
+          d[c] = x;
+        }
+        _mm_storeu_ps(&s[g][j], sum4x8(d[0], d[1], d[2], d[3]));
+      }
+    }
+    for (; j < cn; ++j) {
+      const float* kj = kbase + (c0 + j) * DIM;
+      for (int64_t g = 0; g < nq; ++g) {
+        __m256 x = _mm256_mul_ps(qv[g][0], _mm256_loadu_ps(kj));
+        for (int64_t w = 1; w < W; ++w) x = _mm256_fmadd_ps(qv[g][w], _mm256_loadu_ps(kj + w * 8), x);
+        s[g][j] = sum8(x);
+      }
+    }
+    for (int64_t g = 0; g < nq; ++g) {
+      float best = m[g];
+      for (int64_t jj = 0; jj < cn; ++jj) best = std::max(best, s[g][jj]);
+      const float correction = exp_nonpositive(m[g] - best);
+      m[g] = best;
+      const __m256 bv = _mm256_set1_ps(best);
+      __m256 total = _mm256_setzero_ps();
+      int64_t j0 = 0;
+      for (; j0 + 8 <= cn; j0 += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][j0]), bv));
+        _mm256_store_ps(&s[g][j0], p);
+        total = _mm256_add_ps(total, p);
+      }
+      float sum = sum8(total);
+      for (; j0 < cn; ++j0) {
+        s[g][j0] = exp_nonpositive(s[g][j0] - best);
+        sum += s[g][j0];
+      }
+      l[g] = l[g] * correction + sum;
+      const __m256 c = _mm256_set1_ps(correction);
+      for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm256_mul_ps(acc[g][w], c);
+    }
+    for (int64_t jj = 0; jj < cn; ++jj) {
+      const float* vj = vbase + (c0 + jj) * DIM;
+      if (jj < ahead)
+        for (int64_t b = 0; b < DIM * 4; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vj + BLOCK * DIM) + b);
+      for (int64_t g = 0; g < nq; ++g) {
+        const __m256 p = _mm256_set1_ps(s[g][jj]);
+        for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + w * 8), acc[g][w]);
+      }
+    }
+  }
+}
+
+// The rows of one task: rows[0..count) share their first `split` columns (read once, from rows[0]'s slot,
+// for all their queries together), then each row reads its own columns [split, n).
+struct RowGroup {
+  int64_t split;
+  int64_t cost;  // columns read, for the schedule
+  std::vector<int64_t> rows;
+};
+
+template <int64_t DIM>
+void run_avx2_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+                     const std::vector<RowGroup>& groups, double scale, at::Tensor& out) {
+  constexpr int64_t W = DIM / 8;
+  constexpr int64_t QMAX = 32;
+  const int64_t heads = q.size(1);
+  const int64_t kv_heads = k.size(1), cols = k.size(2);
+  const int64_t group = heads / kv_heads;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t tasks = static_cast<int64_t>(groups.size()) * kv_heads;
+
+  // tasks differ in size (a group reads for several rows): threads take the next task when done, largest first
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    alignas(32) float s[QMAX][BLOCK];
+    __m256 qv[QMAX][W], acc[QMAX][W];
+    float m[QMAX], l[QMAX];
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const RowGroup& grp = groups[task / kv_heads];
+      const int64_t h = task % kv_heads;
+      const int64_t count = static_cast<int64_t>(grp.rows.size());
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = grp.rows[i];
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t x = i * group + g;
+          for (int64_t w = 0; w < W; ++w) {
+            qv[x][w] = _mm256_mul_ps(_mm256_loadu_ps(qp + (r * heads + h * group + g) * DIM + w * 8), _mm256_set1_ps(fscale));
+            acc[x][w] = _mm256_setzero_ps();
+          }
+          m[x] = -std::numeric_limits<float>::infinity();
+          l[x] = 0.f;
+        }
+      }
+      const int64_t lead = grp.rows[0];
+      const float* kl = kp + (lead * kv_heads + h) * cols * DIM;
+      const float* vl = vp + (lead * kv_heads + h) * cols * DIM;
+      attend_columns_avx2<DIM>(kl, vl, 0, grp.split, count * group, qv, acc, m, l, s);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = grp.rows[i];
+        const int64_t n = std::min(lp[r] + 1, cols);
+        const float* kr = kp + (r * kv_heads + h) * cols * DIM;
+        const float* vr = vp + (r * kv_heads + h) * cols * DIM;
+        const int64_t x = i * group;
+        attend_columns_avx2<DIM>(kr, vr, grp.split, n, group, qv + x, acc + x, m + x, l + x, s + x);
+        for (int64_t g = 0; g < group; ++g) {
+          const __m256 inv = _mm256_set1_ps(l[x + g] > 0.f ? 1.f / l[x + g] : 0.f);
+          float* og = op + (r * heads + h * group + g) * DIM;
+          for (int64_t w = 0; w < W; ++w) _mm256_storeu_ps(og + w * 8, _mm256_mul_ps(acc[x + g][w], inv));
+        }
+      }
+    }
+  });
+}
+
 template <int64_t DIM>
 void run_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, double scale,
               at::Tensor& out) {
@@ -344,8 +483,6 @@ void run_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t n = std::min(lp[r] + 1, cols);
-      const float* kbase = kp + (r * kv_heads + h) * cols * DIM;
-      const float* vbase = vp + (r * kv_heads + h) * cols * DIM;
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t w = 0; w < W; ++w) {
           qv[g][w] = _mm256_mul_ps(_mm256_loadu_ps(qp + (r * heads + h * group + g) * DIM + w * 8),
@@ -355,66 +492,8 @@ void run_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         m[g] = -std::numeric_limits<float>::infinity();
         l[g] = 0.f;
       }
-      for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
-        const int64_t cn = std::min(BLOCK, n - c0);
-        // the next block's keys and values, asked for column by column as in run_avx512
-        const int64_t ahead = std::min(BLOCK, std::max<int64_t>(n - c0 - BLOCK, 0));
-        int64_t j = 0;
-        for (; j + 4 <= cn; j += 4) {
-          const float* k0 = kbase + (c0 + j) * DIM;
-          for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
-            for (int64_t b = 0; b < DIM * 4; b += 64)
-              __builtin_prefetch(reinterpret_cast<const char*>(k0 + (BLOCK + c) * DIM) + b);
-          for (int64_t g = 0; g < group; ++g) {
-            __m256 d[4];
-            for (int64_t c = 0; c < 4; ++c) {
-              __m256 x = _mm256_mul_ps(qv[g][0], _mm256_loadu_ps(k0 + c * DIM));
-              for (int64_t w = 1; w < W; ++w) x = _mm256_fmadd_ps(qv[g][w], _mm256_loadu_ps(k0 + c * DIM + w * 8), x);
-              d[c] = x;
-            }
-            _mm_storeu_ps(&s[g][j], sum4x8(d[0], d[1], d[2], d[3]));
-          }
-        }
-        for (; j < cn; ++j) {
-          const float* kj = kbase + (c0 + j) * DIM;
-          for (int64_t g = 0; g < group; ++g) {
-            __m256 x = _mm256_mul_ps(qv[g][0], _mm256_loadu_ps(kj));
-            for (int64_t w = 1; w < W; ++w) x = _mm256_fmadd_ps(qv[g][w], _mm256_loadu_ps(kj + w * 8), x);
-            s[g][j] = sum8(x);
-          }
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          float best = m[g];
-          for (int64_t jj = 0; jj < cn; ++jj) best = std::max(best, s[g][jj]);
-          const float correction = exp_nonpositive(m[g] - best);
-          m[g] = best;
-          const __m256 bv = _mm256_set1_ps(best);
-          __m256 total = _mm256_setzero_ps();
-          int64_t j0 = 0;
-          for (; j0 + 8 <= cn; j0 += 8) {
-            const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(&s[g][j0]), bv));
-            _mm256_store_ps(&s[g][j0], p);
-            total = _mm256_add_ps(total, p);
-          }
-          float sum = sum8(total);
-          for (; j0 < cn; ++j0) {
-            s[g][j0] = exp_nonpositive(s[g][j0] - best);
-            sum += s[g][j0];
-          }
-          l[g] = l[g] * correction + sum;
-          const __m256 c = _mm256_set1_ps(correction);
-          for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm256_mul_ps(acc[g][w], c);
-        }
-        for (int64_t jj = 0; jj < cn; ++jj) {
-          const float* vj = vbase + (c0 + jj) * DIM;
-          if (jj < ahead)
-            for (int64_t b = 0; b < DIM * 4; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(vj + BLOCK * DIM) + b);
-          for (int64_t g = 0; g < group; ++g) {
-            const __m256 p = _mm256_set1_ps(s[g][jj]);
-            for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + w * 8), acc[g][w]);
-          }
-        }
-      }
+      attend_columns_avx2<DIM>(kp + (r * kv_heads + h) * cols * DIM, vp + (r * kv_heads + h) * cols * DIM, 0, n, group,
+                               qv, acc, m, l, s);
       for (int64_t g = 0; g < group; ++g) {
         const __m256 inv = _mm256_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
         float* og = op + (r * heads + h * group + g) * DIM;
@@ -463,6 +542,66 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     run<float>(q, k, v, lens, scale, out);
   }
   return out;
+}
+
+// decode_attention for rows that share their first columns. src: [rows] int64, split: [rows] int64. Row r's
+// columns [0, split[r]) hold the same keys and values as row src[r]'s (the k samples of a request copied
+// from one prefill), src[src[r]] == src[r] and split[r] == split[src[r]]. Each row's result is computed in blocks
+// over [0, split) and then over [split, n): the same arithmetic whether or not its group shares the reads,
+// so a row's output does not depend on which other rows are in the batch. With AVX2 (float32), a group's
+// shared columns are read once, from its lead's slot, for all its queries together (the prompt is most of
+// a row's context and the kernel waits on memory). Elsewhere this is decode_attention.
+at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+                                   const at::Tensor& src, const at::Tensor& split, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q [rows, heads, dim], k and v [rows, kv_heads, cols, dim]");
+  const int64_t rows = q.size(0), cols = k.size(2);
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == rows, "lens: [rows] int64");
+  TORCH_CHECK(src.scalar_type() == at::kLong && src.is_contiguous() && src.numel() == rows, "src: [rows] int64");
+  TORCH_CHECK(split.scalar_type() == at::kLong && split.is_contiguous() && split.numel() == rows, "split: [rows] int64");
+  const int64_t* sp = src.data_ptr<int64_t>();
+  const int64_t* pp = split.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t lead = sp[r];
+    TORCH_CHECK(lead >= 0 && lead < rows && sp[lead] == lead, "src must name a row that is its own source");
+    TORCH_CHECK(pp[r] == pp[lead] && pp[r] >= 0 && pp[r] <= std::min(lp[r] + 1, cols),
+                "split must be its source's and within the row's columns");
+  }
+#if defined(__AVX2__) && defined(__FMA__)
+  if (q.scalar_type() == at::kFloat && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 8 &&
+      (q.size(2) == 64 || q.size(2) == 128)) {
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
+    TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
+    TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "one dtype");
+    const int64_t group = q.size(1) / k.size(1);
+    const int64_t per_task = std::max<int64_t>(1, 32 / group);  // QMAX queries a task
+    std::vector<int64_t> slot(rows, -1);  // lead row -> its open group in `groups`
+    std::vector<RowGroup> groups;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t lead = sp[r];
+      if (slot[lead] < 0 || static_cast<int64_t>(groups[slot[lead]].rows.size()) == per_task) {
+        slot[lead] = static_cast<int64_t>(groups.size());
+        groups.push_back(RowGroup{pp[r], 0, {}});
+      }
+      groups[slot[lead]].rows.push_back(r);
+    }
+    for (RowGroup& g : groups) {
+      const int64_t count = static_cast<int64_t>(g.rows.size());
+      g.cost = g.split * (count + 1) / 2;
+      for (int64_t r : g.rows) g.cost += std::min(lp[r] + 1, cols) - g.split;
+    }
+    std::stable_sort(groups.begin(), groups.end(), [](const RowGroup& a, const RowGroup& b) { return a.cost > b.cost; });
+    at::Tensor out = at::empty_like(q);
+    if (q.size(2) == 64)
+      run_avx2_groups<64>(q, k, v, lens, groups, scale, out);
+    else
+      run_avx2_groups<128>(q, k, v, lens, groups, scale, out);
+    return out;
+  }
+#endif
+  // no vector path for this dtype or shape: every row reads its own columns, in blocks from column 0 (there is
+  // no grouping to be independent of)
+  return decode_attention(q, k, v, lens, scale);
 }
 
 // One pass a row over a decode step's next-token logits [rows, vocab] (float32): the log-sum-exp of the raw
@@ -721,6 +860,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 
 TORCH_LIBRARY(marco, lib) {
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
+  lib.def("decode_attention_shared(Tensor q, Tensor k, Tensor v, Tensor lens, Tensor src, Tensor split, float scale) -> Tensor");
   lib.def("logit_stats(Tensor logits, Tensor temps, int k) -> Tensor[]");
   lib.def("decode_attention_portable(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
   lib.def("write_column(Tensor(a!) buf, Tensor x, Tensor lens) -> ()");
@@ -730,6 +870,7 @@ TORCH_LIBRARY(marco, lib) {
 
 TORCH_LIBRARY_IMPL(marco, CPU, lib) {
   lib.impl("decode_attention", &decode_attention);
+  lib.impl("decode_attention_shared", &decode_attention_shared);
   lib.impl("decode_attention_portable", &decode_attention_portable);
   lib.impl("logit_stats", &logit_stats);
   lib.impl("write_column", &write_column);
