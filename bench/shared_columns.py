@@ -8,7 +8,7 @@ the same search both ways on the bundled model in one process, in alternation (t
 between runs), from an empty prefix cache each time, and prints tokens/s, the attention kernel's time a
 step and the ratio. Both ways give the same tokens: a row's arithmetic does not depend on the grouping.
 
-Usage: python bench/shared_columns.py [--problems 64] [--rounds 2] [--threads 2]
+Usage: python bench/shared_columns.py [--problems 64] [--rounds 2] [--budget 1024] [--threads 2]
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=64, help="problems searched in lockstep (marco run's --chunk)")
     ap.add_argument("--rounds", type=int, default=2, help="own/shared pairs")
+    ap.add_argument("--budget", type=int, default=1024, help="tokens per search (the CLI default)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    task, problems, config = mcts_batch(args.problems)
+    task, problems, config = mcts_batch(args.problems, args.budget)
     hf = load_backend("smollm2")
     hf.generate([GenerationRequest(hf.encode("Hello"), 4)])
     fast = hf.fast_decoder()

@@ -106,7 +106,7 @@ def test_prefill_groups_bench_runs_fewer_padded_tokens() -> None:
 
 
 def test_shared_columns_bench_reads_fewer_columns_for_the_same_tokens() -> None:
-    out = bench("shared_columns.py", "--problems", "2", "--rounds", "1", "--threads", "2")
+    out = bench("shared_columns.py", "--problems", "2", "--rounds", "1", "--budget", "384", "--threads", "2")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     share = dict(re.findall(r"^(own|shared)\s+\d+ tokens .* a step, (\d+)% of the columns a group's", out.stdout, re.M))
