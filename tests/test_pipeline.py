@@ -351,7 +351,7 @@ def test_small_pipeline_end_to_end_through_celery_workers(pg_database, redis_url
         # also trains on gold CoT (as Marco-o1-CoT did): the pipeline runs whether its synthesis kept any.
         gold = tmp_path / "gold.jsonl"
         gold.write_text("".join(json.dumps(r) + "\n" for r in gold_cot_rows("arith-train", 1000, 8)))
-        search = {**TINY_SEARCH, "budget": 1000, "max_answer_tokens": 384, "temperature": 0.3}
+        search = {**TINY_SEARCH, "budget": 640, "max_answer_tokens": 384, "temperature": 0.3}
         sft = {**spec_dict(tmp_path)["sft"], "sources": [{"path": str(gold), "weight": 1.0}]}
         spec = PipelineSpec.from_dict(spec_dict(tmp_path, search=search, synthesize={"correct_only": False, "top_k": 4},
                                                 train={"langs": ["en"], "start": 0, "limit": 4}, chunk=2, sft=sft))  # fmt: skip
