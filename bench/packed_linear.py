@@ -5,7 +5,9 @@ fused): in bfloat16 so that a matmul does not reorder its weight on every call, 
 sgemm beats MKL's on the CPU. This times SmolLM2's 30 layers of projections (random weights of its shapes,
 each layer its own tensors, so they stream from memory as in a real step) and then its LM head at several
 batch widths, both ways alternately, and checks the outputs: the same to the bit in bfloat16 (one kernel),
-the largest difference in float32 (two libraries).
+the largest difference in float32 (two libraries). In float32 where the native panel kernel builds
+(``marco/llm/kernels/linear.cpp``, AVX2 and FMA) it also times that against the packed oneDNN products, in a
+second table whose lines start with ``panels``, and prints ``panels_vs_packed_at_64_rows``.
 
 Last line: ``packed_vs_plain_at_64_rows`` (plain time / packed time, layers and LM head together).
 
@@ -26,7 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.attention_decode import median_ms  # noqa: E402
-from marco.llm.decode_step import _pack, _packed_linear  # noqa: E402
+from marco.llm.decode_step import Panels, _pack, _packed_linear, _panels_linear  # noqa: E402
+from marco.llm.kernels import linear_panels_op  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, MLP 1536, 30 layers
 SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
@@ -59,6 +62,14 @@ def main() -> None:
                "gate_up": pack(torch.cat([w["gate"], w["up"]])), "down": pack(w["down"])} for w in layers]
     head = (torch.randn(VOCAB, 576, generator=g) * 0.05).to(dtype)
     head_packed = pack(head)
+    use_panels = dtype == torch.float32 and linear_panels_op() is not None
+    if use_panels:
+        panels = [{"qkv": Panels.of(torch.cat([w["q"], w["k"], w["v"]])), "o": Panels.of(w["o"]),
+                   "gate_up": Panels.of(torch.cat([w["gate"], w["up"]])), "down": Panels.of(w["down"])}
+                  for w in layers]
+        head_panels = Panels.of(head)
+    panel_lines: list[str] = []
+    panel_ratios: dict[int, float] = {}
     print(f"SmolLM2's {LAYERS} layers of projections and its LM head, {str(dtype).removeprefix('torch.')}, "
           f"{args.threads} threads, load {os.getloadavg()[0]:.1f}")
     print(f"{'rows':>5}{'F.linear ms':>13}{'packed ms':>11}{'ratio':>8}{'head F.linear':>15}{'head packed':>13}"
@@ -94,6 +105,33 @@ def main() -> None:
         ratios[rows] = (min(a) + min(c)) / (min(b) + min(d))
         print(f"{rows:>5}{min(a):>13.1f}{min(b):>11.1f}{min(a) / min(b):>8.2f}{min(c):>15.1f}{min(d):>13.1f}"
               f"{min(c) / min(d):>8.2f}  {diff:.2g}")
+        if use_panels:
+            def native() -> None:
+                for w in panels:
+                    for name in ("qkv", "o", "gate_up"):
+                        _panels_linear(x, w[name])
+                    _panels_linear(h, w["down"])
+
+            pairs = [(_panels_linear(x, panels[0]["qkv"]), packed_linear(x, packed[0]["qkv"])),
+                     (_panels_linear(h, panels[0]["down"]), packed_linear(h, packed[0]["down"])),
+                     (_panels_linear(x, head_panels), packed_linear(x, head_packed))]
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+            e, f, k, m = [], [], [], []
+            for _ in range(2):
+                e.append(median_ms(fast, args.reps))
+                f.append(median_ms(native, args.reps))
+                k.append(median_ms(lambda: packed_linear(x, head_packed), args.reps))
+                m.append(median_ms(lambda: _panels_linear(x, head_panels), args.reps))
+            panel_ratios[rows] = (min(e) + min(k)) / (min(f) + min(m))
+            panel_lines.append(f"panels{rows:>5}{min(e):>11.1f}{min(f):>11.1f}{min(e) / min(f):>8.2f}{min(k):>13.1f}"
+                               f"{min(m):>13.1f}{min(k) / min(m):>8.2f}  {diff:.2g}")
+    if panel_lines:
+        print(f"\nthe packed products against the native panel kernel (linear.cpp), load {os.getloadavg()[0]:.1f}")
+        print(f"{'':6}{'rows':>5}{'packed ms':>11}{'panels ms':>11}{'ratio':>8}{'head packed':>13}{'head panels':>13}"
+              f"{'ratio':>8}  max difference")
+        print("\n".join(panel_lines))
+        key = 64 if 64 in panel_ratios else max(panel_ratios)
+        print(f"panels_vs_packed_at_{key}_rows: {panel_ratios[key]:.3f}")
     key = 64 if 64 in ratios else max(ratios)
     print(f"packed_vs_plain_at_{key}_rows: {ratios[key]:.3f}")
 

@@ -6,8 +6,9 @@ norms, activations and softmax are left out (they are a few MFLOP against ~0.27 
 
 ``matmul_roofline(config, rows, dtype)``: times ``torch.nn.functional.linear``, and oneDNN's matmul on a weight
 prepacked once (``marco.llm.decode_step``'s packed weights) where oneDNN runs the dtype, on ``rows`` x ``in``
-inputs for every linear shape of one decoder layer and the LM head, with the threads torch is set to; the
-faster of the two counts for each shape (the fastest matmul this CPU offers). It returns the effective rate at the model's mix of shapes (all of one token's linear FLOPs / the time to do them at
+inputs for every linear shape of one decoder layer and the LM head, with the threads torch is set to, and in
+float32 the project's panel kernel (``marco/llm/kernels/linear.cpp``) where it builds; the fastest counts for
+each shape (the fastest matmul this CPU offers). It returns the effective rate at the model's mix of shapes (all of one token's linear FLOPs / the time to do them at
 the measured rates). The decode limit in tokens/s is that rate / the FLOPs per token: what an engine could
 reach if nothing but those matmuls ran and attention ran at the same rate.
 
@@ -80,14 +81,29 @@ def packing_available(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def panels_available(dtype: torch.dtype) -> bool:
+    """Whether the project's float32 panel kernel runs here (AVX2 and FMA; ``marco/llm/kernels/linear.cpp``)."""
+    if dtype != torch.float32:
+        return False
+    from marco.llm.kernels import linear_panels_op
+
+    return linear_panels_op() is not None
+
+
 def time_linear(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, seconds: float = 0.3,
-                packed: bool = False) -> float:
+                packed: bool = False, panels: bool = False) -> float:
     """GFLOP/s of ``linear(x[rows, in], w[out, in])``: the best of repeated timings over ``seconds``
     (best, not mean: other processes share the cores and only ever slow a run down). ``packed``: oneDNN's
-    matmul on ``w`` reordered once into its blocked layout, as the fast decode step multiplies."""
+    matmul on ``w`` reordered once into its blocked layout, as the fast decode step multiplies. ``panels``:
+    the panel kernel on ``w`` packed once (float32)."""
     x = torch.randn(rows, fan_in).to(dtype)
     w = (torch.randn(fan_out, fan_in) / fan_in**0.5).to(dtype)
-    if packed:
+    if panels:
+        pw = torch.ops.marco.pack_panels(w)
+
+        def call() -> torch.Tensor:
+            return torch.ops.marco.linear_panels(x, pw, fan_out)
+    elif packed:
         pw = torch.ops.mkldnn._reorder_linear_weight(w, rows)
 
         def call() -> torch.Tensor:
@@ -117,6 +133,8 @@ def matmul_roofline(config: Any, rows: int = 64, dtype: torch.dtype = torch.floa
         rate = time_linear(rows, fan_in, fan_out, dtype)
         if packing_available(dtype):
             rate = max(rate, time_linear(rows, fan_in, fan_out, dtype, packed=True))
+        if panels_available(dtype):
+            rate = max(rate, time_linear(rows, fan_in, fan_out, dtype, panels=True))
         per_shape.append((fan_in, fan_out, rate))
         f = 2.0 * fan_in * fan_out * count  # per token
         flops += f

@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from marco.llm.base import GenerationRequest
-from marco.llm.decode_step import PACK_ENV, LlamaDecode, pack_weights_wanted, packed_float32_pays, unsupported
-from marco.llm.kernels import decode_attention_op
+from marco.llm.decode_step import (
+    PACK_ENV, PANELS_ENV, LlamaDecode, pack_weights_wanted, packed_float32_pays, panels_wanted, unsupported,
+    weight_format,
+)
+from marco.llm.kernels import decode_attention_op, linear_panels_op
 
 pytestmark = pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 # prepacked bfloat16 weights need oneDNN's bfloat16 matmuls (AVX512-BF16 or AMX)
 PACKED_HERE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 ONEDNN = torch.backends.mkldnn.is_available()
+PANELS = linear_panels_op() is not None  # the native float32 panel kernel (AVX2 and FMA)
 
 
 class CharTokenizer:
@@ -63,18 +67,29 @@ def run(b, reqs, fast: bool):  # type: ignore[no-untyped-def]
     return out, b.fast_steps - steps
 
 
-@pytest.mark.parametrize(("dtype", "packing"), [(torch.float32, "0"), (torch.float32, "1"), (torch.bfloat16, "")])
+@pytest.mark.parametrize(("dtype", "packing"), [
+    (torch.float32, "0"), (torch.float32, "1"), (torch.float32, "panels"), (torch.bfloat16, ""),
+])
 def test_fast_steps_give_the_models_own_outputs_on_a_tiny_llama(tiny_llama, dtype, packing, monkeypatch) -> None:
-    """float32 on F.linear: within 1e-5 of the forward. float32 prepacked for oneDNN (its sgemm, not MKL's):
-    within 1e-4, float32 rounding through two layers. bfloat16: packed where oneDNN multiplies it natively."""
+    """float32 on F.linear: within 1e-5 of the forward. float32 prepacked for oneDNN (its sgemm, not MKL's) or
+    into the native kernel's panels: within 1e-4, float32 rounding through two layers. bfloat16: packed where
+    oneDNN multiplies it natively."""
     if packing == "1" and not ONEDNN:
         pytest.skip("no oneDNN in this torch build")
-    monkeypatch.setenv(PACK_ENV, packing)
+    if packing == "panels" and not PANELS:
+        pytest.skip("no AVX2/FMA panel kernel here")
+    if packing == "panels":
+        monkeypatch.delenv(PACK_ENV, raising=False)
+        monkeypatch.setenv(PANELS_ENV, "1")
+    else:
+        monkeypatch.setenv(PACK_ENV, packing)
+        monkeypatch.setenv(PANELS_ENV, "0")
     model = tiny_llama if dtype == torch.float32 else copy.deepcopy(tiny_llama).to(dtype)
     b = tiny_backend(model)
     assert b.fast_decoder() is not None
-    want_packed = packing == "1" or (dtype == torch.bfloat16 and PACKED_HERE)
+    want_packed = packing in ("1", "panels") or (dtype == torch.bfloat16 and PACKED_HERE)
     assert b.fast_decoder().packed == want_packed
+    assert (b.fast_decoder().weights == "panels") == (packing == "panels")
     reqs = requests()
     fast, fast_steps = run(b, reqs, True)
     plain, plain_steps = run(b, reqs, False)
@@ -90,6 +105,7 @@ def test_fast_steps_give_the_models_own_outputs_on_a_tiny_llama(tiny_llama, dtyp
 
 def test_packing_follows_the_setting_and_the_size_limit(tiny_llama, monkeypatch) -> None:
     monkeypatch.delenv(PACK_ENV, raising=False)
+    monkeypatch.setenv(PANELS_ENV, "0")
     bf16 = copy.deepcopy(tiny_llama).to(torch.bfloat16)
     # float32: packed where oneDNN's prepacked sgemm is the faster one at the LM head's shape on this CPU
     assert pack_weights_wanted(tiny_llama) == (ONEDNN and packed_float32_pays(tiny_llama.lm_head.weight))
@@ -103,6 +119,37 @@ def test_packing_follows_the_setting_and_the_size_limit(tiny_llama, monkeypatch)
     monkeypatch.setenv(PACK_ENV, "1")
     assert pack_weights_wanted(bf16, limit=1000) == PACKED_HERE
     assert pack_weights_wanted(tiny_llama, limit=1000) == ONEDNN
+
+
+@pytest.mark.skipif(not PANELS, reason="no AVX2/FMA panel kernel here")
+def test_float32_takes_the_panel_kernel_on_avx2_cpus_without_avx512(tiny_llama, monkeypatch) -> None:
+    """A fixed rule, not a timing: a given CPU always multiplies with the same kernel (the same rounding)."""
+    from marco.llm import decode_step
+
+    for name in (PACK_ENV, PANELS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    bf16 = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    monkeypatch.setattr(decode_step, "_cpu_has_avx512", lambda: False)
+    assert panels_wanted(tiny_llama) and weight_format(tiny_llama) == "panels"
+    assert LlamaDecode(tiny_llama).weights == "panels"
+    assert not panels_wanted(bf16) and not panels_wanted(tiny_llama, limit=1000)
+    monkeypatch.setattr(decode_step, "_cpu_has_avx512", lambda: True)  # oneDNN's and MKL's kernels are wider there
+    assert not panels_wanted(tiny_llama) and weight_format(tiny_llama) in ("onednn", "plain")
+    monkeypatch.setenv(PANELS_ENV, "1")  # asked for: on any CPU with the kernel, whatever the size
+    assert panels_wanted(tiny_llama, limit=1000) and not panels_wanted(bf16)
+    monkeypatch.setenv(PANELS_ENV, "0")
+    monkeypatch.setattr(decode_step, "_cpu_has_avx512", lambda: False)
+    assert not panels_wanted(tiny_llama)
+    monkeypatch.delenv(PANELS_ENV)
+    monkeypatch.setenv(PACK_ENV, "1")  # oneDNN's packing asked for
+    assert weight_format(tiny_llama) == ("onednn" if ONEDNN else "plain")
+    monkeypatch.setenv(PACK_ENV, "0")  # no copies at all
+    assert weight_format(tiny_llama) == "plain" and LlamaDecode(tiny_llama).weights == "plain"
+    assert LlamaDecode(tiny_llama, weights="panels").weights == "panels"
+    with pytest.raises(ValueError, match="weights='blocked' is not one of plain, onednn, panels"):
+        LlamaDecode(tiny_llama, weights="blocked")
+    with pytest.raises(ValueError, match="needs float32"):
+        LlamaDecode(bf16, weights="panels")
 
 
 @pytest.mark.skipif(not ONEDNN, reason="no oneDNN in this torch build")
@@ -183,7 +230,7 @@ def test_fast_steps_give_the_models_own_outputs_on_smollm2(smollm2, dtype) -> No
     finally:
         b.fast_decode = True
     assert fast_steps >= 31 and plain_steps == 0
-    assert b.fast_decoder() is not None and b.fast_decoder().packed == pack_weights_wanted(b.model)
+    assert b.fast_decoder() is not None and b.fast_decoder().weights == weight_format(b.model)
     tol = (1e-3 if b.fast_decoder().packed else 1e-5) if dtype == torch.float32 else 1e-2
     for a, c in zip(fast, plain):
         assert [g.token_ids for g in a] == [g.token_ids for g in c]

@@ -25,13 +25,20 @@ def test_flops_per_token_count_every_linear_layer_and_attention_over_the_context
 
 
 def test_the_limit_takes_the_faster_of_plain_and_prepacked_matmuls_per_shape(monkeypatch) -> None:
-    # plain: 100 GFLOP/s everywhere but the LM head (20); prepacked: 80 everywhere but the LM head (60)
-    def fake(rows, fan_in, fan_out, dtype, seconds=0.3, packed=False):  # type: ignore[no-untyped-def]
+    # plain: 100 GFLOP/s everywhere but the LM head (20); prepacked: 80 everywhere but the LM head (60);
+    # panels: 90 everywhere but the q/o shape (120)
+    def fake(rows, fan_in, fan_out, dtype, seconds=0.3, packed=False, panels=False):  # type: ignore[no-untyped-def]
         head = fan_out == 49152
+        if panels:
+            return 120.0 if (fan_in, fan_out) == (576, 576) else 90.0
         return (60.0 if head else 80.0) if packed else (20.0 if head else 100.0)
 
     monkeypatch.setattr(roofline, "time_linear", fake)
     monkeypatch.setattr(roofline, "packing_available", lambda dtype: True)
+    monkeypatch.setattr(roofline, "panels_available", lambda dtype: True)
+    rates = {(i, o): g for i, o, g in roofline.matmul_roofline(SMOLLM2, rows=64).per_shape}
+    assert rates[(576, 576)] == 120.0 and rates[(576, 49152)] == 90.0 and rates[(576, 1536)] == 100.0
+    monkeypatch.setattr(roofline, "panels_available", lambda dtype: False)
     r = roofline.matmul_roofline(SMOLLM2, rows=64)
     rates = {(i, o): g for i, o, g in r.per_shape}
     assert rates[(576, 49152)] == 60.0 and rates[(576, 576)] == 100.0
@@ -47,3 +54,6 @@ def test_the_limit_takes_the_faster_of_plain_and_prepacked_matmuls_per_shape(mon
 def test_a_prepacked_matmul_is_timed_for_real() -> None:
     assert roofline.time_linear(8, 64, 96, torch.float32, seconds=0.01, packed=True) > 0
     assert roofline.time_linear(8, 64, 96, torch.float32, seconds=0.01) > 0
+    if roofline.panels_available(torch.float32):
+        assert roofline.time_linear(8, 64, 96, torch.float32, seconds=0.01, panels=True) > 0
+    assert not roofline.panels_available(torch.bfloat16)

@@ -29,12 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from marco.llm.kernels import (
-    decode_attention_op, decode_attention_shared_op, rms_norm_op, rotary_op, write_column_op,
+    decode_attention_op, decode_attention_shared_op, linear_panels_op, rms_norm_op, rotary_op, write_column_op,
 )
 from marco.llm.kvcache import SlotKVCache
+from marco.llm.precision import cpu_flags
 
 ENV = "MARCO_FAST_DECODE"
 PACK_ENV = "MARCO_PACKED_WEIGHTS"
+PANELS_ENV = "MARCO_LINEAR_PANELS"
+WEIGHT_FORMATS = ("plain", "onednn", "panels")
 # prepacked copies of the weights cost their size again; automatic below this (SmolLM2: 270 MB in bfloat16)
 PACK_LIMIT_BYTES = 1 << 30
 # rotary types whose inverse frequencies do not depend on the sequence length (one table serves every step)
@@ -84,6 +87,60 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+
+
+@dataclass(frozen=True)
+class Panels:
+    """A weight ``[out, in]`` packed by ``torch.ops.marco.pack_panels`` for :func:`_panels_linear`."""
+
+    panels: torch.Tensor
+    out: int
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Panels":
+        return cls(torch.ops.marco.pack_panels(w.contiguous()), int(w.shape[0]))
+
+
+def _panels_linear(x: torch.Tensor, w: Panels) -> torch.Tensor:
+    return torch.ops.marco.linear_panels(x, w.panels, w.out)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return "avx512f" in cpu_flags(f.read())
+    except OSError:
+        return False
+
+
+def panels_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool:
+    """Whether the decode step multiplies float32 with the native panel kernel (linear.cpp).
+
+    Where the CPU has AVX2 and FMA but no AVX-512: there it runs the layers' products 1.1-1.3x faster than
+    oneDNN's prepacked sgemm at a search's rows (``bench/packed_linear.py``). On AVX-512 CPUs, whose oneDNN and
+    MKL kernels are twice as wide, the BLAS choice of :func:`pack_weights_wanted` stays. A fixed rule rather
+    than a timing, so a given CPU always gets the same kernel and the same rounding. ``MARCO_LINEAR_PANELS``
+    (1/0) decides where set; ``MARCO_PACKED_WEIGHTS=1`` (oneDNN) or ``0`` (no copies) rules it out."""
+    if model.dtype != torch.float32:
+        return False
+    env = os.environ.get(PANELS_ENV, "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env not in ("1", "true", "yes", "on"):
+        if os.environ.get(PACK_ENV, "").strip().lower() in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+            return False
+        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        if size > limit or _cpu_has_avx512():
+            return False
+    return linear_panels_op() is not None
+
+
+def weight_format(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> str:
+    """How the decode step holds its weights: ``"panels"`` (:func:`panels_wanted`), ``"onednn"``
+    (:func:`pack_weights_wanted`) or ``"plain"`` (the model's own tensors through ``F.linear``)."""
+    if panels_wanted(model, limit):
+        return "panels"
+    return "onednn" if pack_weights_wanted(model, limit) else "plain"
 
 
 def pack_weights_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool:
@@ -138,24 +195,25 @@ def packed_float32_pays(weight: torch.Tensor, rows: int = 64, margin: float = 1.
 class _Layer:
     ln1: torch.Tensor
     eps1: float
-    qkv: list[torch.Tensor]  # q, k, v projections, or one fused [q; k; v] where packed
-    o: torch.Tensor
+    qkv: list[Any]  # q, k, v projections, or one fused [q; k; v] where packed
+    o: Any
     ln2: torch.Tensor
     eps2: float
-    gate_up: list[torch.Tensor]  # gate and up, or one fused [gate; up] where packed
-    down: torch.Tensor
+    gate_up: list[Any]  # gate and up, or one fused [gate; up] where packed
+    down: Any
 
 
 class LlamaDecode:
     """Decode steps of ``model`` (see :func:`unsupported`) over a :class:`SlotKVCache`.
 
-    The weights are the model's own tensors, or prepacked copies of them (:func:`pack_weights_wanted`); load
-    once per backend. ``__call__`` takes each row's
+    The weights are the model's own tensors, or prepacked copies of them (:func:`weight_format`); load once
+    per backend. ``__call__`` takes each row's
     new token and position (= its length so far), writes the token's keys and values at that column of the
     row's slot, and returns the next-token logits ``[rows, vocab]``.
     """
 
-    def __init__(self, model: torch.nn.Module, packed: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, weights: str | None = None) -> None:
+        """``weights``: one of :data:`WEIGHT_FORMATS`, else :func:`weight_format` decides."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"LlamaDecode cannot run this model: {reason}")
@@ -164,13 +222,18 @@ class LlamaDecode:
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
         self.norm_eps = float(inner.norm.variance_epsilon)
-        # packed: q/k/v and gate/up fused, every matrix reordered once for oneDNN. bfloat16: the kernel
-        # F.linear ends in, so the same results, without reordering the weights on every call (1.2-1.8x the
-        # layers' matmuls at 128-1 rows on an AVX512-BF16 EPYC, bench/packed_linear.py). float32: oneDNN's
-        # sgemm instead of MKL's, within float32 rounding of it, where it is the faster one here
-        self.packed = pack_weights_wanted(model) if packed is None else packed
-        prep = _pack if self.packed else (lambda w: w)
-        self.linear = _packed_linear if self.packed else F.linear
+        # packed (onednn, panels): q/k/v and gate/up fused, every matrix reordered once. oneDNN, bfloat16: the
+        # kernel F.linear ends in, so the same results, without reordering the weights on every call (1.2-1.8x
+        # the layers' matmuls at 128-1 rows on an AVX512-BF16 EPYC, bench/packed_linear.py). oneDNN, float32:
+        # its sgemm instead of MKL's, within float32 rounding of it. panels: float32 on AVX2 (linear.cpp)
+        self.weights = weight_format(model) if weights is None else weights
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights={self.weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        if self.weights == "panels" and (model.dtype != torch.float32 or linear_panels_op() is None):
+            raise ValueError("weights='panels' needs float32 and the native panel kernel (AVX2 and FMA)")
+        self.packed = self.weights != "plain"
+        prep: Any = {"plain": lambda w: w, "onednn": _pack, "panels": Panels.of}[self.weights]
+        self.linear: Any = {"plain": F.linear, "onednn": _packed_linear, "panels": _panels_linear}[self.weights]
         self.lm_head = prep(model.lm_head.weight.detach())
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
@@ -182,7 +245,7 @@ class LlamaDecode:
             qkv = [att.q_proj.weight.detach(), att.k_proj.weight.detach(), att.v_proj.weight.detach()]
             gate_up = [mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]
             if self.packed:
-                qkv, gate_up = [_pack(torch.cat(qkv))], [_pack(torch.cat(gate_up))]
+                qkv, gate_up = [prep(torch.cat(qkv))], [prep(torch.cat(gate_up))]
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.detach(), eps1=float(layer.input_layernorm.variance_epsilon),
                 qkv=qkv, o=prep(att.o_proj.weight.detach()), ln2=layer.post_attention_layernorm.weight.detach(),

@@ -1,6 +1,7 @@
 """Native CPU kernels for the transformers backend, compiled on first use for the machine they run on.
 
-:func:`decode_attention_op` builds ``decode_attention.cpp`` with the system's C++ compiler against the
+:func:`decode_attention_op` builds ``decode_attention.cpp`` (attention, norms, rotary, logit statistics) and
+``linear.cpp`` (float32 matrix products on prepacked panels) with the system's C++ compiler against the
 installed PyTorch (``-O3 -march=native``, OpenMP through ATen's ``parallel_for``), caches the library under
 ``${MARCO_CACHE:-~/.cache/marco}/kernels/`` (keyed by the source, the PyTorch version and the CPU's flags, so
 a binary is only ever used on the kind of CPU it was built for) and loads it as ``torch.ops.marco``. The first
@@ -29,6 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("linear.cpp"))  # one library
 ENV = "MARCO_NATIVE_KERNELS"
 
 
@@ -47,14 +49,16 @@ def _cpu_flags() -> str:
 def library_path() -> Path:
     """Where this machine's build of the kernel lives (whether built yet or not)."""
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + sys.platform.encode()
+        b"".join(s.read_bytes() for s in SOURCES) + torch.__version__.encode() + _cpu_flags().encode()
+        + sys.platform.encode()
     ).hexdigest()[:16]
     return cache_root() / key / "marco_kernels.so"
 
 
-def build(force: bool = False, source: Path = SOURCE, out: Path | None = None) -> Path:
-    """Compile the kernel library for this machine (once; later calls return the cached file). ``source`` and
-    ``out``: another revision's source into a library of its own (benchmarks compare the two)."""
+def build(force: bool = False, source: Path | None = None, out: Path | None = None) -> Path:
+    """Compile the kernel library for this machine (once; later calls return the cached file) from
+    :data:`SOURCES`. ``source`` and ``out``: one other source (another revision's ``decode_attention.cpp``)
+    into a library of its own (benchmarks compare the two)."""
     out = out or library_path()
     if out.exists() and not force:
         return out
@@ -67,13 +71,14 @@ def build(force: bool = False, source: Path = SOURCE, out: Path | None = None) -
     cmd = [
         os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        *(f"-I{p}" for p in cpp_extension.include_paths()), str(source), "-o", tmp,
+        *(f"-I{p}" for p in cpp_extension.include_paths()), *(str(s) for s in ([source] if source else SOURCES)),
+        "-o", tmp,
         *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch",
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {source.name} failed ({cmd[0]} exited {done.returncode}): "
+            raise RuntimeError(f"compiling {source.name if source else 'the kernels'} failed ({cmd[0]} exited {done.returncode}): "
                                f"{done.stderr.strip()[-1500:]}")
         os.replace(tmp, out)  # atomic: workers building at once each finish with a whole file
     finally:
@@ -135,6 +140,26 @@ def decode_attention_shared_op() -> Callable[..., torch.Tensor] | None:
     :func:`decode_attention_op` for rows whose first ``split`` columns equal row ``src``'s, which it reads once
     for the whole group where it has the vector path (see decode_attention.cpp)."""
     return torch.ops.marco.decode_attention_shared if decode_attention_op() is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def linear_panels_op() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """``torch.ops.marco.linear_panels(x, panels, out)`` = ``F.linear(x, w)`` in float32 for ``panels =
+    torch.ops.marco.pack_panels(w)`` (see linear.cpp), where the library loaded and the CPU has AVX2 and FMA;
+    checked against ``F.linear`` once, else None."""
+    if decode_attention_op() is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    try:
+        for rows, k, out in ((7, 40, 37), (13, 33, 48), (1, 5, 3)):
+            x, w = torch.randn(rows, k, generator=g), torch.randn(out, k, generator=g)
+            got = torch.ops.marco.linear_panels(x, torch.ops.marco.pack_panels(w), out)
+            if not torch.allclose(got, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5):
+                raise RuntimeError(f"self-check failed: linear_panels at {rows}x{k}x{out}")
+    except RuntimeError as e:  # no AVX2/FMA in this build, or a wrong result: the decode step keeps BLAS
+        log.info("linear_panels unavailable (%s)", e)
+        return None
+    return torch.ops.marco.linear_panels
 
 
 def logit_stats_op() -> Callable[..., list[torch.Tensor]] | None:

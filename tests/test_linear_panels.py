@@ -1,0 +1,74 @@
+"""marco/llm/kernels/linear.cpp: float32 products on weights packed into 16-column panels (the decode step's
+kernel on AVX2 CPUs) equal ``F.linear`` within float32 rounding, whatever the shapes, and a row's result never
+depends on the other rows of the batch or on the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marco.llm.kernels import linear_panels_op
+
+pytestmark = pytest.mark.skipif(linear_panels_op() is None, reason="no AVX2/FMA panel kernel here")
+
+
+def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.marco.linear_panels(x, torch.ops.marco.pack_panels(w), w.shape[0])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 58, 129])
+@pytest.mark.parametrize(("fan_in", "fan_out"), [(1, 1), (33, 15), (64, 16), (40, 17), (576, 100), (96, 960)])
+def test_products_match_f_linear_at_every_shape(rows: int, fan_in: int, fan_out: int) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + fan_in + fan_out)
+    x, w = torch.randn(rows, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5
+    got, want = product(x, w), F.linear(x, w)
+    assert got.shape == (rows, fan_out) and got.dtype == torch.float32
+    # one float32 accumulator per output over the input index in order: rounding grows with fan_in
+    torch.testing.assert_close(got, want, atol=2e-6 * fan_in**0.5, rtol=1e-5)
+
+
+def test_panels_hold_the_weights_sixteen_columns_at_a_time_padded_with_zeros() -> None:
+    w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+    p = torch.ops.marco.pack_panels(w)
+    assert p.shape == (2, 3, 16) and p.is_contiguous()
+    assert torch.equal(p[0], w[:16].t()) and torch.equal(p[1, :, :4], w[16:].t())
+    assert not p[1, :, 4:].any()
+
+
+def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(61, 576, generator=g), torch.randn(1536, 576, generator=g) / 24
+    panels = torch.ops.marco.pack_panels(w)
+    full = torch.ops.marco.linear_panels(x, panels, 1536)
+    perm = torch.randperm(61, generator=g)
+    assert torch.equal(torch.ops.marco.linear_panels(x[perm], panels, 1536), full[perm])
+    for i in (0, 5, 6, 60):
+        assert torch.equal(torch.ops.marco.linear_panels(x[i : i + 1], panels, 1536), full[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.marco.linear_panels(x, panels, 1536), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_strided_inputs_and_empty_batches() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 40, generator=g)
+    x = torch.randn(40, 9, generator=g).t()  # not contiguous
+    torch.testing.assert_close(product(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert product(torch.empty(0, 40), w).shape == (0, 48)
+
+
+def test_wrong_inputs_say_what_is_wrong() -> None:
+    w = torch.randn(32, 8)
+    panels = torch.ops.marco.pack_panels(w)
+    with pytest.raises(RuntimeError, match="x has 9 columns but the panels were packed for 8"):
+        torch.ops.marco.linear_panels(torch.randn(2, 9), panels, 32)
+    with pytest.raises(RuntimeError, match="out=40 does not match 2 panels"):
+        torch.ops.marco.linear_panels(torch.randn(2, 8), panels, 40)
+    with pytest.raises(RuntimeError, match="x must be a 2-d float32"):
+        torch.ops.marco.linear_panels(torch.randn(2, 8, dtype=torch.float64), panels, 32)
+    with pytest.raises(RuntimeError, match="w must be a 2-d float32"):
+        torch.ops.marco.pack_panels(w.to(torch.bfloat16))
