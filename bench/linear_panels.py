@@ -15,10 +15,8 @@ Usage: python bench/linear_panels.py [--problems 64] [--rounds 1] [--budget 1024
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,55 +24,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.mcts_batch import mcts_batch  # noqa: E402
-from marco.llm import load_backend  # noqa: E402
-from marco.llm.base import GenerationRequest  # noqa: E402
+from bench.mcts_batch import search_from_cold, side_by_side_setup, timed_into  # noqa: E402
 from marco.llm.decode_step import LlamaDecode  # noqa: E402
 from marco.llm.kernels import linear_panels_op  # noqa: E402
-from marco.search.driver import LockstepDriver  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=64, help="problems searched in lockstep (marco run's --chunk)")
-    ap.add_argument("--rounds", type=int, default=1, help="oneDNN/panels pairs")
-    ap.add_argument("--budget", type=int, default=1024, help="tokens per search (the CLI default)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    task, problems, config = mcts_batch(args.problems, args.budget)
-    hf = load_backend("smollm2", dtype="float32")
-    hf.generate([GenerationRequest(hf.encode("Hello"), 4)])
+    args, task, problems, config, hf = side_by_side_setup(__doc__, 1, "oneDNN/panels pairs", dtype="float32")
     if hf.fast_decoder() is None or linear_panels_op() is None:
         raise SystemExit("the fast decode step or the native panel kernel (AVX2 and FMA) does not apply here")
     decoders = {w: LlamaDecode(hf.model, weights=w) for w in ("onednn", "panels")}
     spent = {"linear": 0.0}
 
-    def timed(fn: Any) -> Any:
-        def run(*a: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                spent["linear"] += time.perf_counter() - t
-        return run
-
     for d in decoders.values():
-        d.linear = timed(d.linear)
+        d.linear = timed_into(spent, "linear", d.linear)
     results: dict[str, list[tuple[float, float, int]]] = {w: [] for w in decoders}
     for _ in range(args.rounds):
         for label, decoder in decoders.items():
             hf._fast = decoder  # what fast_decoder() returns
-            assert hf.prefix_cache is not None
-            hf.prefix_cache.clear()
             spent["linear"] = 0.0
-            steps = hf.fast_steps
-            driver = LockstepDriver(hf, task, config)
-            t = time.perf_counter()
-            driver.run(problems)
-            wall = time.perf_counter() - t
-            tokens = driver.stats.generated_tokens
-            ms = 1000 * spent["linear"] / max(1, hf.fast_steps - steps)
+            fast = hf.fast_steps
+            tokens, wall, _ = search_from_cold(hf, task, problems, config)
+            ms = 1000 * spent["linear"] / max(1, hf.fast_steps - fast)
             results[label].append((tokens / wall, ms, tokens))
             print(f"{label:<7} {tokens} tokens in {wall:6.1f} s = {tokens / wall:6.1f} tokens/s · products "
                   f"{ms:5.1f} ms a step · load {os.getloadavg()[0]:.1f}", flush=True)

@@ -3,6 +3,9 @@ where no data is installed), ``mcts`` with ``ministep:32`` actions, k children, 
 
 from __future__ import annotations
 
+import argparse
+import os
+import time
 from typing import Any
 
 from marco.search.base import SearchConfig
@@ -22,3 +25,51 @@ def mcts_batch(problems: int, budget: int = 1024, rollout: int = 384, children: 
 def dataset_name() -> str:
     """``mgsm``, or ``demo`` where no data is installed (for the benchmarks' headers)."""
     return "mgsm" if default_data_dir() else "demo"
+
+
+def side_by_side_setup(
+    doc: str, rounds: int, rounds_help: str, dtype: str | None = None,
+) -> tuple[argparse.Namespace, Any, list[Any], SearchConfig, Any]:
+    """For a benchmark that runs the MCTS batch one way and another in alternation, in one process: its options
+    (--problems --rounds --budget --threads), the batch and the bundled model loaded and warmed up:
+    ``(args, task, problems, config, backend)``."""
+    import torch
+
+    from marco.llm import load_backend
+    from marco.llm.base import GenerationRequest
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=64, help="problems searched in lockstep (marco run's --chunk)")
+    ap.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    ap.add_argument("--budget", type=int, default=1024, help="tokens per search (the CLI default)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    task, problems, config = mcts_batch(args.problems, args.budget)
+    backend = load_backend("smollm2", dtype=dtype)
+    backend.generate([GenerationRequest(backend.encode("Hello"), 4)])
+    return args, task, problems, config, backend
+
+
+def timed_into(spent: dict[str, Any], key: str, fn: Any) -> Any:
+    """``fn``, adding the seconds each call takes to ``spent[key]``."""
+    def run(*a: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*a)
+        finally:
+            spent[key] += time.perf_counter() - t
+    return run
+
+
+def search_from_cold(backend: Any, task: Any, problems: list[Any], config: SearchConfig) -> tuple[int, float, int]:
+    """One run of the batch on ``backend`` from an empty prefix cache: ``(tokens, seconds, decode steps)``."""
+    from marco.search.driver import LockstepDriver
+
+    if backend.prefix_cache is not None:
+        backend.prefix_cache.clear()
+    steps = backend.decode_steps
+    driver = LockstepDriver(backend, task, config)
+    t = time.perf_counter()
+    driver.run(problems)
+    return driver.stats.generated_tokens, time.perf_counter() - t, backend.decode_steps - steps

@@ -13,10 +13,8 @@ Usage: python bench/shared_columns.py [--problems 64] [--rounds 2] [--budget 102
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import marco.llm.hf as hf_module  # noqa: E402
-from bench.mcts_batch import mcts_batch  # noqa: E402
-from marco.llm import load_backend  # noqa: E402
-from marco.llm.base import GenerationRequest  # noqa: E402
-from marco.search.driver import LockstepDriver  # noqa: E402
+from bench.mcts_batch import search_from_cold, side_by_side_setup, timed_into  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=64, help="problems searched in lockstep (marco run's --chunk)")
-    ap.add_argument("--rounds", type=int, default=2, help="own/shared pairs")
-    ap.add_argument("--budget", type=int, default=1024, help="tokens per search (the CLI default)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    task, problems, config = mcts_batch(args.problems, args.budget)
-    hf = load_backend("smollm2")
-    hf.generate([GenerationRequest(hf.encode("Hello"), 4)])
+    args, task, problems, config, hf = side_by_side_setup(__doc__, 2, "own/shared pairs")
     fast = hf.fast_decoder()
     if fast is None or fast._attend_shared is None:
         raise SystemExit("the fast decode step or the native kernels do not apply here")
@@ -49,15 +35,6 @@ def main() -> None:
         print(f"note: the model runs {fast.dtype}; the kernel shares reads only in float32 (AVX2), so both ways "
               "are the same here")
     spent = {"attention": 0.0, "columns": 0, "once": 0}
-
-    def timed(fn: Any) -> Any:
-        def run(*a: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                spent["attention"] += time.perf_counter() - t
-        return run
 
     def counted(fn: Any) -> Any:
         def run(q: Any, k: Any, v: Any, lens: torch.Tensor, src: torch.Tensor, split: torch.Tensor, scale: float) -> Any:
@@ -67,7 +44,8 @@ def main() -> None:
             return fn(q, k, v, lens, src, split, scale)
         return run
 
-    fast._attend, fast._attend_shared = timed(fast._attend), counted(timed(fast._attend_shared))
+    fast._attend = timed_into(spent, "attention", fast._attend)
+    fast._attend_shared = counted(timed_into(spent, "attention", fast._attend_shared))
     shared_columns = hf_module._DecodeBatch._shared_columns
 
     def own_columns(self: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,16 +56,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for label in ("own", "shared"):
             hf_module._DecodeBatch._shared_columns = own_columns if label == "own" else shared_columns
-            assert hf.prefix_cache is not None
-            hf.prefix_cache.clear()
             spent.update(attention=0.0, columns=0, once=0)
-            steps = hf.decode_steps
-            driver = LockstepDriver(hf, task, config)
-            t = time.perf_counter()
-            driver.run(problems)
-            wall = time.perf_counter() - t
-            tokens = driver.stats.generated_tokens
-            ms = 1000 * spent["attention"] / max(1, hf.decode_steps - steps)
+            tokens, wall, steps = search_from_cold(hf, task, problems, config)
+            ms = 1000 * spent["attention"] / max(1, steps)
             results[label].append((tokens / wall, ms, tokens))
             print(f"{label:<7} {tokens} tokens in {wall:6.1f} s = {tokens / wall:6.1f} tokens/s · attention "
                   f"{ms:5.1f} ms a step, {spent['once'] / max(1, spent['columns']):.0%} of the columns a group's shared prompt · "

@@ -25,7 +25,7 @@ def bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 def test_fast_decode_bench_runs_both_paths_to_the_same_answers() -> None:
-    out = bench("fast_decode.py", "--problems", "2", "--budget", "192")
+    out = bench("fast_decode.py", "--problems", "1", "--budget", "128")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     rows = re.findall(r"^0\s+(forward|fast)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+[\d.]+$", out.stdout, re.M)
@@ -102,20 +102,20 @@ def test_logit_stats_bench_times_both_and_they_agree() -> None:
 
 
 def test_prefill_groups_bench_runs_fewer_padded_tokens() -> None:
-    out = bench("prefill_groups.py", "--problems", "16", "--rounds", "1")
+    out = bench("prefill_groups.py", "--problems", "8", "--rounds", "1")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     one = re.search(r"^one forward:\s+([\d.]+) s, (\d+) tokens", out.stdout, re.M)
     grouped = re.search(r"^grouped:\s+([\d.]+) s, (\d+) tokens", out.stdout, re.M)
     assert one and grouped, report[-5000:]
-    real = int(re.search(r"^16 prompts, (\d+) tokens", out.stdout, re.M)[1])  # type: ignore[index]
+    real = int(re.search(r"^8 prompts, (\d+) tokens", out.stdout, re.M)[1])  # type: ignore[index]
     assert 0 < int(grouped[2]) <= int(one[2]) < real  # fewer padded tokens; the shared prefix ran once
     ratio = re.search(r"^grouped_vs_one_forward: ([\d.]+)$", out.stdout, re.M)
     assert ratio and float(ratio[1]) == pytest.approx(float(one[1]) / float(grouped[1]), rel=0.02), report[-5000:]
 
 
 def test_shared_columns_bench_reads_fewer_columns_for_the_same_tokens() -> None:
-    out = bench("shared_columns.py", "--problems", "2", "--rounds", "1", "--budget", "384", "--threads", "2")
+    out = bench("shared_columns.py", "--problems", "2", "--rounds", "1", "--budget", "256", "--threads", "2")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     share = dict(re.findall(r"^(own|shared)\s+\d+ tokens .* a step, (\d+)% of the columns a group's", out.stdout, re.M))
@@ -123,3 +123,14 @@ def test_shared_columns_bench_reads_fewer_columns_for_the_same_tokens() -> None:
     assert int(share["own"]) == 0 and int(share["shared"]) > 0, report[-5000:]
     assert re.search(r"the same tokens both ways: True$", out.stdout, re.M), report[-5000:]
     assert re.search(r"^shared_vs_own_columns: [\d.]+ \(", out.stdout, re.M), report[-5000:]
+
+
+@pytest.mark.skipif(linear_panels_op() is None, reason="no AVX2/FMA panel kernel here")
+def test_linear_panels_bench_runs_the_search_both_ways() -> None:
+    out = bench("linear_panels.py", "--problems", "1", "--rounds", "1", "--budget", "128", "--threads", "2")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    runs = dict(re.findall(r"^(onednn|panels)\s+(\d+) tokens in .* products\s+[\d.]+ ms a step", out.stdout, re.M))
+    assert set(runs) == {"onednn", "panels"} and all(int(t) > 0 for t in runs.values()), report[-5000:]
+    ratio = re.search(r"^panels_vs_onednn: ([\d.]+) \(", out.stdout, re.M)
+    assert ratio and float(ratio[1]) > 0, report[-5000:]
