@@ -32,7 +32,7 @@ from marco.llm.kernels import (
     decode_attention_op, decode_attention_shared_op, linear_panels_op, rms_norm_op, rotary_op, write_column_op,
 )
 from marco.llm.kvcache import SlotKVCache
-from marco.llm.precision import cpu_flags
+from marco.llm.precision import local_cpu_flags
 
 ENV = "MARCO_FAST_DECODE"
 PACK_ENV = "MARCO_PACKED_WEIGHTS"
@@ -106,11 +106,22 @@ def _panels_linear(x: torch.Tensor, w: Panels) -> torch.Tensor:
 
 
 def _cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return "avx512f" in cpu_flags(f.read())
-    except OSError:
+    return "avx512f" in local_cpu_flags()
+
+
+def _switch(name: str) -> bool | None:
+    """The on/off setting in environment variable ``name``, or None where it is unset or says neither."""
+    env = os.environ.get(name, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
         return False
+    return None
+
+
+def _linear_bytes(model: torch.nn.Module) -> int:
+    """The size of the model's Linear weights: what a prepacked copy of them costs."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def panels_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool:
@@ -123,15 +134,11 @@ def panels_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool
     (1/0) decides where set; ``MARCO_PACKED_WEIGHTS=1`` (oneDNN) or ``0`` (no copies) rules it out."""
     if model.dtype != torch.float32:
         return False
-    env = os.environ.get(PANELS_ENV, "").strip().lower()
-    if env in ("0", "false", "no", "off"):
+    asked = _switch(PANELS_ENV)
+    if asked is False:
         return False
-    if env not in ("1", "true", "yes", "on"):
-        if os.environ.get(PACK_ENV, "").strip().lower() in ("0", "1", "false", "true", "no", "yes", "off", "on"):
-            return False
-        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
-        if size > limit or _cpu_has_avx512():
-            return False
+    if asked is None and (_switch(PACK_ENV) is not None or _linear_bytes(model) > limit or _cpu_has_avx512()):
+        return False
     return linear_panels_op() is not None
 
 
@@ -154,11 +161,10 @@ def pack_weights_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -
         return False
     if model.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-    env = os.environ.get(PACK_ENV, "").strip().lower()
-    if env in ("0", "1", "false", "true", "no", "yes", "off", "on"):
-        return env in ("1", "true", "yes", "on")
-    size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    if size > limit:
+    asked = _switch(PACK_ENV)
+    if asked is not None:
+        return asked
+    if _linear_bytes(model) > limit:
         return False
     head = getattr(model, "lm_head", None)
     if model.dtype == torch.float32:

@@ -32,6 +32,15 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return flags
 
 
+def local_cpu_flags() -> set[str]:
+    """This machine's CPU flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_flags(f.read())
+    except OSError:
+        return set()
+
+
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX-BF16 or AVX512-BF16).
 
@@ -39,13 +48,7 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     could have AMX tiles with only the int8 instructions. Where ``/proc/cpuinfo`` is missing or lists no flags
     (not Linux, not x86), PyTorch's own CPU feature probe answers.
     """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
-    flags = cpu_flags(cpuinfo)
+    flags = cpu_flags(cpuinfo) if cpuinfo is not None else local_cpu_flags()
     if flags:
         return bool(flags & BF16_CPU_FLAGS)
     # every CPU with AMX-BF16 so far also has AVX512-BF16, which is what PyTorch probes

@@ -78,7 +78,8 @@ def build(force: bool = False, source: Path | None = None, out: Path | None = No
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {source.name if source else 'the kernels'} failed ({cmd[0]} exited {done.returncode}): "
+            what = source.name if source else "the kernels"
+            raise RuntimeError(f"compiling {what} failed ({cmd[0]} exited {done.returncode}): "
                                f"{done.stderr.strip()[-1500:]}")
         os.replace(tmp, out)  # atomic: workers building at once each finish with a whole file
     finally:
