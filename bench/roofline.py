@@ -154,13 +154,12 @@ def machine_limit(config: Any, rows: int, dtypes: list[torch.dtype] | None = Non
 
 
 def smollm2_config() -> Any:
-    """The bundled SmolLM2's config, read from its GGUF without loading the weights."""
+    """The bundled SmolLM2's config (from its cached export, see marco.llm.export)."""
     from transformers import AutoConfig
 
-    from marco.llm.hf import smollm2_path
+    from marco.llm.export import local_model
 
-    folder, file = smollm2_path()
-    return AutoConfig.from_pretrained(folder, gguf_file=file)
+    return AutoConfig.from_pretrained(local_model("smollm2"))
 
 
 def main() -> None:

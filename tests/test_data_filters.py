@@ -302,14 +302,13 @@ def test_trl_trainers_prepare_the_exports(tmp_path: Path, data_dir: Path) -> Non
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from marco.llm.hf import smollm2_path
+    from marco.llm.export import local_model
 
     examples = import_cot(_source(tmp_path, data_dir)).examples
     save_dataset(examples, tmp_path / "sft")
     save_dataset([PreferencePair(f"p{i}", e.messages[:2], e.answer, format_answer("no idea", "0"))
                   for i, e in enumerate(examples)], tmp_path / "dpo")  # fmt: skip
-    folder, file = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    tok = AutoTokenizer.from_pretrained(local_model("smollm2"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
     common = dict(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, bf16=False, max_steps=1,

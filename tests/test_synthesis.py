@@ -359,10 +359,9 @@ def test_zh_ministeps_decode_as_one_sequence_with_the_real_tokenizer(store: Stor
 
     from transformers import AutoTokenizer
 
-    from marco.llm.hf import smollm2_path
+    from marco.llm.export import local_model
 
-    folder, file = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    tok = AutoTokenizer.from_pretrained(local_model("smollm2"))
     with (data_dir / "mgsm" / "mgsm_zh.tsv").open(encoding="utf-8") as f:
         question, gold = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     thought = f"题目：{question}\n我们一步一步地算。"

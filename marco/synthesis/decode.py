@@ -9,7 +9,6 @@ Hugging Face models); it is cached per spec.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Sequence
 
 Decoder = Callable[[Sequence[int]], str]
@@ -28,19 +27,11 @@ def decoder_for(spec: str) -> Decoder:
         return load_backend(spec).decode
     from transformers import AutoTokenizer
 
-    if spec == "smollm2" or spec.endswith(".gguf"):
-        if spec == "smollm2":
-            from marco.llm.hf import smollm2_path
+    from marco.llm import resolve_checkpoint
+    from marco.llm.export import local_model
 
-            folder, file = smollm2_path()
-        else:
-            folder, file = os.path.split(os.path.abspath(spec))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    else:
-        from marco.llm import resolve_checkpoint
-
-        path = resolve_checkpoint(spec) if spec.startswith("checkpoint:") else spec
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    path = resolve_checkpoint(spec) if spec.startswith("checkpoint:") else local_model(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path)
 
     def decode(ids: Sequence[int]) -> str:
         return str(tokenizer.decode(list(ids), skip_special_tokens=False))

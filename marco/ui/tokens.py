@@ -21,30 +21,27 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[Sequence[int]], str]
-CACHE_ENV = "MARCO_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """Where converted tokenizers are kept (``$MARCO_CACHE_DIR/tokenizers`` or ``~/.cache/marco/tokenizers``)."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "marco")
-    return Path(root) / "tokenizers"
+    """Where converted tokenizers are kept (``${MARCO_CACHE:-~/.cache/marco}/tokenizers``)."""
+    from marco.llm.export import cache_root
+
+    return cache_root() / "tokenizers"
 
 
-def _source(spec: str, checkpoint_path: Callable[[str], str | None]) -> tuple[str, str | None]:
-    """``(folder or hub id, gguf file or None)`` the model's tokenizer loads from."""
+def _source(spec: str, checkpoint_path: Callable[[str], str | None]) -> str:
+    """The folder or hub id the model's tokenizer loads from."""
     if spec.startswith("checkpoint:"):
         path = checkpoint_path(spec)
         if not path:
             raise FileNotFoundError(f"no checkpoint directory recorded for {spec}")
-        return path, None
-    if spec == "smollm2":
-        from marco.llm.hf import smollm2_path
+        return path
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        from marco.llm.export import local_model
 
-        return smollm2_path()
-    if spec.endswith(".gguf"):
-        folder, file = os.path.split(os.path.abspath(spec))
-        return folder, file
-    return spec, None
+        return local_model(spec)  # the cached export's tokenizer files (marco.llm.export)
+    return spec
 
 
 def _load_decoder(spec: str, checkpoint_path: Callable[[str], str | None]) -> Decoder | None:
@@ -52,8 +49,7 @@ def _load_decoder(spec: str, checkpoint_path: Callable[[str], str | None]) -> De
         from marco.llm.scripted import ScriptedBackend
 
         return ScriptedBackend().decode
-    folder, file = _source(spec, checkpoint_path)
-    where = os.path.join(folder, file) if file else folder
+    where = _source(spec, checkpoint_path)
     stamp = os.path.getmtime(where) if os.path.exists(where) else 0.0
     cached = cache_dir() / (hashlib.sha1(f"{where}:{stamp}".encode()).hexdigest() + ".json")
     if cached.exists():  # a converted tokenizer: ~1 s, without importing transformers
@@ -63,11 +59,10 @@ def _load_decoder(spec: str, checkpoint_path: Callable[[str], str | None]) -> De
         return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
     from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {"gguf_file": file} if file else {"local_files_only": True}  # never downloads
-    hf = AutoTokenizer.from_pretrained(folder, **kwargs)
+    hf = AutoTokenizer.from_pretrained(where, local_files_only=True)  # never downloads
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is not None and not getattr(hf, "clean_up_tokenization_spaces", False):
-        try:  # the next start reads this instead of converting again (a GGUF vocabulary takes a while)
+        try:  # the next start reads this without importing transformers
             cached.parent.mkdir(parents=True, exist_ok=True)
             backend.save(str(cached))
         except OSError as exc:
