@@ -340,7 +340,8 @@ def test_queued_batch_through_a_worker_survives_the_vllm_server_dying(queue_env,
     worker = start_worker(env, tmp_path, name="vllm")
     try:
         dispatcher = CeleryDispatcher(QueueSettings.from_env(env))
-        config = dataclasses.replace(_tiny(), budget=192, seed=2, max_depth=5)
+        # a search long enough to be still running when its third node is stored, on a fast machine too
+        config = dataclasses.replace(_tiny(), budget=768, seed=2, max_depth=8)
         plan = submit(store, dispatcher, SubmitRequest(task="mgsm", configs=[config], model="smollm2",
                                                        data_dir=str(DATA), langs=["en"], limit=1, chunk=1))
         (job_id,), (search_id,) = plan.job_ids, plan.search_ids
