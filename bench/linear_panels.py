@@ -1,16 +1,20 @@
-"""The product's MCTS batch with the decode step's float32 products on the native panel kernel against
-oneDNN's prepacked sgemm, side by side in one process.
+"""The product's MCTS batch with the decode step's products on the native panel kernel against oneDNN's
+prepacked matmul, side by side in one process, in the dtype the model runs here (``--dtype``, default
+``auto``).
 
-``marco/llm/kernels/linear.cpp`` multiplies a step's rows by weights packed into 16-column panels with
-AVX2/FMA tiles of 6 rows x 16 columns (``marco.llm.decode_step.panels_wanted`` picks it for float32 on
-AVX2 CPUs without AVX-512). This runs the same search with each weight format in alternation (the machine's
-speed drifts between runs), from an empty prefix cache each time, and prints tokens/s, the time a fast step
-spent in its products and the ratio. The two libraries round differently (within 1e-5 a product), so a
-sampled token can differ and the two runs' token counts with it: both are printed.
+``marco/llm/kernels/linear.cpp`` multiplies a step's rows by weights packed into panels: float32 in AVX2/FMA
+tiles of 6 rows x 16 columns, bfloat16 in AVX512-BF16 tiles of 12 rows x 32 columns
+(``marco.llm.decode_step.panels_wanted`` picks them for float32 on AVX2 CPUs without AVX-512, and for
+bfloat16 on AVX512-BF16 CPUs without AMX). This runs the same search with each weight format in alternation
+(the machine's speed drifts between runs), from an empty prefix cache each time, and prints tokens/s, the
+time a fast step spent in its products and the ratio. The two libraries round differently (float32: within
+1e-5 a product; bfloat16: a few outputs in 10^5 one bfloat16 step apart), so a sampled token can differ and
+the two runs' token counts with it: both are printed.
 
 Last line: ``panels_vs_onednn: X`` (tokens/s with the panels / tokens/s with oneDNN, mean over rounds).
 
 Usage: python bench/linear_panels.py [--problems 64] [--rounds 1] [--budget 1024] [--threads 2]
+       (MARCO_DTYPE=float32 to compare float32 on a bfloat16 CPU)
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from bench.mcts_batch import search_from_cold, side_by_side_setup, timed_into  # noqa: E402
 from marco.llm.decode_step import LlamaDecode  # noqa: E402
@@ -30,9 +33,10 @@ from marco.llm.kernels import linear_panels_op  # noqa: E402
 
 
 def main() -> None:
-    args, task, problems, config, hf = side_by_side_setup(__doc__, 1, "oneDNN/panels pairs", dtype="float32")
-    if hf.fast_decoder() is None or linear_panels_op() is None:
-        raise SystemExit("the fast decode step or the native panel kernel (AVX2 and FMA) does not apply here")
+    args, task, problems, config, hf = side_by_side_setup(__doc__, 1, "oneDNN/panels pairs")
+    if hf.fast_decoder() is None or linear_panels_op(hf.model.dtype) is None:
+        raise SystemExit(f"the fast decode step or the native panel kernel in {hf.model.dtype} (float32: AVX2 and "
+                         "FMA; bfloat16: AVX512-BF16) does not apply here")
     decoders = {w: LlamaDecode(hf.model, weights=w) for w in ("onednn", "panels")}
     spent = {"linear": 0.0}
 
@@ -51,7 +55,7 @@ def main() -> None:
                   f"{ms:5.1f} ms a step · load {os.getloadavg()[0]:.1f}", flush=True)
     ratios = [p[0] / o[0] for o, p in zip(results["onednn"], results["panels"])]
     products = [o[1] / p[1] for o, p in zip(results["onednn"], results["panels"])]
-    print(f"{args.problems} problems · {args.threads} threads · tokens: "
+    print(f"{args.problems} problems · {args.threads} threads · {hf.model.dtype} · tokens: "
           f"{', '.join(f'{w} {r[2]}' for w, rs in results.items() for r in rs)}")
     print(f"products oneDNN/panels per round: {', '.join(f'{a:.2f}' for a in products)}")
     print(f"panels_vs_onednn: {sum(ratios) / len(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})")

@@ -5,9 +5,10 @@ fused): in bfloat16 so that a matmul does not reorder its weight on every call, 
 sgemm beats MKL's on the CPU. This times SmolLM2's 30 layers of projections (random weights of its shapes,
 each layer its own tensors, so they stream from memory as in a real step) and then its LM head at several
 batch widths, both ways alternately, and checks the outputs: the same to the bit in bfloat16 (one kernel),
-the largest difference in float32 (two libraries). In float32 where the native panel kernel builds
-(``marco/llm/kernels/linear.cpp``, AVX2 and FMA) it also times that against the packed oneDNN products, in a
-second table whose lines start with ``panels``, and prints ``panels_vs_packed_at_64_rows``.
+the largest difference in float32 (two libraries). Where the native panel kernel builds in the dtype
+(``marco/llm/kernels/linear.cpp``; float32: AVX2 and FMA, bfloat16: AVX512-BF16) it also times that against the
+packed oneDNN products, in a second table whose lines start with ``panels``, and prints
+``panels_vs_packed_at_64_rows``.
 
 Last line: ``packed_vs_plain_at_64_rows`` (plain time / packed time, layers and LM head together).
 
@@ -62,7 +63,7 @@ def main() -> None:
                "gate_up": pack(torch.cat([w["gate"], w["up"]])), "down": pack(w["down"])} for w in layers]
     head = (torch.randn(VOCAB, 576, generator=g) * 0.05).to(dtype)
     head_packed = pack(head)
-    use_panels = dtype == torch.float32 and linear_panels_op() is not None
+    use_panels = linear_panels_op(dtype) is not None
     if use_panels:
         panels = [{"qkv": Panels.of(torch.cat([w["q"], w["k"], w["v"]])), "o": Panels.of(w["o"]),
                    "gate_up": Panels.of(torch.cat([w["gate"], w["up"]])), "down": Panels.of(w["down"])}

@@ -82,12 +82,11 @@ def packing_available(dtype: torch.dtype) -> bool:
 
 
 def panels_available(dtype: torch.dtype) -> bool:
-    """Whether the project's float32 panel kernel runs here (AVX2 and FMA; ``marco/llm/kernels/linear.cpp``)."""
-    if dtype != torch.float32:
-        return False
+    """Whether the project's panel kernel runs here in ``dtype`` (float32: AVX2 and FMA; bfloat16: AVX512-BF16;
+    ``marco/llm/kernels/linear.cpp``)."""
     from marco.llm.kernels import linear_panels_op
 
-    return linear_panels_op() is not None
+    return linear_panels_op(dtype) is not None
 
 
 def time_linear(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, seconds: float = 0.3,
@@ -95,7 +94,7 @@ def time_linear(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, second
     """GFLOP/s of ``linear(x[rows, in], w[out, in])``: the best of repeated timings over ``seconds``
     (best, not mean: other processes share the cores and only ever slow a run down). ``packed``: oneDNN's
     matmul on ``w`` reordered once into its blocked layout, as the fast decode step multiplies. ``panels``:
-    the panel kernel on ``w`` packed once (float32)."""
+    the panel kernel on ``w`` packed once."""
     x = torch.randn(rows, fan_in).to(dtype)
     w = (torch.randn(fan_out, fan_in) / fan_in**0.5).to(dtype)
     if panels:

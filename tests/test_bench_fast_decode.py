@@ -54,11 +54,13 @@ def test_packed_linear_bench_gives_the_same_outputs(dtype: str) -> None:
         assert float(r[7]) == (0.0 if dtype == "bfloat16" else pytest.approx(0.0, abs=1e-4)), report[-5000:]
     assert re.search(r"^packed_vs_plain_at_64_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
     panels = re.findall(rf"^panels\s+(\d+){num * 6}  (\S+)$", out.stdout, re.M)
-    if dtype == "float32" and linear_panels_op() is not None:  # the native kernel against the packed products
+    if linear_panels_op(getattr(torch, dtype)) is not None:  # the native kernel against the packed products
         assert [r[0] for r in panels] == ["1", "64"], report[-5000:]
+        # float32: rounding of the sums; bfloat16: a rare output one bfloat16 step apart (2^-5 below 8)
+        most = 1e-4 if dtype == "float32" else 2**-5
         for r in panels:
             assert float(r[3]) == pytest.approx(float(r[1]) / float(r[2]), rel=0.05)
-            assert float(r[7]) == pytest.approx(0.0, abs=1e-4), report[-5000:]
+            assert float(r[7]) <= most, report[-5000:]
         assert re.search(r"^panels_vs_packed_at_64_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
     else:
         assert not panels, report[-5000:]

@@ -1,6 +1,7 @@
-"""marco/llm/kernels/linear.cpp: float32 products on weights packed into 16-column panels (the decode step's
-kernel on AVX2 CPUs) equal ``F.linear`` within float32 rounding, whatever the shapes, and a row's result never
-depends on the other rows of the batch or on the thread count."""
+"""marco/llm/kernels/linear.cpp: products on weights packed into panels (the decode step's kernel: float32 on
+AVX2 CPUs, 16-column panels; bfloat16 on AVX512-BF16 CPUs, 32-column panels of input pairs) equal ``F.linear``
+within their dtype's rounding, whatever the shapes, and a row's result never depends on the other rows of the
+batch or on the thread count."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from marco.llm.kernels import linear_panels_op
 
 pytestmark = pytest.mark.skipif(linear_panels_op() is None, reason="no AVX2/FMA panel kernel here")
+BF16 = pytest.mark.skipif(linear_panels_op(torch.bfloat16) is None, reason="no AVX512-BF16 panel kernel here")
 
 
 def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -70,5 +72,52 @@ def test_wrong_inputs_say_what_is_wrong() -> None:
         torch.ops.marco.linear_panels(torch.randn(2, 8), panels, 40)
     with pytest.raises(RuntimeError, match="x must be a 2-d float32"):
         torch.ops.marco.linear_panels(torch.randn(2, 8, dtype=torch.float64), panels, 32)
-    with pytest.raises(RuntimeError, match="w must be a 2-d float32"):
-        torch.ops.marco.pack_panels(w.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="w must be a 2-d float32 or bfloat16"):
+        torch.ops.marco.pack_panels(w.double())
+    with pytest.raises(RuntimeError, match="in the panels' dtype"):
+        torch.ops.marco.linear_panels(torch.randn(2, 8).bfloat16(), panels, 32)
+
+
+@BF16
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 58, 129])
+@pytest.mark.parametrize(("fan_in", "fan_out"), [(2, 1), (34, 15), (64, 32), (40, 33), (576, 100), (96, 960)])
+def test_bfloat16_products_match_f_linear_within_one_bfloat16_step(rows: int, fan_in: int, fan_out: int) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + fan_in + fan_out)
+    x = torch.randn(rows, fan_in, generator=g).bfloat16()
+    w = (torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5).bfloat16()
+    got = product(x, w)
+    assert got.shape == (rows, fan_out) and got.dtype == torch.bfloat16
+    exact = F.linear(x.double(), w.double())  # the exact sums of the same bfloat16 inputs
+    # float32 sums, then one rounding to bfloat16 (8 significant bits): within a bfloat16 step of the exact sum
+    torch.testing.assert_close(got.double(), exact, atol=1e-3 * fan_in**0.5, rtol=2**-8)
+    # and what oneDNN's F.linear gives, but for a rare output rounded the other way
+    assert (got != F.linear(x, w)).float().mean() < 0.01
+
+
+@BF16
+def test_bfloat16_panels_hold_input_pairs_thirty_two_columns_at_a_time() -> None:
+    w = torch.arange(40 * 4, dtype=torch.float32).view(40, 4).bfloat16()
+    p = torch.ops.marco.pack_panels(w)
+    assert p.shape == (2, 2, 32, 2) and p.dtype == torch.bfloat16 and p.is_contiguous()
+    assert torch.equal(p[0, 1, 5], w[5, 2:4])  # panel 0, input pair 1, column 5: w[5, 2], w[5, 3]
+    assert torch.equal(p[1, 0, :8], w[32:, 0:2]) and not p[1, :, 8:].any()
+    with pytest.raises(RuntimeError, match="even number of input columns, not 5"):
+        torch.ops.marco.pack_panels(torch.ones(4, 5).bfloat16())
+
+
+@BF16
+def test_a_bfloat16_rows_result_does_not_depend_on_the_batch_or_the_threads() -> None:
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(61, 576, generator=g).bfloat16(), (torch.randn(1536, 576, generator=g) / 24).bfloat16()
+    panels = torch.ops.marco.pack_panels(w)
+    full = torch.ops.marco.linear_panels(x, panels, 1536)
+    perm = torch.randperm(61, generator=g)
+    assert torch.equal(torch.ops.marco.linear_panels(x[perm], panels, 1536), full[perm])
+    for i in (0, 11, 12, 60):
+        assert torch.equal(torch.ops.marco.linear_panels(x[i : i + 1], panels, 1536), full[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.marco.linear_panels(x, panels, 1536), full)
+    finally:
+        torch.set_num_threads(threads)

@@ -54,6 +54,10 @@ def test_the_limit_takes_the_faster_of_plain_and_prepacked_matmuls_per_shape(mon
 def test_a_prepacked_matmul_is_timed_for_real() -> None:
     assert roofline.time_linear(8, 64, 96, torch.float32, seconds=0.01, packed=True) > 0
     assert roofline.time_linear(8, 64, 96, torch.float32, seconds=0.01) > 0
-    if roofline.panels_available(torch.float32):
-        assert roofline.time_linear(8, 64, 96, torch.float32, seconds=0.01, panels=True) > 0
-    assert not roofline.panels_available(torch.bfloat16)
+    from marco.llm.kernels import linear_panels_op
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert roofline.panels_available(dtype) == (linear_panels_op(dtype) is not None)
+        if roofline.panels_available(dtype):
+            assert roofline.time_linear(8, 64, 96, dtype, seconds=0.01, panels=True) > 0
+    assert not roofline.panels_available(torch.float16)

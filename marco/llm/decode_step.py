@@ -105,10 +105,6 @@ def _panels_linear(x: torch.Tensor, w: Panels) -> torch.Tensor:
     return torch.ops.marco.linear_panels(x, w.panels, w.out)
 
 
-def _cpu_has_avx512() -> bool:
-    return "avx512f" in local_cpu_flags()
-
-
 def _switch(name: str) -> bool | None:
     """The on/off setting in environment variable ``name``, or None where it is unset or says neither."""
     env = os.environ.get(name, "").strip().lower()
@@ -125,21 +121,34 @@ def _linear_bytes(model: torch.nn.Module) -> int:
 
 
 def panels_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool:
-    """Whether the decode step multiplies float32 with the native panel kernel (linear.cpp).
+    """Whether the decode step multiplies with the native panel kernel (linear.cpp).
 
-    Where the CPU has AVX2 and FMA but no AVX-512: there it runs the layers' products 1.1-1.3x faster than
-    oneDNN's prepacked sgemm at a search's rows (``bench/packed_linear.py``). On AVX-512 CPUs, whose oneDNN and
-    MKL kernels are twice as wide, the BLAS choice of :func:`pack_weights_wanted` stays. A fixed rule rather
-    than a timing, so a given CPU always gets the same kernel and the same rounding. ``MARCO_LINEAR_PANELS``
-    (1/0) decides where set; ``MARCO_PACKED_WEIGHTS=1`` (oneDNN) or ``0`` (no copies) rules it out."""
-    if model.dtype != torch.float32:
+    float32: where the CPU has AVX2 and FMA but no AVX-512; there it runs the layers' products 1.1-1.3x faster
+    than oneDNN's prepacked sgemm at a search's rows. bfloat16: where the CPU has AVX512-BF16 but no AMX; there it
+    runs them 1.16-1.24x faster than oneDNN's prepacked bfloat16 matmul at 16-90 rows (``bench/packed_linear.py``).
+    Elsewhere the BLAS choice of :func:`pack_weights_wanted` stays: AVX-512 float32 kernels are twice as wide,
+    and AMX's tiles multiply bfloat16 several times faster than vector instructions. A fixed rule rather than a
+    timing, so a given CPU always gets the same kernel and the same rounding. ``MARCO_LINEAR_PANELS`` (1/0)
+    decides where set; ``MARCO_PACKED_WEIGHTS=1`` (oneDNN) or ``0`` (no copies) rules it out."""
+    if model.dtype not in (torch.float32, torch.bfloat16):
         return False
     asked = _switch(PANELS_ENV)
     if asked is False:
         return False
-    if asked is None and (_switch(PACK_ENV) is not None or _linear_bytes(model) > limit or _cpu_has_avx512()):
+    if asked is None and (_switch(PACK_ENV) is not None or _linear_bytes(model) > limit or not _panels_fit_cpu(model.dtype)):
         return False
-    return linear_panels_op() is not None
+    if model.dtype == torch.bfloat16 and any(
+        m.weight.shape[1] % 2 for m in model.modules() if isinstance(m, torch.nn.Linear)
+    ):  # the bfloat16 panels hold input indices in pairs
+        return False
+    return linear_panels_op(model.dtype) is not None
+
+
+def _panels_fit_cpu(dtype: torch.dtype) -> bool:
+    flags = local_cpu_flags()
+    if dtype == torch.bfloat16:
+        return "avx512_bf16" in flags and "amx_bf16" not in flags
+    return "avx512f" not in flags
 
 
 def weight_format(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> str:
@@ -231,12 +240,13 @@ class LlamaDecode:
         # packed (onednn, panels): q/k/v and gate/up fused, every matrix reordered once. oneDNN, bfloat16: the
         # kernel F.linear ends in, so the same results, without reordering the weights on every call (1.2-1.8x
         # the layers' matmuls at 128-1 rows on an AVX512-BF16 EPYC, bench/packed_linear.py). oneDNN, float32:
-        # its sgemm instead of MKL's, within float32 rounding of it. panels: float32 on AVX2 (linear.cpp)
+        # its sgemm instead of MKL's, within float32 rounding of it. panels: linear.cpp (panels_wanted)
         self.weights = weight_format(model) if weights is None else weights
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights={self.weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
-        if self.weights == "panels" and (model.dtype != torch.float32 or linear_panels_op() is None):
-            raise ValueError("weights='panels' needs float32 and the native panel kernel (AVX2 and FMA)")
+        if self.weights == "panels" and linear_panels_op(model.dtype) is None:
+            raise ValueError("weights='panels' needs the native panel kernel in the model's dtype (float32: AVX2 "
+                             "and FMA; bfloat16: AVX512-BF16)")
         self.packed = self.weights != "plain"
         prep: Any = {"plain": lambda w: w, "onednn": _pack, "panels": Panels.of}[self.weights]
         self.linear: Any = {"plain": F.linear, "onednn": _packed_linear, "panels": _panels_linear}[self.weights]

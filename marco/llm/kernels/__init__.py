@@ -144,21 +144,24 @@ def decode_attention_shared_op() -> Callable[..., torch.Tensor] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def linear_panels_op() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
-    """``torch.ops.marco.linear_panels(x, panels, out)`` = ``F.linear(x, w)`` in float32 for ``panels =
-    torch.ops.marco.pack_panels(w)`` (see linear.cpp), where the library loaded and the CPU has AVX2 and FMA;
-    checked against ``F.linear`` once, else None."""
-    if decode_attention_op() is None:
+def linear_panels_op(dtype: torch.dtype = torch.float32) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """``torch.ops.marco.linear_panels(x, panels, out)`` = ``F.linear(x, w)`` for ``panels =
+    torch.ops.marco.pack_panels(w)`` in ``dtype`` (see linear.cpp), where the library loaded and the CPU has the
+    instructions (float32: AVX2 and FMA; bfloat16: AVX512-BF16); checked against ``F.linear`` once, else None."""
+    if decode_attention_op() is None or dtype not in (torch.float32, torch.bfloat16):
         return None
     g = torch.Generator().manual_seed(0)
     try:
-        for rows, k, out in ((7, 40, 37), (13, 33, 48), (1, 5, 3)):
-            x, w = torch.randn(rows, k, generator=g), torch.randn(out, k, generator=g)
-            got = torch.ops.marco.linear_panels(x, torch.ops.marco.pack_panels(w), out)
-            if not torch.allclose(got, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5):
-                raise RuntimeError(f"self-check failed: linear_panels at {rows}x{k}x{out}")
-    except RuntimeError as e:  # no AVX2/FMA in this build, or a wrong result: the decode step keeps BLAS
-        log.info("linear_panels unavailable (%s)", e)
+        for rows, k, out in ((7, 40, 37), (13, 32, 48), (1, 6, 3), (25, 64, 70)):
+            x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(out, k, generator=g).to(dtype)
+            got = torch.ops.marco.linear_panels(x, torch.ops.marco.pack_panels(w), out).float()
+            want = torch.nn.functional.linear(x.float(), w.float())  # exact products of the same inputs
+            # float32: rounding of the sums; bfloat16: of the output, one bfloat16 step (2^-8 relative)
+            tol = 1e-5 if dtype == torch.float32 else 2**-7
+            if not torch.allclose(got, want, atol=tol * k**0.5, rtol=tol):
+                raise RuntimeError(f"self-check failed: linear_panels at {rows}x{k}x{out} in {dtype}")
+    except RuntimeError as e:  # the instructions are missing from this build, or a wrong result: BLAS stays
+        log.info("linear_panels unavailable in %s (%s)", dtype, e)
         return None
     return torch.ops.marco.linear_panels
 
