@@ -116,3 +116,14 @@ def test_the_bundled_models_export_computes_the_same_logits_and_tokens_as_its_gg
     weights, expected = backend.model.state_dict(), gguf_model.state_dict()
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_the_export_command_names_what_it_cannot_export(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from marco.cli import app
+
+    for model in ("gpt2", str(tmp_path / "missing.gguf")):
+        out = CliRunner().invoke(app, ["model", "export", model, str(tmp_path / "out")])
+        assert out.exit_code == 1 and "is neither smollm2 nor a .gguf file" in out.output
+        assert not (tmp_path / "out").exists()

@@ -21,18 +21,15 @@ def export(
     Example: marco model export smollm2 ./smollm2-st   (then: marco solve "..." --model vllm:./smollm2-st)
     `vllm:smollm2` does this once by itself, into ~/.cache/marco/models/.
     """
-    import os
+    from marco.llm.export import export_gguf, gguf_location
 
-    from marco.llm.export import export_gguf
-
-    if model == "smollm2":
-        from marco.llm.hf import smollm2_path
-
-        folder, file = smollm2_path()
-    elif model.endswith(".gguf") and os.path.isfile(model):
-        folder, file = os.path.split(os.path.abspath(model))
-    else:
+    try:
+        gguf = gguf_location(model)
+    except FileNotFoundError:
+        gguf = None
+    if gguf is None:
         typer.echo(f"error: {model!r} is neither smollm2 nor a .gguf file", err=True)
         raise typer.Exit(1)
+    folder, file = gguf
     path = export_gguf(folder, file, out, dtype)
     typer.echo(str(path))

@@ -104,9 +104,3 @@ def materialize_gguf(folder: str, file: str, cache: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
-
-def exported_smollm2() -> Path:
-    """The bundled SmolLM2 as a float32 safetensors folder in the cache, exported on first use."""
-    from marco.llm.hf import smollm2_path
-
-    return materialize_gguf(*smollm2_path())

@@ -153,11 +153,13 @@ class HFBackend:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(config.dtype, device)
         log.info("transformers backend: %s on %s in %s", config.model, device, dtype)
-        kwargs: dict[str, Any] = {}
-        if config.gguf_file:
-            kwargs["gguf_file"] = config.gguf_file
-        tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **kwargs)
+        source = config.model
+        if config.gguf_file:  # its cached float32 export: transformers' GGUF reader is slow (marco.llm.export)
+            from marco.llm.export import materialize_gguf
+
+            source = str(materialize_gguf(config.model, config.gguf_file))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         model.to(device).eval()
         return cls(model, tokenizer, name or config.model, max_batch_rows=config.max_batch_rows,
                    prefix_cache_bytes=config.prefix_cache_bytes, kv_cache_mb=config.kv_cache_mb,

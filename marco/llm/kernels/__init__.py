@@ -35,7 +35,9 @@ ENV = "MARCO_NATIVE_KERNELS"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MARCO_CACHE") or Path.home() / ".cache" / "marco") / "kernels"
+    from marco.llm.export import cache_root as marco_cache
+
+    return marco_cache() / "kernels"
 
 
 def _cpu_flags() -> str:
