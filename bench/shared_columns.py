@@ -3,10 +3,10 @@ reading its own copy, in the product's MCTS batch.
 
 A request's samples are admitted together and their slots hold copies of one prefill's prompt columns, most
 of each row's context. The decode step's attention reads those columns once for the whole group where the
-kernel has the vector path (float32 with AVX2; see ``marco/llm/kernels/decode_attention.cpp``). This runs
-the same search both ways on the bundled model in one process, in alternation (the machine's speed drifts
-between runs), from an empty prefix cache each time, and prints tokens/s, the attention kernel's time a
-step and the ratio. Both ways give the same tokens: a row's arithmetic does not depend on the grouping.
+kernel has the vector path (float32 with AVX2, bfloat16 with AVX-512; see
+``marco/llm/kernels/decode_attention.cpp``). This runs the same search both ways on the bundled model in
+one process, in alternation (the machine's speed drifts between runs), from an empty prefix cache each time,
+and prints tokens/s, the attention kernel's time a step and the ratio. Both ways give the same tokens: a row's arithmetic does not depend on the grouping.
 
 Usage: python bench/shared_columns.py [--problems 64] [--rounds 2] [--budget 1024] [--threads 2]
 """
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import marco.llm.hf as hf_module  # noqa: E402
+from marco.llm.precision import local_cpu_flags  # noqa: E402
 from bench.mcts_batch import search_from_cold, side_by_side_setup, timed_into  # noqa: E402
 
 
@@ -31,9 +32,10 @@ def main() -> None:
     fast = hf.fast_decoder()
     if fast is None or fast._attend_shared is None:
         raise SystemExit("the fast decode step or the native kernels do not apply here")
-    if fast.dtype != torch.float32:
-        print(f"note: the model runs {fast.dtype}; the kernel shares reads only in float32 (AVX2), so both ways "
-              "are the same here")
+    flags = local_cpu_flags()
+    if not ((fast.dtype == torch.float32 and "avx2" in flags) or (fast.dtype == torch.bfloat16 and "avx512f" in flags)):
+        print(f"note: the model runs {fast.dtype}; the kernel shares reads only in float32 with AVX2 and bfloat16 "
+              "with AVX-512, so both ways are the same here")
     spent = {"attention": 0.0, "columns": 0, "once": 0}
 
     def counted(fn: Any) -> Any:

@@ -117,7 +117,7 @@ def test_prefill_groups_bench_runs_fewer_padded_tokens() -> None:
 
 
 def test_shared_columns_bench_reads_fewer_columns_for_the_same_tokens() -> None:
-    # float32: the kernel shares a group's reads in its float32 path (bfloat16 CPUs would run both ways alike)
+    # float32: the kernel shares a group's reads in float32 on any AVX2 CPU (in bfloat16 only with AVX-512)
     out = bench("shared_columns.py", "--problems", "2", "--rounds", "1", "--budget", "256", "--threads", "2",
                 env={"MARCO_DTYPE": "float32"})
     report = out.stdout + out.stderr

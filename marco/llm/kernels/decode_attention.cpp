@@ -27,6 +27,8 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;
+// queries a task of the grouped AVX-512 path holds (its scratch is on the stack)
+constexpr int64_t QMAX_AVX512 = 24;
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16); }
@@ -141,11 +143,43 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   });
 }
 
+// The rows of one task: rows[0..count) share their first `split` columns (read once, from rows[0]'s slot,
+// for all their queries together), then each row reads its own columns [split, n).
+struct RowGroup {
+  int64_t split;
+  int64_t cost;  // columns read, for the schedule
+  std::vector<int64_t> rows;
+};
+
+// Rows in groups of at most `per_task`: rows naming the same source (src, split as decode_attention_shared's;
+// null: every row alone, split 0), each group's cost the columns it reads, the costliest first.
+std::vector<RowGroup> row_groups(int64_t rows, const int64_t* sp, const int64_t* pp, const int64_t* lp, int64_t cols,
+                                 int64_t per_task, bool costliest_first = true) {
+  std::vector<int64_t> slot(rows, -1);  // lead row -> its open group in `groups`
+  std::vector<RowGroup> groups;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t lead = sp ? sp[r] : r;
+    if (slot[lead] < 0 || static_cast<int64_t>(groups[slot[lead]].rows.size()) == per_task) {
+      slot[lead] = static_cast<int64_t>(groups.size());
+      groups.push_back(RowGroup{pp ? pp[r] : 0, 0, {}});
+    }
+    groups[slot[lead]].rows.push_back(r);
+  }
+  for (RowGroup& g : groups) {
+    const int64_t count = static_cast<int64_t>(g.rows.size());
+    g.cost = g.split * (count + 1) / 2;
+    for (int64_t r : g.rows) g.cost += std::min(lp[r] + 1, cols) - g.split;
+  }
+  if (costliest_first)
+    std::stable_sort(groups.begin(), groups.end(), [](const RowGroup& a, const RowGroup& b) { return a.cost > b.cost; });
+  return groups;
+}
+
 #if defined(__AVX512F__)
-// The same computation for bfloat16 with AVX-512, head_dim a multiple of 16 (at most 256), at most 8 query heads
-// per KV head: a key or value row is widened to float32 16 lanes at a time (a shift of the bfloat16 bits), a
-// score is 16-lane FMAs and one horizontal sum, and the weighted sum of values stays in registers. The
-// generic loops above spend most of their time in per-element conversions and scalar reductions.
+// The same computation for bfloat16 with AVX-512, head_dim 64 or 128, at most 8 query heads per KV head: a key or
+// value row is widened to float32 16 lanes at a time (a shift of the bfloat16 bits), a score is 16-lane FMAs and
+// one horizontal sum, and a query's weighted sum of values stays in registers over a block. The generic loops
+// above spend most of their time in per-element conversions and scalar reductions.
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
@@ -182,12 +216,160 @@ inline __m128 sum4(const __m512* d) {
   return _mm512_castps512_ps128(w);
 }
 
+// One query's block of cn scores in place: their exponentials against the new running max m, which updates m and
+// the running sum l; returns the factor the query's weighted sum so far must be scaled by (~0 on the first block)
+inline float block_softmax(float* s, int64_t cn, float& m, float& l) {
+  __m512 mx = _mm512_set1_ps(m);
+  for (int64_t j0 = 0; j0 < cn; j0 += 16) {
+    const __mmask16 live = tail_mask(cn - j0);
+    mx = _mm512_mask_max_ps(mx, live, mx, _mm512_maskz_loadu_ps(live, s + j0));
+  }
+  const float best = _mm512_reduce_max_ps(mx);
+  const float correction = exp_nonpositive(m - best);
+  m = best;
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < cn; j0 += 16) {
+    const __mmask16 live = tail_mask(cn - j0);
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j0), _mm512_set1_ps(best)));
+    _mm512_mask_storeu_ps(s + j0, live, p);
+    total = _mm512_mask_add_ps(total, live, total, p);
+  }
+  l = l * correction + _mm512_reduce_add_ps(total);
+  return correction;
+}
+
+// Columns [c_begin, c_end) of one KV head (bfloat16, kbase and vbase at its column 0) for nq queries (qv: scaled,
+// float32), with the online softmax's running max m, sum l and weighted values acc carried over from whatever
+// columns the queries saw before. Each block's keys, then its values, are widened to float32 once into `wide`
+// for all nq queries (the widening is a third of the work with a KV head's 3 queries); a query's weighted sum
+// stays in registers over the block. A query's arithmetic does not depend on nq or on the other queries.
 template <int64_t DIM>
-void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens, double scale,
-                at::Tensor& out) {
+inline void attend_columns_avx512(const c10::BFloat16* kbase, const c10::BFloat16* vbase, int64_t c_begin,
+                                  int64_t c_end, int64_t nq, const float (*qv)[DIM], float (*acc)[DIM], float* m,
+                                  float* l, float (*s)[BLOCK], float (*wide)[DIM]) {
+  constexpr int64_t W = DIM / 16;
+  float correction[QMAX_AVX512];
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BLOCK) {
+    const int64_t cn = std::min(BLOCK, c_end - c0);
+    // the next block's keys and values are asked for column by column while this one is widened (a burst of
+    // requests at the block's start fills the core's miss buffers and stalls it)
+    const int64_t ahead = std::min(BLOCK, std::max<int64_t>(c_end - c0 - BLOCK, 0));
+    for (int64_t j = 0; j < cn; ++j) {
+      if (j < ahead)
+        for (int64_t b = 0; b < DIM * 2; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(kbase + (c0 + BLOCK + j) * DIM) + b);
+      for (int64_t w = 0; w < W; ++w) _mm512_store_ps(wide[j] + w * 16, load16(kbase + (c0 + j) * DIM + w * 16));
+    }
+    for (int64_t g = 0; g < nq; ++g) {
+      __m512 qg[W];
+      for (int64_t w = 0; w < W; ++w) qg[w] = _mm512_load_ps(qv[g] + w * 16);
+      int64_t j = 0;
+      for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
+        __m512 d[4];
+        for (int64_t c = 0; c < 4; ++c) {
+          __m512 x = _mm512_mul_ps(qg[0], _mm512_load_ps(wide[j + c]));
+          for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qg[w], _mm512_load_ps(wide[j + c] + w * 16), x);
+          d[c] = x;
+        }
+        _mm_storeu_ps(&s[g][j], sum4(d));
+      }
+      for (; j < cn; ++j) {
+        __m512 x = _mm512_mul_ps(qg[0], _mm512_load_ps(wide[j]));
+        for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qg[w], _mm512_load_ps(wide[j] + w * 16), x);
+        s[g][j] = _mm512_reduce_add_ps(x);
+      }
+      correction[g] = block_softmax(s[g], cn, m[g], l[g]);
+    }
+    for (int64_t j = 0; j < cn; ++j) {
+      if (j < ahead)
+        for (int64_t b = 0; b < DIM * 2; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(vbase + (c0 + BLOCK + j) * DIM) + b);
+      for (int64_t w = 0; w < W; ++w) _mm512_store_ps(wide[j] + w * 16, load16(vbase + (c0 + j) * DIM + w * 16));
+    }
+    for (int64_t g = 0; g < nq; ++g) {
+      __m512 a[W];
+      const __m512 c = _mm512_set1_ps(correction[g]);
+      for (int64_t w = 0; w < W; ++w) a[w] = _mm512_mul_ps(_mm512_load_ps(acc[g] + w * 16), c);
+      for (int64_t j = 0; j < cn; ++j) {
+        const __m512 p = _mm512_set1_ps(s[g][j]);
+        for (int64_t w = 0; w < W; ++w) a[w] = _mm512_fmadd_ps(p, _mm512_load_ps(wide[j] + w * 16), a[w]);
+      }
+      for (int64_t w = 0; w < W; ++w) _mm512_store_ps(acc[g] + w * 16, a[w]);
+    }
+  }
+}
+
+// attend_columns_avx512 for the few queries of one row (nq <= 8): keys and values widened in registers, not
+// stored, as the widening is shared by only nq queries. The same arithmetic, so the same results, query by query.
+template <int64_t DIM>
+inline void attend_columns_avx512_few(const c10::BFloat16* kbase, const c10::BFloat16* vbase, int64_t c_begin,
+                                      int64_t c_end, int64_t nq, const float (*qf)[DIM], float (*accf)[DIM], float* m,
+                                      float* l, float (*s)[BLOCK]) {
   constexpr int64_t W = DIM / 16;
   constexpr int64_t GMAX = 8;
-  const int64_t rows = q.size(0), heads = q.size(1);
+  __m512 qv[GMAX][W], acc[GMAX][W];
+  for (int64_t g = 0; g < nq; ++g)
+    for (int64_t w = 0; w < W; ++w) {
+      qv[g][w] = _mm512_load_ps(qf[g] + w * 16);
+      acc[g][w] = _mm512_load_ps(accf[g] + w * 16);
+    }
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BLOCK) {
+    const int64_t cn = std::min(BLOCK, c_end - c0);
+    const int64_t ahead = std::min(BLOCK, std::max<int64_t>(c_end - c0 - BLOCK, 0));
+    int64_t j = 0;
+    for (; j + 4 <= cn; j += 4) {
+      __m512 d[GMAX][4];
+      for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
+        for (int64_t b = 0; b < DIM * 2; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(kbase + (c0 + BLOCK + j + c) * DIM) + b);
+      for (int64_t c = 0; c < 4; ++c) {
+        __m512 kw[W];
+        for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j + c) * DIM + w * 16);
+        for (int64_t g = 0; g < nq; ++g) {
+          __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
+          for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
+          d[g][c] = x;
+        }
+      }
+      for (int64_t g = 0; g < nq; ++g) _mm_storeu_ps(&s[g][j], sum4(d[g]));
+    }
+    for (; j < cn; ++j) {
+      __m512 kw[W];
+      for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j) * DIM + w * 16);
+      for (int64_t g = 0; g < nq; ++g) {
+        __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
+        for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
+        s[g][j] = _mm512_reduce_add_ps(x);
+      }
+    }
+    for (int64_t g = 0; g < nq; ++g) {
+      const float correction = block_softmax(s[g], cn, m[g], l[g]);
+      const __m512 c = _mm512_set1_ps(correction);
+      for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_mul_ps(acc[g][w], c);
+    }
+    for (int64_t jj = 0; jj < cn; ++jj) {
+      if (jj < ahead)
+        for (int64_t b = 0; b < DIM * 2; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(vbase + (c0 + BLOCK + jj) * DIM) + b);
+      __m512 vw[W];
+      for (int64_t w = 0; w < W; ++w) vw[w] = load16(vbase + (c0 + jj) * DIM + w * 16);
+      for (int64_t g = 0; g < nq; ++g) {
+        const __m512 p = _mm512_set1_ps(s[g][jj]);
+        for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_fmadd_ps(p, vw[w], acc[g][w]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < nq; ++g)
+    for (int64_t w = 0; w < W; ++w) _mm512_store_ps(accf[g] + w * 16, acc[g][w]);
+}
+
+// decode attention for bfloat16 with AVX-512 (head_dim 64 or 128) over groups of rows (see RowGroup): one task
+// a (group, KV head), threads taking the next task, largest first. A row alone is a group of one with split 0.
+template <int64_t DIM>
+void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+                       const std::vector<RowGroup>& groups, double scale, at::Tensor& out) {
+  constexpr int64_t W = DIM / 16;
+  const int64_t heads = q.size(1);
   const int64_t kv_heads = k.size(1), cols = k.size(2);
   const int64_t group = heads / kv_heads;
   const auto* qp = q.data_ptr<c10::BFloat16>();
@@ -195,95 +377,53 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const auto* vp = v.data_ptr<c10::BFloat16>();
   auto* op = out.data_ptr<c10::BFloat16>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  const float fscale = static_cast<float>(scale);
+  const __m512 fscale = _mm512_set1_ps(static_cast<float>(scale));
+  const int64_t tasks = static_cast<int64_t>(groups.size()) * kv_heads;
 
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float s[GMAX][BLOCK];
-    __m512 qv[GMAX][W], acc[GMAX][W];
-    float m[GMAX], l[GMAX];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, h = task % kv_heads;
-      const int64_t n = std::min(lp[r] + 1, cols);
-      const c10::BFloat16* kbase = kp + (r * kv_heads + h) * cols * DIM;
-      const c10::BFloat16* vbase = vp + (r * kv_heads + h) * cols * DIM;
-      for (int64_t g = 0; g < group; ++g) {
-        for (int64_t w = 0; w < W; ++w) {
-          qv[g][w] = _mm512_mul_ps(load16(qp + (r * heads + h * group + g) * DIM + w * 16), _mm512_set1_ps(fscale));
-          acc[g][w] = _mm512_setzero_ps();
-        }
-        m[g] = -std::numeric_limits<float>::infinity();
-        l[g] = 0.f;
-      }
-      for (int64_t c0 = 0; c0 < n; c0 += BLOCK) {
-        const int64_t cn = std::min(BLOCK, n - c0);
-        // the next block's keys and values are asked for column by column while this one is computed (a burst
-        // of requests at the block's start fills the core's miss buffers and stalls it)
-        const int64_t ahead = std::min(BLOCK, std::max<int64_t>(n - c0 - BLOCK, 0));
-        int64_t j = 0;
-        for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
-          __m512 d[GMAX][4];
-          for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
-            for (int64_t b = 0; b < DIM * 2; b += 64)
-              __builtin_prefetch(reinterpret_cast<const char*>(kbase + (c0 + BLOCK + j + c) * DIM) + b);
-          for (int64_t c = 0; c < 4; ++c) {
-            __m512 kw[W];
-            for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j + c) * DIM + w * 16);
-            for (int64_t g = 0; g < group; ++g) {
-              __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
-              for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
-              d[g][c] = x;
-            }
-          }
-          for (int64_t g = 0; g < group; ++g) _mm_storeu_ps(&s[g][j], sum4(d[g]));
-        }
-        for (; j < cn; ++j) {
-          __m512 kw[W];
-          for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j) * DIM + w * 16);
-          for (int64_t g = 0; g < group; ++g) {
-            __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
-            for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
-            s[g][j] = _mm512_reduce_add_ps(x);
-          }
-        }
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    alignas(64) float qv[QMAX_AVX512][DIM];
+    alignas(64) float acc[QMAX_AVX512][DIM];
+    alignas(64) float s[QMAX_AVX512][BLOCK];
+    alignas(64) float wide[BLOCK][DIM];
+    float m[QMAX_AVX512], l[QMAX_AVX512];
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const RowGroup& grp = groups[task / kv_heads];
+      const int64_t h = task % kv_heads;
+      const int64_t count = static_cast<int64_t>(grp.rows.size());
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = grp.rows[i];
         for (int64_t g = 0; g < group; ++g) {
-          __m512 mx = _mm512_set1_ps(m[g]);
-          for (int64_t j0 = 0; j0 < cn; j0 += 16) {
-            const __mmask16 live = tail_mask(cn - j0);
-            mx = _mm512_mask_max_ps(mx, live, mx, _mm512_maskz_loadu_ps(live, &s[g][j0]));
+          const int64_t x = i * group + g;
+          for (int64_t w = 0; w < W; ++w) {
+            _mm512_store_ps(qv[x] + w * 16, _mm512_mul_ps(load16(qp + (r * heads + h * group + g) * DIM + w * 16), fscale));
+            _mm512_store_ps(acc[x] + w * 16, _mm512_setzero_ps());
           }
-          const float best = _mm512_reduce_max_ps(mx);
-          const float correction = exp_nonpositive(m[g] - best);
-          m[g] = best;
-          __m512 total = _mm512_setzero_ps();
-          for (int64_t j0 = 0; j0 < cn; j0 += 16) {
-            const __mmask16 live = tail_mask(cn - j0);
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, &s[g][j0]), _mm512_set1_ps(best)));
-            _mm512_mask_storeu_ps(&s[g][j0], live, p);
-            total = _mm512_mask_add_ps(total, live, total, p);
-          }
-          const float sum = _mm512_reduce_add_ps(total);
-          l[g] = l[g] * correction + sum;
-          const __m512 c = _mm512_set1_ps(correction);
-          for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_mul_ps(acc[g][w], c);
-        }
-        for (int64_t j = 0; j < cn; ++j) {
-          if (j < ahead)
-            for (int64_t b = 0; b < DIM * 2; b += 64)
-              __builtin_prefetch(reinterpret_cast<const char*>(vbase + (c0 + BLOCK + j) * DIM) + b);
-          __m512 vw[W];
-          for (int64_t w = 0; w < W; ++w) vw[w] = load16(vbase + (c0 + j) * DIM + w * 16);
-          for (int64_t g = 0; g < group; ++g) {
-            const __m512 p = _mm512_set1_ps(s[g][j]);
-            for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_fmadd_ps(p, vw[w], acc[g][w]);
-          }
+          m[x] = -std::numeric_limits<float>::infinity();
+          l[x] = 0.f;
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        alignas(64) float o[DIM];
-        for (int64_t w = 0; w < W; ++w) _mm512_store_ps(o + w * 16, _mm512_mul_ps(acc[g][w], _mm512_set1_ps(inv)));
-        c10::BFloat16* og = op + (r * heads + h * group + g) * DIM;
-        for (int64_t i = 0; i < DIM; ++i) og[i] = static_cast<c10::BFloat16>(o[i]);
+      const int64_t lead = grp.rows[0];
+      if (count == 1)
+        attend_columns_avx512_few<DIM>(kp + (lead * kv_heads + h) * cols * DIM, vp + (lead * kv_heads + h) * cols * DIM, 0,
+                                       grp.split, group, qv, acc, m, l, s);
+      else
+        attend_columns_avx512<DIM>(kp + (lead * kv_heads + h) * cols * DIM, vp + (lead * kv_heads + h) * cols * DIM, 0,
+                                 grp.split, count * group, qv, acc, m, l, s, wide);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = grp.rows[i];
+        const int64_t n = std::min(lp[r] + 1, cols);
+        const int64_t x = i * group;
+        attend_columns_avx512_few<DIM>(kp + (r * kv_heads + h) * cols * DIM, vp + (r * kv_heads + h) * cols * DIM,
+                                       grp.split, n, group, qv + x, acc + x, m + x, l + x, s + x);
+        for (int64_t g = 0; g < group; ++g) {
+          const float inv = l[x + g] > 0.f ? 1.f / l[x + g] : 0.f;
+          alignas(64) float o[DIM];
+          for (int64_t w = 0; w < W; ++w) _mm512_store_ps(o + w * 16, _mm512_mul_ps(_mm512_load_ps(acc[x + g] + w * 16), _mm512_set1_ps(inv)));
+          c10::BFloat16* og = op + (r * heads + h * group + g) * DIM;
+          for (int64_t i2 = 0; i2 < DIM; ++i2) og[i2] = static_cast<c10::BFloat16>(o[i2]);
+        }
       }
     }
   });
@@ -392,14 +532,6 @@ inline void attend_columns_avx2(const float* kbase, const float* vbase, int64_t 
     }
   }
 }
-
-// The rows of one task: rows[0..count) share their first `split` columns (read once, from rows[0]'s slot,
-// for all their queries together), then each row reads its own columns [split, n).
-struct RowGroup {
-  int64_t split;
-  int64_t cost;  // columns read, for the schedule
-  std::vector<int64_t> rows;
-};
 
 template <int64_t DIM>
 void run_avx2_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
@@ -516,12 +648,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   if (q.scalar_type() == at::kBFloat16) {
 #if defined(__AVX512F__)
     const int64_t group = q.size(1) / k.size(1);
-    if (group <= 8 && q.size(2) == 64) {
-      run_avx512<64>(q, k, v, lens, scale, out);
-      return out;
-    }
-    if (group <= 8 && q.size(2) == 128) {
-      run_avx512<128>(q, k, v, lens, scale, out);
+    if (group <= 8 && (q.size(2) == 64 || q.size(2) == 128)) {
+      const auto groups = row_groups(q.size(0), nullptr, nullptr, lens.data_ptr<int64_t>(), k.size(2), 1, false);
+      if (q.size(2) == 64)
+        run_avx512_groups<64>(q, k, v, lens, groups, scale, out);
+      else
+        run_avx512_groups<128>(q, k, v, lens, groups, scale, out);
       return out;
     }
 #endif
@@ -548,9 +680,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // columns [0, split[r]) hold the same keys and values as row src[r]'s (the k samples of a request copied
 // from one prefill), src[src[r]] == src[r] and split[r] == split[src[r]]. Each row's result is computed in blocks
 // over [0, split) and then over [split, n): the same arithmetic whether or not its group shares the reads,
-// so a row's output does not depend on which other rows are in the batch. With AVX2 (float32), a group's
-// shared columns are read once, from its lead's slot, for all its queries together (the prompt is most of
-// a row's context and the kernel waits on memory). Elsewhere this is decode_attention.
+// so a row's output does not depend on which other rows are in the batch. With AVX2 (float32) and AVX-512
+// (bfloat16), a group's shared columns are read (and, in bfloat16, widened) once, from its lead's slot, for all
+// its queries together (the prompt is most of a row's context). Elsewhere this is decode_attention.
 at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
                                    const at::Tensor& src, const at::Tensor& split, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q [rows, heads, dim], k and v [rows, kv_heads, cols, dim]");
@@ -567,30 +699,30 @@ at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, con
     TORCH_CHECK(pp[r] == pp[lead] && pp[r] >= 0 && pp[r] <= std::min(lp[r] + 1, cols),
                 "split must be its source's and within the row's columns");
   }
+  const bool vector_shape = k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 8 &&
+                            (q.size(2) == 64 || q.size(2) == 128);
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kBFloat16 && vector_shape) {
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
+    TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
+    TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "one dtype");
+    const int64_t group = q.size(1) / k.size(1);
+    const auto groups = row_groups(rows, sp, pp, lp, cols, std::max<int64_t>(1, QMAX_AVX512 / group));
+    at::Tensor out = at::empty_like(q);
+    if (q.size(2) == 64)
+      run_avx512_groups<64>(q, k, v, lens, groups, scale, out);
+    else
+      run_avx512_groups<128>(q, k, v, lens, groups, scale, out);
+    return out;
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if (q.scalar_type() == at::kFloat && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 8 &&
-      (q.size(2) == 64 || q.size(2) == 128)) {
+  if (q.scalar_type() == at::kFloat && vector_shape) {
     TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
     TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
     TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "one dtype");
     const int64_t group = q.size(1) / k.size(1);
-    const int64_t per_task = std::max<int64_t>(1, 32 / group);  // QMAX queries a task
-    std::vector<int64_t> slot(rows, -1);  // lead row -> its open group in `groups`
-    std::vector<RowGroup> groups;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t lead = sp[r];
-      if (slot[lead] < 0 || static_cast<int64_t>(groups[slot[lead]].rows.size()) == per_task) {
-        slot[lead] = static_cast<int64_t>(groups.size());
-        groups.push_back(RowGroup{pp[r], 0, {}});
-      }
-      groups[slot[lead]].rows.push_back(r);
-    }
-    for (RowGroup& g : groups) {
-      const int64_t count = static_cast<int64_t>(g.rows.size());
-      g.cost = g.split * (count + 1) / 2;
-      for (int64_t r : g.rows) g.cost += std::min(lp[r] + 1, cols) - g.split;
-    }
-    std::stable_sort(groups.begin(), groups.end(), [](const RowGroup& a, const RowGroup& b) { return a.cost > b.cost; });
+    const auto groups = row_groups(rows, sp, pp, lp, cols, std::max<int64_t>(1, 32 / group));  // QMAX queries a task
     at::Tensor out = at::empty_like(q);
     if (q.size(2) == 64)
       run_avx2_groups<64>(q, k, v, lens, groups, scale, out);
