@@ -3,8 +3,10 @@
 
 Each run is the product's default search (``bench/mcts_batch.py``: ministep:32, budget 1024, k = 3, seed 1)
 over the same P MGSM-en problems; the runs alternate (forward, fast, forward, fast ...) so load changes on the
-shared cores hit both. The fast step does the model's operations in the model's order and dtype, so the two
-runs generate the same tokens: the benchmark checks that and says so.
+shared cores hit both. The fast step does the model's operations in the model's order and dtype, so in
+float32 the two runs generate the same tokens: the benchmark checks that and says so. In bfloat16 they may
+part at a near-tie: the fast step's attention reads a request's shared prompt once, in softmax blocks split at
+the prompt's end, and its sums round to bfloat16 a step apart now and then (``tests/test_decode_step.py``).
 
 Last line: ``fast_decode_vs_forward`` (median of the per-round ratios of tokens/s).
 

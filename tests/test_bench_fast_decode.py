@@ -25,7 +25,9 @@ def bench(script: str, *args: str, env: dict[str, str] | None = None) -> subproc
 
 @pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 def test_fast_decode_bench_runs_both_paths_to_the_same_answers() -> None:
-    out = bench("fast_decode.py", "--problems", "1", "--budget", "128")
+    # float32: the two paths' sums differ at float32's rounding only; in bfloat16 on AVX-512 the fast step's
+    # attention splits its softmax blocks at a request's shared prompt, and a near-tie may go another way
+    out = bench("fast_decode.py", "--problems", "1", "--budget", "128", "--dtype", "float32")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     rows = re.findall(r"^0\s+(forward|fast)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+[\d.]+$", out.stdout, re.M)

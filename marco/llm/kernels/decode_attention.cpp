@@ -27,8 +27,9 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;
-// queries a task of the grouped AVX-512 path holds (its scratch is on the stack)
+// queries a task of the grouped AVX-512 (bfloat16) and AVX2 (float32) paths holds (their scratch is on the stack)
 constexpr int64_t QMAX_AVX512 = 24;
+constexpr int64_t QMAX_AVX2 = 32;
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16); }
@@ -152,7 +153,8 @@ struct RowGroup {
 };
 
 // Rows in groups of at most `per_task`: rows naming the same source (src, split as decode_attention_shared's;
-// null: every row alone, split 0), each group's cost the columns it reads, the costliest first.
+// null: every row alone, split 0), each group's cost the columns it reads; the costliest first (threads take
+// the next task when done), or in row order (neighbouring slots, for the hardware prefetchers).
 std::vector<RowGroup> row_groups(int64_t rows, const int64_t* sp, const int64_t* pp, const int64_t* lp, int64_t cols,
                                  int64_t per_task, bool costliest_first = true) {
   std::vector<int64_t> slot(rows, -1);  // lead row -> its open group in `groups`
@@ -216,6 +218,34 @@ inline __m128 sum4(const __m512* d) {
   return _mm512_castps512_ps128(w);
 }
 
+// The 16 lanes of a query's products with one key, summed over the head's W vectors in one fixed order (a
+// multiply, then FMAs): what both loops below reduce to a score, so their scores are the same to the bit.
+template <int64_t W>
+inline __m512 products(const __m512* q, const __m512* k) {
+  __m512 x = _mm512_mul_ps(q[0], k[0]);
+  for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(q[w], k[w], x);
+  return x;
+}
+
+template <int64_t W>
+inline __m512 products(const __m512* q, const float* k) {
+  __m512 kw[W];
+  for (int64_t w = 0; w < W; ++w) kw[w] = _mm512_load_ps(k + w * 16);
+  return products<W>(q, kw);
+}
+
+// cn columns of bfloat16 keys or values (base: the first) widened to float32 into wide; the next block's
+// first `ahead` columns are asked for meanwhile, column by column (a burst of requests at the block's start
+// fills the core's miss buffers and stalls it)
+template <int64_t DIM>
+inline void widen_block(const c10::BFloat16* base, int64_t cn, int64_t ahead, float (*wide)[DIM]) {
+  for (int64_t j = 0; j < cn; ++j) {
+    if (j < ahead)
+      for (int64_t b = 0; b < DIM * 2; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(base + (BLOCK + j) * DIM) + b);
+    for (int64_t w = 0; w < DIM / 16; ++w) _mm512_store_ps(wide[j] + w * 16, load16(base + j * DIM + w * 16));
+  }
+}
+
 // One query's block of cn scores in place: their exponentials against the new running max m, which updates m and
 // the running sum l; returns the factor the query's weighted sum so far must be scaled by (~0 on the first block)
 inline float block_softmax(float* s, int64_t cn, float& m, float& l) {
@@ -251,41 +281,21 @@ inline void attend_columns_avx512(const c10::BFloat16* kbase, const c10::BFloat1
   float correction[QMAX_AVX512];
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BLOCK) {
     const int64_t cn = std::min(BLOCK, c_end - c0);
-    // the next block's keys and values are asked for column by column while this one is widened (a burst of
-    // requests at the block's start fills the core's miss buffers and stalls it)
     const int64_t ahead = std::min(BLOCK, std::max<int64_t>(c_end - c0 - BLOCK, 0));
-    for (int64_t j = 0; j < cn; ++j) {
-      if (j < ahead)
-        for (int64_t b = 0; b < DIM * 2; b += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(kbase + (c0 + BLOCK + j) * DIM) + b);
-      for (int64_t w = 0; w < W; ++w) _mm512_store_ps(wide[j] + w * 16, load16(kbase + (c0 + j) * DIM + w * 16));
-    }
+    widen_block<DIM>(kbase + c0 * DIM, cn, ahead, wide);
     for (int64_t g = 0; g < nq; ++g) {
       __m512 qg[W];
       for (int64_t w = 0; w < W; ++w) qg[w] = _mm512_load_ps(qv[g] + w * 16);
       int64_t j = 0;
       for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
         __m512 d[4];
-        for (int64_t c = 0; c < 4; ++c) {
-          __m512 x = _mm512_mul_ps(qg[0], _mm512_load_ps(wide[j + c]));
-          for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qg[w], _mm512_load_ps(wide[j + c] + w * 16), x);
-          d[c] = x;
-        }
+        for (int64_t c = 0; c < 4; ++c) d[c] = products<W>(qg, wide[j + c]);
         _mm_storeu_ps(&s[g][j], sum4(d));
       }
-      for (; j < cn; ++j) {
-        __m512 x = _mm512_mul_ps(qg[0], _mm512_load_ps(wide[j]));
-        for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qg[w], _mm512_load_ps(wide[j] + w * 16), x);
-        s[g][j] = _mm512_reduce_add_ps(x);
-      }
+      for (; j < cn; ++j) s[g][j] = _mm512_reduce_add_ps(products<W>(qg, wide[j]));
       correction[g] = block_softmax(s[g], cn, m[g], l[g]);
     }
-    for (int64_t j = 0; j < cn; ++j) {
-      if (j < ahead)
-        for (int64_t b = 0; b < DIM * 2; b += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(vbase + (c0 + BLOCK + j) * DIM) + b);
-      for (int64_t w = 0; w < W; ++w) _mm512_store_ps(wide[j] + w * 16, load16(vbase + (c0 + j) * DIM + w * 16));
-    }
+    widen_block<DIM>(vbase + c0 * DIM, cn, ahead, wide);
     for (int64_t g = 0; g < nq; ++g) {
       __m512 a[W];
       const __m512 c = _mm512_set1_ps(correction[g]);
@@ -325,22 +335,14 @@ inline void attend_columns_avx512_few(const c10::BFloat16* kbase, const c10::BFl
       for (int64_t c = 0; c < 4; ++c) {
         __m512 kw[W];
         for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j + c) * DIM + w * 16);
-        for (int64_t g = 0; g < nq; ++g) {
-          __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
-          for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
-          d[g][c] = x;
-        }
+        for (int64_t g = 0; g < nq; ++g) d[g][c] = products<W>(qv[g], kw);
       }
       for (int64_t g = 0; g < nq; ++g) _mm_storeu_ps(&s[g][j], sum4(d[g]));
     }
     for (; j < cn; ++j) {
       __m512 kw[W];
       for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j) * DIM + w * 16);
-      for (int64_t g = 0; g < nq; ++g) {
-        __m512 x = _mm512_mul_ps(qv[g][0], kw[0]);
-        for (int64_t w = 1; w < W; ++w) x = _mm512_fmadd_ps(qv[g][w], kw[w], x);
-        s[g][j] = _mm512_reduce_add_ps(x);
-      }
+      for (int64_t g = 0; g < nq; ++g) s[g][j] = _mm512_reduce_add_ps(products<W>(qv[g], kw));
     }
     for (int64_t g = 0; g < nq; ++g) {
       const float correction = block_softmax(s[g], cn, m[g], l[g]);
@@ -537,7 +539,6 @@ template <int64_t DIM>
 void run_avx2_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
                      const std::vector<RowGroup>& groups, double scale, at::Tensor& out) {
   constexpr int64_t W = DIM / 8;
-  constexpr int64_t QMAX = 32;
   const int64_t heads = q.size(1);
   const int64_t kv_heads = k.size(1), cols = k.size(2);
   const int64_t group = heads / kv_heads;
@@ -553,9 +554,9 @@ void run_avx2_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    alignas(32) float s[QMAX][BLOCK];
-    __m256 qv[QMAX][W], acc[QMAX][W];
-    float m[QMAX], l[QMAX];
+    alignas(32) float s[QMAX_AVX2][BLOCK];
+    __m256 qv[QMAX_AVX2][W], acc[QMAX_AVX2][W];
+    float m[QMAX_AVX2], l[QMAX_AVX2];
     for (int64_t task = next++; task < tasks; task = next++) {
       const RowGroup& grp = groups[task / kv_heads];
       const int64_t h = task % kv_heads;
@@ -701,39 +702,29 @@ at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, con
   }
   const bool vector_shape = k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 8 &&
                             (q.size(2) == 64 || q.size(2) == 128);
+  bool bf16_path = false, f32_path = false;
 #if defined(__AVX512F__)
-  if (q.scalar_type() == at::kBFloat16 && vector_shape) {
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
-    TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
-    TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "one dtype");
-    const int64_t group = q.size(1) / k.size(1);
-    const auto groups = row_groups(rows, sp, pp, lp, cols, std::max<int64_t>(1, QMAX_AVX512 / group));
-    at::Tensor out = at::empty_like(q);
-    if (q.size(2) == 64)
-      run_avx512_groups<64>(q, k, v, lens, groups, scale, out);
-    else
-      run_avx512_groups<128>(q, k, v, lens, groups, scale, out);
-    return out;
-  }
+  bf16_path = q.scalar_type() == at::kBFloat16 && vector_shape;
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if (q.scalar_type() == at::kFloat && vector_shape) {
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
-    TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
-    TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "one dtype");
-    const int64_t group = q.size(1) / k.size(1);
-    const auto groups = row_groups(rows, sp, pp, lp, cols, std::max<int64_t>(1, 32 / group));  // QMAX queries a task
-    at::Tensor out = at::empty_like(q);
-    if (q.size(2) == 64)
-      run_avx2_groups<64>(q, k, v, lens, groups, scale, out);
-    else
-      run_avx2_groups<128>(q, k, v, lens, groups, scale, out);
-    return out;
-  }
+  f32_path = q.scalar_type() == at::kFloat && vector_shape;
 #endif
   // no vector path for this dtype or shape: every row reads its own columns, in blocks from column 0 (there is
   // no grouping to be independent of)
-  return decode_attention(q, k, v, lens, scale);
+  if (!bf16_path && !f32_path) return decode_attention(q, k, v, lens, scale);
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "one dtype");
+  const int64_t group = q.size(1) / k.size(1);
+  const auto groups = row_groups(rows, sp, pp, lp, cols, std::max<int64_t>(1, (bf16_path ? QMAX_AVX512 : QMAX_AVX2) / group));
+  at::Tensor out = at::empty_like(q);
+#if defined(__AVX512F__)
+  if (bf16_path) (q.size(2) == 64 ? run_avx512_groups<64> : run_avx512_groups<128>)(q, k, v, lens, groups, scale, out);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (f32_path) (q.size(2) == 64 ? run_avx2_groups<64> : run_avx2_groups<128>)(q, k, v, lens, groups, scale, out);
+#endif
+  return out;
 }
 
 // One pass a row over a decode step's next-token logits [rows, vocab] (float32): the log-sum-exp of the raw
