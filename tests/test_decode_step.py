@@ -226,9 +226,10 @@ def test_what_it_cannot_run_keeps_the_models_forward(tiny_llama) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_steps_give_the_models_own_outputs_on_smollm2(smollm2, dtype) -> None:
-    """Same operations in the same order and dtype as transformers' Llama forward. float32: within 1e-5 (the
-    matmul library may block a [rows, 576] product differently from a [rows, 1, 576] one). bfloat16: its
-    prepacked, fused matmuls are the oneDNN kernel F.linear calls, so the same tokens and log-probabilities
+    """Same operations in the same order and dtype as transformers' Llama forward. float32: within 1e-4 (the
+    matmul library may block a [rows, 576] product differently from a [rows, 1, 576] one, and the attention's
+    softmax blocks split at a request's shared prompt); 1e-3 with oneDNN's prepacked sgemm for MKL's.
+    bfloat16: its prepacked, fused matmuls are the oneDNN kernel F.linear calls, so the same tokens and log-probabilities
     within 1e-2 (a few bfloat16 steps of a logit of ~20); both were identical to the bit on an AVX512-BF16
     EPYC (2026-12-06). But where the fast step's attention reads a request's shared prompt once (the
     bfloat16 path of ``decode_attention_shared`` on AVX-512 CPUs) or the panel kernel multiplies, its sums
@@ -259,7 +260,9 @@ def test_fast_steps_give_the_models_own_outputs_on_smollm2(smollm2, dtype) -> No
             for x, y in zip(a, c):
                 agree_until_a_near_tie(x, y, tol=0.6, greedy=not reqs[fast.index(a)].temperature)
         return
-    tol = (1e-3 if b.fast_decoder().packed else 1e-5) if dtype == torch.float32 else 1e-2
+    # float32 plain: the same matmuls, but the fast step's attention splits its softmax blocks at a request's
+    # shared prompt (decode_attention_shared), the forward's does not: 1.2e-5 apart seen on an AMX Xeon
+    tol = (1e-3 if b.fast_decoder().packed else 1e-4) if dtype == torch.float32 else 1e-2
     for a, c in zip(fast, plain):
         assert [g.token_ids for g in a] == [g.token_ids for g in c]
         for x, y in zip(a, c):
