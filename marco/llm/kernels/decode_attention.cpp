@@ -700,8 +700,8 @@ at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, con
     TORCH_CHECK(pp[r] == pp[lead] && pp[r] >= 0 && pp[r] <= std::min(lp[r] + 1, cols),
                 "split must be its source's and within the row's columns");
   }
-  const bool vector_shape = k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 8 &&
-                            (q.size(2) == 64 || q.size(2) == 128);
+  [[maybe_unused]] const bool vector_shape =  // unused where neither vector path is compiled
+      k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 8 && (q.size(2) == 64 || q.size(2) == 128);
   bool bf16_path = false, f32_path = false;
 #if defined(__AVX512F__)
   bf16_path = q.scalar_type() == at::kBFloat16 && vector_shape;
