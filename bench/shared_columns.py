@@ -6,7 +6,8 @@ of each row's context. The decode step's attention reads those columns once for 
 kernel has the vector path (float32 with AVX2, bfloat16 with AVX-512; see
 ``marco/llm/kernels/decode_attention.cpp``). This runs the same search both ways on the bundled model in
 one process, in alternation (the machine's speed drifts between runs), from an empty prefix cache each time,
-and prints tokens/s, the attention kernel's time a step and the ratio. Both ways give the same tokens: a row's arithmetic does not depend on the grouping.
+and prints tokens/s, the attention kernel's time a step and the ratio. Both ways give the same tokens: a
+row's arithmetic does not depend on the grouping.
 
 Usage: python bench/shared_columns.py [--problems 64] [--rounds 2] [--budget 1024] [--threads 2]
 """
@@ -33,7 +34,8 @@ def main() -> None:
     if fast is None or fast._attend_shared is None:
         raise SystemExit("the fast decode step or the native kernels do not apply here")
     flags = local_cpu_flags()
-    if not ((fast.dtype == torch.float32 and "avx2" in flags) or (fast.dtype == torch.bfloat16 and "avx512f" in flags)):
+    shares = (fast.dtype == torch.float32 and "avx2" in flags) or (fast.dtype == torch.bfloat16 and "avx512f" in flags)
+    if not shares:
         print(f"note: the model runs {fast.dtype}; the kernel shares reads only in float32 with AVX2 and bfloat16 "
               "with AVX-512, so both ways are the same here")
     spent = {"attention": 0.0, "columns": 0, "once": 0}

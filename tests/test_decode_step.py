@@ -229,8 +229,8 @@ def test_fast_steps_give_the_models_own_outputs_on_smollm2(smollm2, dtype) -> No
     """Same operations in the same order and dtype as transformers' Llama forward. float32: within 1e-4 (the
     matmul library may block a [rows, 576] product differently from a [rows, 1, 576] one, and the attention's
     softmax blocks split at a request's shared prompt); 1e-3 with oneDNN's prepacked sgemm for MKL's.
-    bfloat16: its prepacked, fused matmuls are the oneDNN kernel F.linear calls, so the same tokens and log-probabilities
-    within 1e-2 (a few bfloat16 steps of a logit of ~20); both were identical to the bit on an AVX512-BF16
+    bfloat16: its prepacked, fused matmuls are the oneDNN kernel F.linear calls, so the same tokens and
+    log-probabilities within 1e-2 (a few bfloat16 steps of a logit of ~20); both were identical to the bit on an AVX512-BF16
     EPYC (2026-12-06). But where the fast step's attention reads a request's shared prompt once (the
     bfloat16 path of ``decode_attention_shared`` on AVX-512 CPUs) or the panel kernel multiplies, its sums
     are taken in another order (softmax blocks split at the prompt's end; another tiling) and rounded to
@@ -320,7 +320,9 @@ def tiny_llama64():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_samples_of_a_request_read_their_shared_prompt_once_with_the_same_outputs(tiny_llama64, monkeypatch, dtype) -> None:
+def test_samples_of_a_request_read_their_shared_prompt_once_with_the_same_outputs(
+    tiny_llama64, monkeypatch, dtype
+) -> None:
     """A request's k samples hold copies of one prefill's prompt columns; the decode step's attention reads
     them once for the group (``decode_attention_shared``: float32 with AVX2, bfloat16 with AVX-512). Every
     token and log-probability is, to the bit, what the rows give each reading its own copy, with rows retiring

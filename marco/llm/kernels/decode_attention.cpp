@@ -241,7 +241,8 @@ template <int64_t DIM>
 inline void widen_block(const c10::BFloat16* base, int64_t cn, int64_t ahead, float (*wide)[DIM]) {
   for (int64_t j = 0; j < cn; ++j) {
     if (j < ahead)
-      for (int64_t b = 0; b < DIM * 2; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(base + (BLOCK + j) * DIM) + b);
+      for (int64_t b = 0; b < DIM * 2; b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(base + (BLOCK + j) * DIM) + b);
     for (int64_t w = 0; w < DIM / 16; ++w) _mm512_store_ps(wide[j] + w * 16, load16(base + j * DIM + w * 16));
   }
 }
@@ -399,7 +400,8 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         for (int64_t g = 0; g < group; ++g) {
           const int64_t x = i * group + g;
           for (int64_t w = 0; w < W; ++w) {
-            _mm512_store_ps(qv[x] + w * 16, _mm512_mul_ps(load16(qp + (r * heads + h * group + g) * DIM + w * 16), fscale));
+            const __m512 qw = load16(qp + (r * heads + h * group + g) * DIM + w * 16);
+            _mm512_store_ps(qv[x] + w * 16, _mm512_mul_ps(qw, fscale));
             _mm512_store_ps(acc[x] + w * 16, _mm512_setzero_ps());
           }
           m[x] = -std::numeric_limits<float>::infinity();
@@ -407,12 +409,12 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         }
       }
       const int64_t lead = grp.rows[0];
+      const c10::BFloat16* kl = kp + (lead * kv_heads + h) * cols * DIM;
+      const c10::BFloat16* vl = vp + (lead * kv_heads + h) * cols * DIM;
       if (count == 1)
-        attend_columns_avx512_few<DIM>(kp + (lead * kv_heads + h) * cols * DIM, vp + (lead * kv_heads + h) * cols * DIM, 0,
-                                       grp.split, group, qv, acc, m, l, s);
+        attend_columns_avx512_few<DIM>(kl, vl, 0, grp.split, group, qv, acc, m, l, s);
       else
-        attend_columns_avx512<DIM>(kp + (lead * kv_heads + h) * cols * DIM, vp + (lead * kv_heads + h) * cols * DIM, 0,
-                                 grp.split, count * group, qv, acc, m, l, s, wide);
+        attend_columns_avx512<DIM>(kl, vl, 0, grp.split, count * group, qv, acc, m, l, s, wide);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t r = grp.rows[i];
         const int64_t n = std::min(lp[r] + 1, cols);
@@ -422,7 +424,8 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         for (int64_t g = 0; g < group; ++g) {
           const float inv = l[x + g] > 0.f ? 1.f / l[x + g] : 0.f;
           alignas(64) float o[DIM];
-          for (int64_t w = 0; w < W; ++w) _mm512_store_ps(o + w * 16, _mm512_mul_ps(_mm512_load_ps(acc[x + g] + w * 16), _mm512_set1_ps(inv)));
+          for (int64_t w = 0; w < W; ++w)
+            _mm512_store_ps(o + w * 16, _mm512_mul_ps(_mm512_load_ps(acc[x + g] + w * 16), _mm512_set1_ps(inv)));
           c10::BFloat16* og = op + (r * heads + h * group + g) * DIM;
           for (int64_t i2 = 0; i2 < DIM; ++i2) og[i2] = static_cast<c10::BFloat16>(o[i2]);
         }
@@ -716,7 +719,8 @@ at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "one dtype");
   const int64_t group = q.size(1) / k.size(1);
-  const auto groups = row_groups(rows, sp, pp, lp, cols, std::max<int64_t>(1, (bf16_path ? QMAX_AVX512 : QMAX_AVX2) / group));
+  const int64_t per_task = std::max<int64_t>(1, (bf16_path ? QMAX_AVX512 : QMAX_AVX2) / group);
+  const auto groups = row_groups(rows, sp, pp, lp, cols, per_task);
   at::Tensor out = at::empty_like(q);
 #if defined(__AVX512F__)
   if (bf16_path) (q.size(2) == 64 ? run_avx512_groups<64> : run_avx512_groups<128>)(q, k, v, lens, groups, scale, out);
