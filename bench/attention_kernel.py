@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from marco.llm.kernels import SOURCE, build, decode_attention_op  # noqa: E402
+from bench.kernel_revisions import compare, median_ratio  # noqa: E402
+from marco.llm.kernels import SOURCE, decode_attention_op  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, DIM, COLS = 30, 9, 3, 64, 512
 
@@ -79,32 +77,17 @@ def time_library(library: str, rows: list[int], dtypes: list[str], reps: int) ->
 
 def compare_with(base: str, args: argparse.Namespace) -> None:
     """This checkout's kernel against revision ``base``'s, alternating processes."""
-    source = subprocess.run(["git", "show", f"{base}:marco/llm/kernels/decode_attention.cpp"], capture_output=True,
-                            text=True, cwd=SOURCE.parent)
-    if source.returncode != 0:
-        sys.exit(f"git show {base}:marco/llm/kernels/decode_attention.cpp failed: {source.stderr.strip()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "base.cpp").write_text(source.stdout)
-        libs = {"before": str(build(source=Path(tmp) / "base.cpp", out=Path(tmp) / "base.so")), "after": str(build())}
-        print(f"decode attention, vector path: {base} (before) against this checkout (after), {LAYERS} layers, "
-              f"{args.threads} threads, load {os.getloadavg()[0]:.1f}")
-        times: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
-        for _ in range(args.rounds):
-            for which, lib in libs.items():
-                done = subprocess.run(
-                    [sys.executable, __file__, "--time", lib, "--rows", args.rows, "--dtype", args.dtype,
-                     "--threads", str(args.threads), "--reps", str(args.reps)],
-                    capture_output=True, text=True, check=True)
-                for key, ms in json.loads(done.stdout.strip().splitlines()[-1]).items():
-                    times[which].setdefault(key, []).append(ms)
+    print(f"decode attention, vector path: {base} (before) against this checkout (after), {LAYERS} layers, "
+          f"{args.threads} threads, load {os.getloadavg()[0]:.1f}")
+    times = compare(__file__, SOURCE.name, base, ["--rows", args.rows, "--dtype", args.dtype, "--threads",
+                                                  str(args.threads), "--reps", str(args.reps)], args.rounds)
     print(f"{'dtype':<10}{'rows':>5}{'before ms':>11}{'after ms':>10}{'ratio':>7}")
     first = None
     for key in times["before"]:
-        ratios = [b / a for b, a in zip(times["before"][key], times["after"][key])]
         name, rows = key.split("/")
-        print(f"{name:<10}{rows:>5}{min(times['before'][key]):>11.1f}{min(times['after'][key]):>10.1f}"
-              f"{statistics.median(ratios):>7.2f}")
-        first = statistics.median(ratios) if first is None else first
+        ratio = median_ratio(times, key)
+        print(f"{name:<10}{rows:>5}{min(times['before'][key]):>11.1f}{min(times['after'][key]):>10.1f}{ratio:>7.2f}")
+        first = ratio if first is None else first
     print(f"load {os.getloadavg()[0]:.1f}")
     print(f"vector_after_vs_before_at_{args.rows.split(',')[0]}_rows: {first:.3f}")
 
