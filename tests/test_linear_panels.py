@@ -1,7 +1,7 @@
 """marco/llm/kernels/linear.cpp: products on weights packed into panels (the decode step's kernel: float32 on
-AVX2 CPUs, 16-column panels; bfloat16 on AVX512-BF16 CPUs, 32-column panels of input pairs) equal ``F.linear``
-within their dtype's rounding, whatever the shapes, and a row's result never depends on the other rows of the
-batch or on the thread count."""
+AVX2 CPUs in 16-column panels and on AVX-512 CPUs in 32-column panels; bfloat16 on AVX512-BF16 CPUs, 32-column
+panels of input pairs) equal ``F.linear`` within their dtype's rounding, whatever the shapes, and a row's result
+never depends on the other rows of the batch or on the thread count."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from marco.llm.kernels import linear_panels_op
+from marco.llm.precision import local_cpu_flags
 
-pytestmark = pytest.mark.skipif(linear_panels_op() is None, reason="no AVX2/FMA panel kernel here")
+pytestmark = pytest.mark.skipif(linear_panels_op() is None, reason="no AVX2/FMA or AVX-512 panel kernel here")
 BF16 = pytest.mark.skipif(linear_panels_op(torch.bfloat16) is None, reason="no AVX512-BF16 panel kernel here")
 
 
@@ -19,8 +20,8 @@ def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.marco.linear_panels(x, torch.ops.marco.pack_panels(w), w.shape[0])
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 58, 129])
-@pytest.mark.parametrize(("fan_in", "fan_out"), [(1, 1), (33, 15), (64, 16), (40, 17), (576, 100), (96, 960)])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 11, 12, 13, 25, 58, 129])
+@pytest.mark.parametrize(("fan_in", "fan_out"), [(1, 1), (33, 15), (64, 16), (40, 17), (40, 32), (40, 47), (576, 100), (96, 960)])
 def test_products_match_f_linear_at_every_shape(rows: int, fan_in: int, fan_out: int) -> None:
     g = torch.Generator().manual_seed(rows * 1000 + fan_in + fan_out)
     x, w = torch.randn(rows, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5
@@ -30,11 +31,12 @@ def test_products_match_f_linear_at_every_shape(rows: int, fan_in: int, fan_out:
     torch.testing.assert_close(got, want, atol=2e-6 * fan_in**0.5, rtol=1e-5)
 
 
-def test_panels_hold_the_weights_sixteen_columns_at_a_time_padded_with_zeros() -> None:
-    w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+def test_panels_hold_the_weights_a_panel_width_at_a_time_padded_with_zeros() -> None:
+    width = 32 if "avx512f" in local_cpu_flags() else 16  # one AVX-512 tile's two vectors, or AVX2's
+    w = torch.arange((width + 4) * 3, dtype=torch.float32).view(width + 4, 3)
     p = torch.ops.marco.pack_panels(w)
-    assert p.shape == (2, 3, 16) and p.is_contiguous()
-    assert torch.equal(p[0], w[:16].t()) and torch.equal(p[1, :, :4], w[16:].t())
+    assert p.shape == (2, 3, width) and p.is_contiguous()
+    assert torch.equal(p[0], w[:width].t()) and torch.equal(p[1, :, :4], w[width:].t())
     assert not p[1, :, 4:].any()
 
 
@@ -69,8 +71,8 @@ def test_wrong_inputs_say_what_is_wrong() -> None:
     panels = torch.ops.marco.pack_panels(w)
     with pytest.raises(RuntimeError, match="x has 9 columns but the panels were packed for 8"):
         torch.ops.marco.linear_panels(torch.randn(2, 9), panels, 32)
-    with pytest.raises(RuntimeError, match="out=40 does not match 2 panels"):
-        torch.ops.marco.linear_panels(torch.randn(2, 8), panels, 40)
+    with pytest.raises(RuntimeError, match=r"out=64 does not match [12] panels"):
+        torch.ops.marco.linear_panels(torch.randn(2, 8), panels, 64)
     with pytest.raises(RuntimeError, match="x must be a 2-d float32"):
         torch.ops.marco.linear_panels(torch.randn(2, 8, dtype=torch.float64), panels, 32)
     with pytest.raises(RuntimeError, match="w must be a 2-d float32 or bfloat16"):

@@ -1,24 +1,24 @@
-// Matrix products for the decode step: y = x w^T with w prepacked into panels. Float32 on AVX2/FMA CPUs,
-// bfloat16 on AVX512-BF16 CPUs.
+// Matrix products for the decode step: y = x w^T with w prepacked into panels. Float32 on AVX2/FMA and AVX-512
+// CPUs, bfloat16 on AVX512-BF16 CPUs.
 //
-// pack_panels(w):           float32 w [out, in] -> panels [ceil(out / 16), in, 16]: panel p holds output
-//                           columns 16p .. 16p + 15 (zeros past `out`), one 64-byte row of 16 weights per input
-//                           index;
+// pack_panels(w):           float32 w [out, in] -> panels [ceil(out / NF), in, NF]: panel p holds output
+//                           columns NF p .. NF p + NF - 1 (zeros past `out`), one row of NF weights per input
+//                           index; NF = 32 (two 64-byte lines) where the build has AVX-512, else 16 (one line);
 //                           bfloat16 w [out, in] (in even) -> panels [ceil(out / 32), in / 2, 32, 2]: panel p
 //                           holds output columns 32p .. 32p + 31, one 128-byte row per pair of input indices
 //                           (each column's two weights side by side, as vdpbf16ps takes them)
 // linear_panels(x, p, out): x [rows, in] (the panels' dtype) -> [rows, out] (the same dtype)
 //
-// Each thread takes whole panels. A tile of up to 6 rows x 16 columns keeps its 12 accumulators in registers
-// over the whole input dimension: per input index it loads the panel's 16 weights (2 vectors) once and
-// broadcasts each row's x, 12 FMAs. The panel (at most 16 x in x 4 bytes, 36-98 KB at SmolLM2's shapes) stays
-// in L2 for the row tiles after the first, which streams it from memory; x stays in L1/L2.
-//
-// The bfloat16 path is the same design with AVX-512 registers: a tile of up to 12 rows x 32 columns keeps 24
-// float32 accumulators; per pair of input indices it loads the panel's 2 vectors and broadcasts each row's
-// pair of x, 24 vdpbf16ps; the outputs are rounded to bfloat16 once at the end. At a search's 16-90 rows it
-// ran SmolLM2's layer products 1.16-1.24x faster than oneDNN's prepacked bfloat16 matmul on an AVX512-BF16
-// EPYC (Zen 4), with the same rounding in all but ~0.003% of outputs (one bfloat16 step apart).
+// Each thread takes whole panels. A tile of rows x a panel's columns keeps its accumulators in registers over
+// the whole input dimension: per input index it loads the panel's weights once and broadcasts each row's x.
+//   float32, AVX2:    6 rows x 16 columns, 12 accumulators, 2 weight vectors: 12 FMAs an input index;
+//   float32, AVX-512: 12 rows x 32 columns, 24 accumulators, 2 weight vectors: 24 FMAs an input index;
+//   bfloat16:         12 rows x 32 columns, 24 float32 accumulators; per pair of input indices the panel's 2
+//                     vectors and each row's pair of x, 24 vdpbf16ps; outputs rounded to bfloat16 once at the end.
+// The panel (36-196 KB at SmolLM2's shapes) stays in L2 for the row tiles after the first, which streams it
+// from memory; x stays in L1/L2. At a search's 16-90 rows the bfloat16 path ran SmolLM2's layer products
+// 1.16-1.24x faster than oneDNN's prepacked bfloat16 matmul on an AVX512-BF16 EPYC (Zen 4), with the same
+// rounding in all but ~0.003% of outputs (one bfloat16 step apart).
 //
 // Why not MKL's or oneDNN's sgemm: at a search's 16-128 rows both spend time on blocking and packing meant for
 // larger products, and run the decode step's layer shapes 1.1-1.3x slower than this on an AVX2 EPYC
@@ -36,28 +36,101 @@
 
 namespace {
 
-constexpr int64_t NR = 16;  // output columns per panel
-constexpr int64_t MR = 6;   // rows per tile: 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
+// A tile: rows [0, R) of x (row stride lda) times one panel (`steps` rows of the panel: input indices, or pairs
+// of them in bfloat16) into y (row stride ldy); `width` < the panel's columns: only the first `width` columns
+// are written (the last panel of an output size that is not a multiple of them). Every `every` steps it asks
+// for the next 64-byte line of `next` (part of the next panel) into L2.
+template <typename T>
+using Tile = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, const char*, int64_t);
 
-#if defined(__AVX2__) && defined(__FMA__)
+// x [rows, k] times the panels of a weight [out, k] (NC columns a panel, `steps` panel rows) into y [rows, out],
+// with tiles[n] taking n rows (n <= MROWS).
+template <typename T, int64_t NC, int64_t MROWS>
+void run_panels(const T* x, int64_t rows, int64_t k, int64_t steps, const T* panels, int64_t out, T* y,
+                const Tile<T>* tiles) {
+  const int64_t n_panels = (out + NC - 1) / NC;
+  // Only a panel's first tile reads it from memory, faster than memory delivers. So the tiles of each panel
+  // share out the next panel's cache lines as prefetches, `chunk` lines a tile.
+  const int64_t lines = k * NC * static_cast<int64_t>(sizeof(T)) / 64;
+  const int64_t n_tiles = (rows + MROWS - 1) / MROWS;
+  const int64_t chunk = (lines + n_tiles - 1) / n_tiles;
+  const int64_t every = std::max<int64_t>(1, steps / std::max<int64_t>(chunk, 1));
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* panel = panels + p * k * NC;
+      // past the last panel: prefetching an address does not fault, and the next line is never read
+      const char* next = reinterpret_cast<const char*>(panel + k * NC);
+      const int64_t width = std::min(NC, out - p * NC);
+      for (int64_t r = 0, t = 0; r < rows; r += MROWS, ++t) {
+        const int64_t n = std::min(MROWS, rows - r);
+        tiles[n](x + r * k, k, panel, steps, y + r * out + p * NC, out, width, next + t * chunk * 64, every);
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
 constexpr bool kAvailable = true;
+constexpr int64_t NF = 32;  // float32: output columns per panel (2 vectors of 16)
+constexpr int64_t MF = 12;  // float32: rows per tile: 24 accumulators + 2 weight vectors + 1 broadcast of 32
 
-// rows [0, R) of x (row stride lda) times one panel (k x 16) into y (row stride ldy); `width` < 16: only the
-// first `width` columns are written (the last panel of an output size that is not a multiple of 16).
-// Every `every` input indices it asks for the next line of `next` (part of the next panel) into L2.
 template <int R>
 inline void tile(const float* __restrict x, int64_t lda, const float* __restrict panel, int64_t k,
-                 float* __restrict y, int64_t ldy, int64_t width, const float* next, int64_t every) {
+                 float* __restrict y, int64_t ldy, int64_t width, const char* next, int64_t every) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+  __m512 c80 = c00, c81 = c00, c90 = c00, c91 = c00, ca0 = c00, ca1 = c00, cb0 = c00, cb1 = c00;
+  for (int64_t i = 0, due = 0; i < k; ++i) {
+    if (i == due) {
+      _mm_prefetch(next, _MM_HINT_T1);
+      next += 64;
+      due += every;
+    }
+    const __m512 w0 = _mm512_load_ps(panel + i * NF), w1 = _mm512_load_ps(panel + i * NF + 16);
+    const float* a = x + i;
+#define MARCO_FMA(c, r)                                                           \
+  if constexpr (R > r) {                                                          \
+    const __m512 b = _mm512_set1_ps(a[r * lda]);                                  \
+    c##0 = _mm512_fmadd_ps(b, w0, c##0);                                          \
+    c##1 = _mm512_fmadd_ps(b, w1, c##1);                                          \
+  }
+    MARCO_FMA(c0, 0) MARCO_FMA(c1, 1) MARCO_FMA(c2, 2) MARCO_FMA(c3, 3) MARCO_FMA(c4, 4) MARCO_FMA(c5, 5)
+    MARCO_FMA(c6, 6) MARCO_FMA(c7, 7) MARCO_FMA(c8, 8) MARCO_FMA(c9, 9) MARCO_FMA(ca, 10) MARCO_FMA(cb, 11)
+#undef MARCO_FMA
+  }
+  // the last panel's columns past `width` are not written (masked stores)
+  const __mmask16 m0 = width >= 16 ? __mmask16(0xffff) : __mmask16((1u << width) - 1);
+  const __mmask16 m1 = width >= NF ? __mmask16(0xffff) : width <= 16 ? __mmask16(0) : __mmask16((1u << (width - 16)) - 1);
+#define MARCO_STORE(c, r)                                                         \
+  if constexpr (R > r) {                                                          \
+    _mm512_mask_storeu_ps(y + r * ldy, m0, c##0);                                 \
+    _mm512_mask_storeu_ps(y + r * ldy + 16, m1, c##1);                            \
+  }
+  MARCO_STORE(c0, 0) MARCO_STORE(c1, 1) MARCO_STORE(c2, 2) MARCO_STORE(c3, 3) MARCO_STORE(c4, 4) MARCO_STORE(c5, 5)
+  MARCO_STORE(c6, 6) MARCO_STORE(c7, 7) MARCO_STORE(c8, 8) MARCO_STORE(c9, 9) MARCO_STORE(ca, 10) MARCO_STORE(cb, 11)
+#undef MARCO_STORE
+}
+
+constexpr Tile<float> kTiles[MF + 1] = {nullptr,  tile<1>, tile<2>, tile<3>,  tile<4>,  tile<5>, tile<6>,
+                                        tile<7>, tile<8>, tile<9>, tile<10>, tile<11>, tile<12>};
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr bool kAvailable = true;
+constexpr int64_t NF = 16;  // float32: output columns per panel (2 vectors of 8)
+constexpr int64_t MF = 6;   // float32: rows per tile: 12 accumulators + 2 weight vectors + 1 broadcast of 16
+
+template <int R>
+inline void tile(const float* __restrict x, int64_t lda, const float* __restrict panel, int64_t k,
+                 float* __restrict y, int64_t ldy, int64_t width, const char* next, int64_t every) {
   // named accumulators: GCC keeps an array of __m256 on the stack and stores it on every iteration
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t i = 0, due = 0; i < k; ++i) {
     if (i == due) {
-      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
-      next += NR;
+      _mm_prefetch(next, _MM_HINT_T1);
+      next += 64;
       due += every;
     }
-    const __m256 w0 = _mm256_load_ps(panel + i * NR), w1 = _mm256_load_ps(panel + i * NR + 8);
+    const __m256 w0 = _mm256_load_ps(panel + i * NF), w1 = _mm256_load_ps(panel + i * NF + 8);
     const float* a = x + i;
 #define MARCO_FMA(r)                                                  \
   if constexpr (R > r) {                                              \
@@ -68,7 +141,7 @@ inline void tile(const float* __restrict x, int64_t lda, const float* __restrict
     MARCO_FMA(0) MARCO_FMA(1) MARCO_FMA(2) MARCO_FMA(3) MARCO_FMA(4) MARCO_FMA(5)
 #undef MARCO_FMA
   }
-  if (width == NR) {
+  if (width == NF) {
 #define MARCO_STORE(r)                                                \
   if constexpr (R > r) {                                              \
     _mm256_storeu_ps(y + r * ldy, c##r##0);                           \
@@ -78,7 +151,7 @@ inline void tile(const float* __restrict x, int64_t lda, const float* __restrict
 #undef MARCO_STORE
     return;
   }
-  alignas(32) float part[NR];
+  alignas(32) float part[NF];
 #define MARCO_PART(r)                                                 \
   if constexpr (R > r) {                                              \
     _mm256_store_ps(part, c##r##0);                                   \
@@ -89,33 +162,17 @@ inline void tile(const float* __restrict x, int64_t lda, const float* __restrict
 #undef MARCO_PART
 }
 
-using Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, const float*, int64_t);
-constexpr Tile kTiles[MR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
-
-void multiply(const float* x, int64_t rows, int64_t k, const float* panels, int64_t out, float* y) {
-  const int64_t n_panels = (out + NR - 1) / NR;
-  // Only a panel's first tile reads it from memory, at 64 bytes per 12 FMAs: faster than memory delivers.
-  // So the tiles of each panel share out the next panel's lines as prefetches, `chunk` lines a tile.
-  const int64_t tiles = (rows + MR - 1) / MR;
-  const int64_t chunk = (k + tiles - 1) / tiles;
-  const int64_t every = std::max<int64_t>(1, k / std::max<int64_t>(chunk, 1));
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* panel = panels + p * k * NR;
-      // past the last panel: prefetching an address does not fault, and the next line is never read
-      const float* next = panel + k * NR;
-      const int64_t width = std::min(NR, out - p * NR);
-      for (int64_t r = 0, t = 0; r < rows; r += MR, ++t) {
-        const int64_t n = std::min(MR, rows - r);
-        kTiles[n](x + r * k, k, panel, k, y + r * out + p * NR, out, width, next + t * chunk * NR, every);
-      }
-    }
-  });
-}
+constexpr Tile<float> kTiles[MF + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 #else
 constexpr bool kAvailable = false;
-void multiply(const float*, int64_t, int64_t, const float*, int64_t, float*) {}
+constexpr int64_t NF = 16;
+constexpr int64_t MF = 1;
+constexpr Tile<float> kTiles[MF + 1] = {nullptr, nullptr};
 #endif
+
+void multiply(const float* x, int64_t rows, int64_t k, const float* panels, int64_t out, float* y) {
+  if constexpr (kAvailable) run_panels<float, NF, MF>(x, rows, k, k, panels, out, y, kTiles);
+}
 
 constexpr int64_t NB = 32;  // bfloat16: output columns per panel (2 vectors of 16 float32 accumulators)
 constexpr int64_t MB = 12;  // bfloat16: rows per tile: 24 accumulators + 2 weight vectors + 1 broadcast of 32
@@ -170,30 +227,12 @@ inline void tile_bf16(const uint16_t* __restrict x, int64_t lda, const uint16_t*
 #undef MARCO_STORE_BF16
 }
 
-using TileBf16 = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, int64_t, const char*,
-                          int64_t);
-constexpr TileBf16 kTilesBf16[MB + 1] = {
+constexpr Tile<uint16_t> kTilesBf16[MB + 1] = {
     nullptr, tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>, tile_bf16<5>, tile_bf16<6>,
     tile_bf16<7>, tile_bf16<8>, tile_bf16<9>, tile_bf16<10>, tile_bf16<11>, tile_bf16<12>};
 
 void multiply_bf16(const uint16_t* x, int64_t rows, int64_t k, const uint16_t* panels, int64_t out, uint16_t* y) {
-  const int64_t n_panels = (out + NB - 1) / NB, pairs = k / 2;
-  // as in the float32 path: the tiles of a panel share out the next panel's cache lines as prefetches
-  const int64_t lines = k * NB * static_cast<int64_t>(sizeof(uint16_t)) / 64;
-  const int64_t tiles = (rows + MB - 1) / MB;
-  const int64_t chunk = (lines + tiles - 1) / tiles;
-  const int64_t every = std::max<int64_t>(1, pairs / std::max<int64_t>(chunk, 1));
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const uint16_t* panel = panels + p * k * NB;
-      const char* next = reinterpret_cast<const char*>(panel + k * NB);
-      const int64_t width = std::min(NB, out - p * NB);
-      for (int64_t r = 0, t = 0; r < rows; r += MB, ++t) {
-        const int64_t n = std::min(MB, rows - r);
-        kTilesBf16[n](x + r * k, k, panel, pairs, y + r * out + p * NB, out, width, next + t * chunk * 64, every);
-      }
-    }
-  });
+  run_panels<uint16_t, NB, MB>(x, rows, k, k / 2, panels, out, y, kTilesBf16);
 }
 #else
 constexpr bool kAvailableBf16 = false;
@@ -236,16 +275,16 @@ at::Tensor pack_panels(const at::Tensor& w) {
   if (w.dim() == 2 && w.scalar_type() == at::kBFloat16) {
     return pack_panels_bf16(w);
   }
-  TORCH_CHECK(kAvailable, "linear_panels needs AVX2 and FMA (this build has neither)");
+  TORCH_CHECK(kAvailable, "linear_panels in float32 needs AVX2 and FMA or AVX-512 (this build has neither)");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_panels: w must be a 2-d float32 or bfloat16 [out, in]");
-  const int64_t out = w.size(0), k = w.size(1), n_panels = (out + NR - 1) / NR;
+  const int64_t out = w.size(0), k = w.size(1), n_panels = (out + NF - 1) / NF;
   at::Tensor padded = w.contiguous();
-  if (n_panels * NR != out) {
-    padded = at::zeros({n_panels * NR, k}, w.options());
+  if (n_panels * NF != out) {
+    padded = at::zeros({n_panels * NF, k}, w.options());
     padded.narrow(0, 0, out).copy_(w);
   }
-  // [panels, 16, in] -> [panels, in, 16]; at::empty's storage is 64-byte aligned, and every panel row is 64 bytes
-  return padded.view({n_panels, NR, k}).transpose(1, 2).contiguous();
+  // [panels, NF, in] -> [panels, in, NF]; at::empty's storage is 64-byte aligned, and every panel row 64 or 128 bytes
+  return padded.view({n_panels, NF, k}).transpose(1, 2).contiguous();
 }
 
 at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t out) {
@@ -255,14 +294,14 @@ at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t 
   if (x.scalar_type() == at::kBFloat16) {
     return linear_panels_bf16(x, panels, out);
   }
-  TORCH_CHECK(kAvailable, "linear_panels needs AVX2 and FMA (this build has neither)");
-  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.size(2) == NR && panels.is_contiguous(),
+  TORCH_CHECK(kAvailable, "linear_panels in float32 needs AVX2 and FMA or AVX-512 (this build has neither)");
+  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.size(2) == NF && panels.is_contiguous(),
               "linear_panels: panels must come from pack_panels");
   const int64_t rows = x.size(0), k = x.size(1);
   TORCH_CHECK(panels.size(1) == k, "linear_panels: x has ", k, " columns but the panels were packed for ", panels.size(1));
-  TORCH_CHECK(out > (panels.size(0) - 1) * NR && out <= panels.size(0) * NR,
+  TORCH_CHECK(out > (panels.size(0) - 1) * NF && out <= panels.size(0) * NF,
               "linear_panels: out=", out, " does not match ", panels.size(0), " panels");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(panels.data_ptr<float>()) % 32 == 0, "linear_panels: panels not 32-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(panels.data_ptr<float>()) % 64 == 0, "linear_panels: panels not 64-byte aligned");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows && out && k) {
