@@ -135,7 +135,7 @@ def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time:
     steps = max(1, hf.decode_steps)
     print(f"{len(problems)} problems · {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s · "
           f"{hf.decoded_rows / steps:.1f} rows per step · mean context {hf.attended_tokens / max(1, hf.decoded_rows):.0f}"
-          f" · {threads} threads · load {os.getloadavg()[0]:.1f} · packed weights {fast.packed}")
+          f" · {threads} threads · load {os.getloadavg()[0]:.1f} · weights {fast.weights}")
     inside = ("projections", "LM head", "attention kernel", "norms", "column writes")
     rest = spent["fast"] - sum(spent[k] for k in inside)
     for label, sec in (("fast decode steps", spent["fast"]),
