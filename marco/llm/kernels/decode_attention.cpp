@@ -178,13 +178,23 @@ std::vector<RowGroup> row_groups(int64_t rows, const int64_t* sp, const int64_t*
 }
 
 #if defined(__AVX512F__)
-// The same computation for bfloat16 with AVX-512, head_dim 64 or 128, at most 8 query heads per KV head: a key or
-// value row is widened to float32 16 lanes at a time (a shift of the bfloat16 bits), a score is 16-lane FMAs and
-// one horizontal sum, and a query's weighted sum of values stays in registers over a block. The generic loops
-// above spend most of their time in per-element conversions and scalar reductions.
+// The same computation with AVX-512 for bfloat16 and float32 (T), head_dim 64 or 128, at most 8 query heads per
+// KV head: a key or value row is read (in bfloat16 widened to float32: a shift of the bits) 16 lanes at a time,
+// a score is 16-lane FMAs and one horizontal sum, and a query's weighted sum of values stays in registers over
+// a block. The generic loops above spend most of their time in per-element conversions and scalar reductions.
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+
+inline void store16(c10::BFloat16* p, __m512 x) {  // rounded to nearest even, as c10::BFloat16 does
+  alignas(64) float o[16];
+  _mm512_store_ps(o, x);
+  for (int64_t i = 0; i < 16; ++i) p[i] = static_cast<c10::BFloat16>(o[i]);
 }
 
 inline __mmask16 tail_mask(int64_t left) {
@@ -234,14 +244,14 @@ inline __m512 products(const __m512* q, const float* k) {
   return products<W>(q, kw);
 }
 
-// cn columns of bfloat16 keys or values (base: the first) widened to float32 into wide; the next block's
-// first `ahead` columns are asked for meanwhile, column by column (a burst of requests at the block's start
-// fills the core's miss buffers and stalls it)
-template <int64_t DIM>
-inline void widen_block(const c10::BFloat16* base, int64_t cn, int64_t ahead, float (*wide)[DIM]) {
+// cn columns of keys or values (base: the first) as float32 into wide (in float32 a copy: aligned rows in L1
+// for all the queries); the next block's first `ahead` columns are asked for meanwhile, column by column (a
+// burst of requests at the block's start fills the core's miss buffers and stalls it)
+template <int64_t DIM, typename T>
+inline void widen_block(const T* base, int64_t cn, int64_t ahead, float (*wide)[DIM]) {
   for (int64_t j = 0; j < cn; ++j) {
     if (j < ahead)
-      for (int64_t b = 0; b < DIM * 2; b += 64)
+      for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
         __builtin_prefetch(reinterpret_cast<const char*>(base + (BLOCK + j) * DIM) + b);
     for (int64_t w = 0; w < DIM / 16; ++w) _mm512_store_ps(wide[j] + w * 16, load16(base + j * DIM + w * 16));
   }
@@ -269,13 +279,12 @@ inline float block_softmax(float* s, int64_t cn, float& m, float& l) {
   return correction;
 }
 
-// Columns [c_begin, c_end) of one KV head (bfloat16, kbase and vbase at its column 0) for nq queries (qv: scaled,
-// float32), with the online softmax's running max m, sum l and weighted values acc carried over from whatever
+// Columns [c_begin, c_end) of one KV head (kbase and vbase at its column 0) for nq queries (qv: scaled, float32), with the online softmax's running max m, sum l and weighted values acc carried over from whatever
 // columns the queries saw before. Each block's keys, then its values, are widened to float32 once into `wide`
 // for all nq queries (the widening is a third of the work with a KV head's 3 queries); a query's weighted sum
 // stays in registers over the block. A query's arithmetic does not depend on nq or on the other queries.
-template <int64_t DIM>
-inline void attend_columns_avx512(const c10::BFloat16* kbase, const c10::BFloat16* vbase, int64_t c_begin,
+template <int64_t DIM, typename T>
+inline void attend_columns_avx512(const T* kbase, const T* vbase, int64_t c_begin,
                                   int64_t c_end, int64_t nq, const float (*qv)[DIM], float (*acc)[DIM], float* m,
                                   float* l, float (*s)[BLOCK], float (*wide)[DIM]) {
   constexpr int64_t W = DIM / 16;
@@ -283,7 +292,7 @@ inline void attend_columns_avx512(const c10::BFloat16* kbase, const c10::BFloat1
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BLOCK) {
     const int64_t cn = std::min(BLOCK, c_end - c0);
     const int64_t ahead = std::min(BLOCK, std::max<int64_t>(c_end - c0 - BLOCK, 0));
-    widen_block<DIM>(kbase + c0 * DIM, cn, ahead, wide);
+    widen_block<DIM, T>(kbase + c0 * DIM, cn, ahead, wide);
     for (int64_t g = 0; g < nq; ++g) {
       __m512 qg[W];
       for (int64_t w = 0; w < W; ++w) qg[w] = _mm512_load_ps(qv[g] + w * 16);
@@ -296,7 +305,7 @@ inline void attend_columns_avx512(const c10::BFloat16* kbase, const c10::BFloat1
       for (; j < cn; ++j) s[g][j] = _mm512_reduce_add_ps(products<W>(qg, wide[j]));
       correction[g] = block_softmax(s[g], cn, m[g], l[g]);
     }
-    widen_block<DIM>(vbase + c0 * DIM, cn, ahead, wide);
+    widen_block<DIM, T>(vbase + c0 * DIM, cn, ahead, wide);
     for (int64_t g = 0; g < nq; ++g) {
       __m512 a[W];
       const __m512 c = _mm512_set1_ps(correction[g]);
@@ -312,8 +321,8 @@ inline void attend_columns_avx512(const c10::BFloat16* kbase, const c10::BFloat1
 
 // attend_columns_avx512 for the few queries of one row (nq <= 8): keys and values widened in registers, not
 // stored, as the widening is shared by only nq queries. The same arithmetic, so the same results, query by query.
-template <int64_t DIM>
-inline void attend_columns_avx512_few(const c10::BFloat16* kbase, const c10::BFloat16* vbase, int64_t c_begin,
+template <int64_t DIM, typename T>
+inline void attend_columns_avx512_few(const T* kbase, const T* vbase, int64_t c_begin,
                                       int64_t c_end, int64_t nq, const float (*qf)[DIM], float (*accf)[DIM], float* m,
                                       float* l, float (*s)[BLOCK]) {
   constexpr int64_t W = DIM / 16;
@@ -331,7 +340,7 @@ inline void attend_columns_avx512_few(const c10::BFloat16* kbase, const c10::BFl
     for (; j + 4 <= cn; j += 4) {
       __m512 d[GMAX][4];
       for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
-        for (int64_t b = 0; b < DIM * 2; b += 64)
+        for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
           __builtin_prefetch(reinterpret_cast<const char*>(kbase + (c0 + BLOCK + j + c) * DIM) + b);
       for (int64_t c = 0; c < 4; ++c) {
         __m512 kw[W];
@@ -352,7 +361,7 @@ inline void attend_columns_avx512_few(const c10::BFloat16* kbase, const c10::BFl
     }
     for (int64_t jj = 0; jj < cn; ++jj) {
       if (jj < ahead)
-        for (int64_t b = 0; b < DIM * 2; b += 64)
+        for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
           __builtin_prefetch(reinterpret_cast<const char*>(vbase + (c0 + BLOCK + jj) * DIM) + b);
       __m512 vw[W];
       for (int64_t w = 0; w < W; ++w) vw[w] = load16(vbase + (c0 + jj) * DIM + w * 16);
@@ -366,19 +375,20 @@ inline void attend_columns_avx512_few(const c10::BFloat16* kbase, const c10::BFl
     for (int64_t w = 0; w < W; ++w) _mm512_store_ps(accf[g] + w * 16, acc[g][w]);
 }
 
-// decode attention for bfloat16 with AVX-512 (head_dim 64 or 128) over groups of rows (see RowGroup): one task
-// a (group, KV head), threads taking the next task, largest first. A row alone is a group of one with split 0.
-template <int64_t DIM>
+// decode attention with AVX-512 (T: bfloat16 or float32, head_dim 64 or 128) over groups of rows (see RowGroup):
+// one task a (group, KV head), threads taking the next task, largest first. A row alone is a group of one with
+// split 0.
+template <int64_t DIM, typename T>
 void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
                        const std::vector<RowGroup>& groups, double scale, at::Tensor& out) {
   constexpr int64_t W = DIM / 16;
   const int64_t heads = q.size(1);
   const int64_t kv_heads = k.size(1), cols = k.size(2);
   const int64_t group = heads / kv_heads;
-  const auto* qp = q.data_ptr<c10::BFloat16>();
-  const auto* kp = k.data_ptr<c10::BFloat16>();
-  const auto* vp = v.data_ptr<c10::BFloat16>();
-  auto* op = out.data_ptr<c10::BFloat16>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const __m512 fscale = _mm512_set1_ps(static_cast<float>(scale));
   const int64_t tasks = static_cast<int64_t>(groups.size()) * kv_heads;
@@ -409,25 +419,22 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         }
       }
       const int64_t lead = grp.rows[0];
-      const c10::BFloat16* kl = kp + (lead * kv_heads + h) * cols * DIM;
-      const c10::BFloat16* vl = vp + (lead * kv_heads + h) * cols * DIM;
+      const T* kl = kp + (lead * kv_heads + h) * cols * DIM;
+      const T* vl = vp + (lead * kv_heads + h) * cols * DIM;
       if (count == 1)
-        attend_columns_avx512_few<DIM>(kl, vl, 0, grp.split, group, qv, acc, m, l, s);
+        attend_columns_avx512_few<DIM, T>(kl, vl, 0, grp.split, group, qv, acc, m, l, s);
       else
-        attend_columns_avx512<DIM>(kl, vl, 0, grp.split, count * group, qv, acc, m, l, s, wide);
+        attend_columns_avx512<DIM, T>(kl, vl, 0, grp.split, count * group, qv, acc, m, l, s, wide);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t r = grp.rows[i];
         const int64_t n = std::min(lp[r] + 1, cols);
         const int64_t x = i * group;
-        attend_columns_avx512_few<DIM>(kp + (r * kv_heads + h) * cols * DIM, vp + (r * kv_heads + h) * cols * DIM,
-                                       grp.split, n, group, qv + x, acc + x, m + x, l + x, s + x);
+        attend_columns_avx512_few<DIM, T>(kp + (r * kv_heads + h) * cols * DIM, vp + (r * kv_heads + h) * cols * DIM,
+                                          grp.split, n, group, qv + x, acc + x, m + x, l + x, s + x);
         for (int64_t g = 0; g < group; ++g) {
-          const float inv = l[x + g] > 0.f ? 1.f / l[x + g] : 0.f;
-          alignas(64) float o[DIM];
-          for (int64_t w = 0; w < W; ++w)
-            _mm512_store_ps(o + w * 16, _mm512_mul_ps(_mm512_load_ps(acc[x + g] + w * 16), _mm512_set1_ps(inv)));
-          c10::BFloat16* og = op + (r * heads + h * group + g) * DIM;
-          for (int64_t i2 = 0; i2 < DIM; ++i2) og[i2] = static_cast<c10::BFloat16>(o[i2]);
+          const __m512 inv = _mm512_set1_ps(l[x + g] > 0.f ? 1.f / l[x + g] : 0.f);
+          T* og = op + (r * heads + h * group + g) * DIM;
+          for (int64_t w = 0; w < W; ++w) store16(og + w * 16, _mm512_mul_ps(_mm512_load_ps(acc[x + g] + w * 16), inv));
         }
       }
     }
@@ -648,24 +655,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv_heads");
   TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == q.size(0), "lens: [rows] int64");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16");
   at::Tensor out = at::empty_like(q);
-  if (q.scalar_type() == at::kBFloat16) {
+  [[maybe_unused]] const int64_t group = q.size(1) / k.size(1);  // unused where no vector path is compiled
 #if defined(__AVX512F__)
-    const int64_t group = q.size(1) / k.size(1);
-    if (group <= 8 && (q.size(2) == 64 || q.size(2) == 128)) {
-      const auto groups = row_groups(q.size(0), nullptr, nullptr, lens.data_ptr<int64_t>(), k.size(2), 1, false);
-      if (q.size(2) == 64)
-        run_avx512_groups<64>(q, k, v, lens, groups, scale, out);
-      else
-        run_avx512_groups<128>(q, k, v, lens, groups, scale, out);
-      return out;
-    }
+  if (group <= 8 && (q.size(2) == 64 || q.size(2) == 128)) {
+    const auto groups = row_groups(q.size(0), nullptr, nullptr, lens.data_ptr<int64_t>(), k.size(2), 1, false);
+    const bool wide = q.size(2) == 128;
+    if (q.scalar_type() == at::kBFloat16)
+      (wide ? run_avx512_groups<128, c10::BFloat16> : run_avx512_groups<64, c10::BFloat16>)(q, k, v, lens, groups,
+                                                                                           scale, out);
+    else
+      (wide ? run_avx512_groups<128, float> : run_avx512_groups<64, float>)(q, k, v, lens, groups, scale, out);
+    return out;
+  }
 #endif
+  if (q.scalar_type() == at::kBFloat16) {
     run<c10::BFloat16>(q, k, v, lens, scale, out);
   } else {
-    TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16");
-#if defined(__AVX2__) && defined(__FMA__)
-    const int64_t group = q.size(1) / k.size(1);
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
     if (group <= 8 && q.size(2) == 64) {
       run_avx2<64>(q, k, v, lens, scale, out);
       return out;
@@ -684,8 +692,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // columns [0, split[r]) hold the same keys and values as row src[r]'s (the k samples of a request copied
 // from one prefill), src[src[r]] == src[r] and split[r] == split[src[r]]. Each row's result is computed in blocks
 // over [0, split) and then over [split, n): the same arithmetic whether or not its group shares the reads,
-// so a row's output does not depend on which other rows are in the batch. With AVX2 (float32) and AVX-512
-// (bfloat16), a group's shared columns are read (and, in bfloat16, widened) once, from its lead's slot, for all
+// so a row's output does not depend on which other rows are in the batch. With AVX-512 (bfloat16 and float32) and
+// AVX2 (float32), a group's shared columns are read (and, in bfloat16, widened) once, from its lead's slot, for all
 // its queries together (the prompt is most of a row's context). Elsewhere this is decode_attention.
 at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
                                    const at::Tensor& src, const at::Tensor& split, double scale) {
@@ -705,28 +713,31 @@ at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, con
   }
   [[maybe_unused]] const bool vector_shape =  // unused where neither vector path is compiled
       k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 8 && (q.size(2) == 64 || q.size(2) == 128);
-  bool bf16_path = false, f32_path = false;
+  bool avx512_path = false, avx2_path = false;
 #if defined(__AVX512F__)
-  bf16_path = q.scalar_type() == at::kBFloat16 && vector_shape;
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  f32_path = q.scalar_type() == at::kFloat && vector_shape;
+  avx512_path = (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat) && vector_shape;
+#elif defined(__AVX2__) && defined(__FMA__)
+  avx2_path = q.scalar_type() == at::kFloat && vector_shape;
 #endif
   // no vector path for this dtype or shape: every row reads its own columns, in blocks from column 0 (there is
   // no grouping to be independent of)
-  if (!bf16_path && !f32_path) return decode_attention(q, k, v, lens, scale);
+  if (!avx512_path && !avx2_path) return decode_attention(q, k, v, lens, scale);
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous tensors");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) >= rows && k.size(3) == q.size(2), "mismatched shapes");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "one dtype");
   const int64_t group = q.size(1) / k.size(1);
-  const int64_t per_task = std::max<int64_t>(1, (bf16_path ? QMAX_AVX512 : QMAX_AVX2) / group);
+  const int64_t per_task = std::max<int64_t>(1, (avx512_path ? QMAX_AVX512 : QMAX_AVX2) / group);
   const auto groups = row_groups(rows, sp, pp, lp, cols, per_task);
   at::Tensor out = at::empty_like(q);
+  [[maybe_unused]] const bool wide = q.size(2) == 128;
 #if defined(__AVX512F__)
-  if (bf16_path) (q.size(2) == 64 ? run_avx512_groups<64> : run_avx512_groups<128>)(q, k, v, lens, groups, scale, out);
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  if (f32_path) (q.size(2) == 64 ? run_avx2_groups<64> : run_avx2_groups<128>)(q, k, v, lens, groups, scale, out);
+  if (q.scalar_type() == at::kBFloat16)
+    (wide ? run_avx512_groups<128, c10::BFloat16> : run_avx512_groups<64, c10::BFloat16>)(q, k, v, lens, groups, scale,
+                                                                                         out);
+  else
+    (wide ? run_avx512_groups<128, float> : run_avx512_groups<64, float>)(q, k, v, lens, groups, scale, out);
+#elif defined(__AVX2__) && defined(__FMA__)
+  (wide ? run_avx2_groups<128> : run_avx2_groups<64>)(q, k, v, lens, groups, scale, out);
 #endif
   return out;
 }
