@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,21 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.attention_kernel import best_ms  # noqa: E402
 from bench.kernel_revisions import compare, median_ratio  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, MLP 1536, 30 layers
 SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
 LAYERS, HIDDEN, VOCAB = 30, 576, 49152
-
-
-def best_ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
 
 
 def time_library(library: str, rows: list[int], dtype: torch.dtype, reps: int) -> dict[str, float]:
