@@ -128,8 +128,8 @@ def panels_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool
     where the CPU has AVX512-BF16 but no AMX; there it runs them 1.16-1.24x faster than oneDNN's prepacked
     bfloat16 matmul at 16-90 rows (``bench/packed_linear.py``). With AMX the BLAS choice of
     :func:`pack_weights_wanted` stays for bfloat16: AMX's tiles multiply it several times faster than vector
-    instructions. A fixed rule rather than a
-    timing, so a given CPU always gets the same kernel and the same rounding. ``MARCO_LINEAR_PANELS`` (1/0)
+    instructions. A fixed rule rather than a timing, so a given CPU always gets the same kernel and the same
+    rounding. ``MARCO_LINEAR_PANELS`` (1/0)
     decides where set; ``MARCO_PACKED_WEIGHTS=1`` (oneDNN) or ``0`` (no copies) rules it out."""
     if model.dtype not in (torch.float32, torch.bfloat16):
         return False
@@ -146,10 +146,10 @@ def panels_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool
 
 
 def _panels_fit_cpu(dtype: torch.dtype) -> bool:
+    if dtype != torch.bfloat16:
+        return True  # float32: whichever vector path the kernel built with
     flags = local_cpu_flags()
-    if dtype == torch.bfloat16:
-        return "avx512_bf16" in flags and "amx_bf16" not in flags
-    return True  # float32: whichever vector path the kernel built with
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
 def weight_format(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> str:

@@ -279,8 +279,9 @@ inline float block_softmax(float* s, int64_t cn, float& m, float& l) {
   return correction;
 }
 
-// Columns [c_begin, c_end) of one KV head (kbase and vbase at its column 0) for nq queries (qv: scaled, float32), with the online softmax's running max m, sum l and weighted values acc carried over from whatever
-// columns the queries saw before. Each block's keys, then its values, are widened to float32 once into `wide`
+// Columns [c_begin, c_end) of one KV head (kbase and vbase at its column 0) for nq queries (qv: scaled, float32),
+// with the online softmax's running max m, sum l and weighted values acc carried over from whatever columns the
+// queries saw before. Each block's keys, then its values, are widened to float32 once into `wide`
 // for all nq queries (the widening is a third of the work with a KV head's 3 queries); a query's weighted sum
 // stays in registers over the block. A query's arithmetic does not depend on nq or on the other queries.
 template <int64_t DIM, typename T>
@@ -439,6 +440,17 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       }
     }
   });
+}
+
+// run_avx512_groups for q's dtype (bfloat16 or float32) and head size (64 or 128)
+void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+                const std::vector<RowGroup>& groups, double scale, at::Tensor& out) {
+  const bool wide = q.size(2) == 128;
+  if (q.scalar_type() == at::kBFloat16)
+    (wide ? run_avx512_groups<128, c10::BFloat16> : run_avx512_groups<64, c10::BFloat16>)(q, k, v, lens, groups,
+                                                                                         scale, out);
+  else
+    (wide ? run_avx512_groups<128, float> : run_avx512_groups<64, float>)(q, k, v, lens, groups, scale, out);
 }
 #endif
 
@@ -660,13 +672,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   [[maybe_unused]] const int64_t group = q.size(1) / k.size(1);  // unused where no vector path is compiled
 #if defined(__AVX512F__)
   if (group <= 8 && (q.size(2) == 64 || q.size(2) == 128)) {
-    const auto groups = row_groups(q.size(0), nullptr, nullptr, lens.data_ptr<int64_t>(), k.size(2), 1, false);
-    const bool wide = q.size(2) == 128;
-    if (q.scalar_type() == at::kBFloat16)
-      (wide ? run_avx512_groups<128, c10::BFloat16> : run_avx512_groups<64, c10::BFloat16>)(q, k, v, lens, groups,
-                                                                                           scale, out);
-    else
-      (wide ? run_avx512_groups<128, float> : run_avx512_groups<64, float>)(q, k, v, lens, groups, scale, out);
+    run_avx512(q, k, v, lens, row_groups(q.size(0), nullptr, nullptr, lens.data_ptr<int64_t>(), k.size(2), 1, false),
+               scale, out);
     return out;
   }
 #endif
@@ -729,15 +736,10 @@ at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, con
   const int64_t per_task = std::max<int64_t>(1, (avx512_path ? QMAX_AVX512 : QMAX_AVX2) / group);
   const auto groups = row_groups(rows, sp, pp, lp, cols, per_task);
   at::Tensor out = at::empty_like(q);
-  [[maybe_unused]] const bool wide = q.size(2) == 128;
 #if defined(__AVX512F__)
-  if (q.scalar_type() == at::kBFloat16)
-    (wide ? run_avx512_groups<128, c10::BFloat16> : run_avx512_groups<64, c10::BFloat16>)(q, k, v, lens, groups, scale,
-                                                                                         out);
-  else
-    (wide ? run_avx512_groups<128, float> : run_avx512_groups<64, float>)(q, k, v, lens, groups, scale, out);
+  run_avx512(q, k, v, lens, groups, scale, out);
 #elif defined(__AVX2__) && defined(__FMA__)
-  (wide ? run_avx2_groups<128> : run_avx2_groups<64>)(q, k, v, lens, groups, scale, out);
+  (q.size(2) == 128 ? run_avx2_groups<128> : run_avx2_groups<64>)(q, k, v, lens, groups, scale, out);
 #endif
   return out;
 }
