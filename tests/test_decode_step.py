@@ -107,6 +107,34 @@ def test_fast_steps_give_the_models_own_outputs_on_a_tiny_llama(tiny_llama, dtyp
             assert x.top_ids == y.top_ids
 
 
+@pytest.mark.parametrize("packing", ["panels", "1"])
+def test_fused_residual_adds_and_silu_mul_change_no_output(tiny_llama, packing, monkeypatch) -> None:
+    """float32: the rotary embedding and slot writes as one op, the residual adds inside the o and down products
+    (panels) and ``silu(gate) * up`` as one op (packed, fused gate and up) give the unfused step's tokens and
+    log-probabilities to the bit."""
+    if packing == "panels" and not PANELS or packing == "1" and not ONEDNN:
+        pytest.skip(f"no {packing} weights here")
+    monkeypatch.setenv(PANELS_ENV, "1" if packing == "panels" else "0")
+    if packing == "panels":
+        monkeypatch.delenv(PACK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PACK_ENV, packing)
+    b = tiny_backend(tiny_llama)
+    fused = b.fast_decoder()
+    assert fused is not None and fused._silu_mul is not None and fused._rope_write is not None
+    assert (fused._add is not None) == (packing == "panels")
+    reqs = requests(3)
+    want, _ = run(b, reqs, True)
+    b._fast = LlamaDecode(tiny_llama, fuse=False)
+    assert b._fast._silu_mul is None and b._fast._add is None and b._fast._rope_write is None
+    got, steps = run(b, reqs, True)
+    assert steps > 0
+    for a, c in zip(got, want):
+        assert [g.token_ids for g in a] == [g.token_ids for g in c]
+        for x, y in zip(a, c):
+            assert x.logprobs == y.logprobs and x.top_logprobs == y.top_logprobs and x.top_ids == y.top_ids
+
+
 def test_packing_follows_the_setting_and_the_size_limit(tiny_llama, monkeypatch) -> None:
     monkeypatch.delenv(PACK_ENV, raising=False)
     monkeypatch.setenv(PANELS_ENV, "0")

@@ -88,6 +88,24 @@ def test_rows_sharing_their_first_columns_read_them_once_with_the_same_results(o
 
 
 @needs_compiler
+@pytest.mark.parametrize(("rows", "width"), [(58, 1536), (1, 13), (5, 24), (0, 8)])
+def test_silu_mul_is_the_mlps_silu_times_up_to_the_bit(op, rows, width):
+    """``silu_mul`` on a fused [gate | up] projection (strided rows, vector widths and scalar tails) equals
+    ``F.silu(gate) * up``: torch's own exp and rounding, not merely close; extreme gates included."""
+    g = torch.Generator().manual_seed(rows + width)
+    gu = (torch.randn(rows, 2 * width + 5, generator=g) * 6)[:, : 2 * width]  # a slice: rows not contiguous
+    if rows:
+        gu[0, :4] = torch.tensor([0.0, -0.0, 120.0, -120.0])[: min(4, width)][None]
+    got = torch.ops.marco.silu_mul(gu)
+    assert got.shape == (rows, width)
+    assert torch.equal(got, torch.nn.functional.silu(gu[:, :width]) * gu[:, width:])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.marco.silu_mul(gu.bfloat16())
+    with pytest.raises(RuntimeError, match=r"\[n, 2I\]"):
+        torch.ops.marco.silu_mul(torch.randn(2, 7))
+
+
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_is_transformers_rotary_embedding_to_the_bit(op, dtype):
     """``rotary`` on a slice of a fused q/k/v projection (strided rows) against transformers' own
@@ -112,6 +130,33 @@ def test_rotary_is_transformers_rotary_embedding_to_the_bit(op, dtype):
     assert torch.equal(got_k, want_k[0].transpose(0, 1))
     with pytest.raises(RuntimeError, match="heads contiguous"):
         torch.ops.marco.rotary(q.transpose(0, 1), cos, sin)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_write_is_rotary_and_the_column_writes_in_one_op(op, dtype):
+    """``rotary_write`` on a fused q/k/v output gives ``rotary``'s queries and writes ``rotary``'s keys and the
+    values at each row's column of its slots, to the bit, touching nothing else of the buffers."""
+    g = torch.Generator().manual_seed(5)
+    n, heads, kv_heads, dim, cols = 11, 9, 3, 64, 40
+    positions = torch.randint(0, cols, (n,), generator=g)
+    cos, sin = torch.randn(n, dim, generator=g).to(dtype), torch.randn(n, dim, generator=g).to(dtype)
+    qkv = (torch.randn(n, (heads + 2 * kv_heads) * dim + 7, generator=g) * 3).to(dtype)[:, : (heads + 2 * kv_heads) * dim]
+    keys, values = (torch.randn(n + 2, kv_heads, cols, dim, generator=g).to(dtype) for _ in range(2))
+    want_keys, want_values = keys.clone(), values.clone()
+    q = qkv[:, : heads * dim].view(n, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(n, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, 1, dim)
+    torch.ops.marco.write_column(want_keys, torch.ops.marco.rotary(k, cos, sin).view(n, kv_heads, 1, dim), positions)
+    torch.ops.marco.write_column(want_values, v, positions)
+    got = torch.ops.marco.rotary_write(qkv, cos, sin, keys, values, positions, heads, kv_heads)
+    assert torch.equal(got, torch.ops.marco.rotary(q, cos, sin))
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    with pytest.raises(RuntimeError, match="outside the buffer"):
+        torch.ops.marco.rotary_write(qkv, cos, sin, keys, values, positions + cols, heads, kv_heads)
+    with pytest.raises(RuntimeError, match="qkv"):
+        torch.ops.marco.rotary_write(qkv, cos, sin, keys, values, positions, heads + 1, kv_heads)
+
 
 
 @needs_compiler

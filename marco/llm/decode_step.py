@@ -10,7 +10,9 @@ does the same arithmetic with the model's own weights and nothing else:
   dtype (the same operations, so the results are those of the module forward up to the matmul library's
   blocking);
 - the native kernels of :mod:`marco.llm.kernels` for the norms, the slot cache's column writes and the
-  attention over each row's own columns;
+  attention over each row's own columns; with packed weights the rotary embedding and the slot writes as one
+  op, and in float32 also the residual adds inside the o and down products (panels) and ``silu(gate) * up``
+  in one pass, each equal to the bit to the ops it replaces;
 - the rotary cos/sin of every position computed once by the model's own rotary module and indexed per step.
 
 It serves plain ``LlamaForCausalLM``-shaped models only (:func:`unsupported` says why not otherwise: another
@@ -29,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from marco.llm.kernels import (
-    decode_attention_op, decode_attention_shared_op, linear_panels_op, rms_norm_op, rotary_op, write_column_op,
+    decode_attention_op, decode_attention_shared_op, linear_panels_add_op, linear_panels_op, rms_norm_op, rotary_op,
+    rotary_write_op, silu_mul_op, write_column_op,
 )
 from marco.llm.kvcache import SlotKVCache
 from marco.llm.precision import local_cpu_flags
@@ -228,8 +231,11 @@ class LlamaDecode:
     row's slot, and returns the next-token logits ``[rows, vocab]``.
     """
 
-    def __init__(self, model: torch.nn.Module, weights: str | None = None) -> None:
-        """``weights``: one of :data:`WEIGHT_FORMATS`, else :func:`weight_format` decides."""
+    def __init__(self, model: torch.nn.Module, weights: str | None = None, fuse: bool = True) -> None:
+        """``weights``: one of :data:`WEIGHT_FORMATS`, else :func:`weight_format` decides. ``fuse``: the rotary
+        embedding and the slot writes of a fused q/k/v output as one op; in float32 also the residual adds into
+        the o and down products (panels) and the MLP's ``silu(gate) * up`` as one op (fused gate and up); each
+        equal to the bit to the ops it replaces. False runs those ops apart (for benchmarks)."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"LlamaDecode cannot run this model: {reason}")
@@ -277,6 +283,10 @@ class LlamaDecode:
         self._norm = rms_norm_op()
         self._write = write_column_op()
         self._rope = rotary_op()
+        self._rope_write = rotary_write_op() if fuse and self.packed else None
+        fuse = fuse and self.dtype == torch.float32
+        self._add = linear_panels_add_op() if fuse and self.weights == "panels" else None
+        self._silu_mul = silu_mul_op() if fuse and self.packed else None
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[rows, head_dim]`` at ``positions``, from a table the model's rotary module made."""
@@ -305,26 +315,38 @@ class LlamaDecode:
                 return attend_shared(q, k, v, lens, src, split, scale)
         else:
             attend = self._attend
+        add = self._add
+
+        def linear_add(a: torch.Tensor, w: Any, res: torch.Tensor) -> torch.Tensor:
+            return add(a, w.panels, w.out, res) if add is not None else res + linear(a, w)
+
         x = F.embedding(tokens, self.embed)
         for i, w in enumerate(self.layers):
             a = norm(x, w.ln1, w.eps1)
-            if len(w.qkv) == 1:
-                qkv = linear(a, w.qkv[0])
-                q, k, v = qkv[:, : h * d], qkv[:, h * d : (h + kvh) * d], qkv[:, (h + kvh) * d :]
-            else:
-                q, k, v = (linear(a, m) for m in w.qkv)
-            # transformers' apply_rotary_pos_emb (x * cos + rotate_half(x) * sin, in the model's dtype) in one op
-            q, k, v = rope(q.view(n, h, d), cos, sin), rope(k.view(n, kvh, d), cos, sin), v.view(n, kvh, 1, d)
             keys, values = slots.keys[i], slots.values[i]
-            write(keys, k.view(n, kvh, 1, d), positions)
-            write(values, v, positions)
+            if self._rope_write is not None:  # the ops below in one
+                q = self._rope_write(linear(a, w.qkv[0]), cos, sin, keys, values, positions, h, kvh)
+            else:
+                if len(w.qkv) == 1:
+                    qkv = linear(a, w.qkv[0])
+                    q, k, v = qkv[:, : h * d], qkv[:, h * d : (h + kvh) * d], qkv[:, (h + kvh) * d :]
+                else:
+                    q, k, v = (linear(a, m) for m in w.qkv)
+                # transformers' apply_rotary_pos_emb (x * cos + rotate_half(x) * sin, in the model's dtype), one op
+                q, k, v = rope(q.view(n, h, d), cos, sin), rope(k.view(n, kvh, d), cos, sin), v.view(n, kvh, 1, d)
+                write(keys, k.view(n, kvh, 1, d), positions)
+                write(values, v, positions)
             o = attend(q, keys[:n], values[:n], positions, self.scale)
-            x = x + linear(o.view(n, h * d), w.o)
+            x = linear_add(o.view(n, h * d), w.o, x)
             a = norm(x, w.ln2, w.eps2)
             if len(w.gate_up) == 1:
                 gu = linear(a, w.gate_up[0])
-                gate, up = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
+                if self._silu_mul is not None:
+                    mid = self._silu_mul(gu)
+                else:
+                    mid = F.silu(gu[:, : gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2 :]
             else:
                 gate, up = (linear(a, m) for m in w.gate_up)
-            x = x + linear(F.silu(gate) * up, w.down)
+                mid = F.silu(gate) * up
+            x = linear_add(mid, w.down, x)
         return linear(norm(x, self.norm, self.norm_eps), self.lm_head)

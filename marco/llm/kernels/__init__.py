@@ -168,6 +168,28 @@ def linear_panels_op(dtype: torch.dtype = torch.float32) -> Callable[[torch.Tens
     return torch.ops.marco.linear_panels
 
 
+@functools.lru_cache(maxsize=None)
+def linear_panels_add_op() -> Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor] | None:
+    """``torch.ops.marco.linear_panels_add(x, panels, out, res)`` = ``res + linear_panels(x, panels, out)`` in
+    float32, the residual added to each tile while it is in cache (one float32 add per output, as torch's),
+    where the float32 panels are available (:func:`linear_panels_op`); checked once against the two ops."""
+    if linear_panels_op(torch.float32) is None:
+        return None
+    g = torch.Generator().manual_seed(1)
+    x, w, res = torch.randn(9, 40, generator=g), torch.randn(37, 40, generator=g), torch.randn(9, 37, generator=g)
+    panels = torch.ops.marco.pack_panels(w)
+    if not torch.equal(torch.ops.marco.linear_panels_add(x, panels, 37, res), res + torch.ops.marco.linear_panels(x, panels, 37)):
+        log.info("linear_panels_add unavailable: self-check failed")
+        return None
+    return torch.ops.marco.linear_panels_add
+
+
+def silu_mul_op() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``torch.ops.marco.silu_mul(gu)`` = ``F.silu(gu[:, :I]) * gu[:, I:]`` for float32 ``gu`` [n, 2I], in one
+    pass (see decode_attention.cpp), where the library loaded (see :func:`decode_attention_op`)."""
+    return torch.ops.marco.silu_mul if decode_attention_op() is not None else None
+
+
 def logit_stats_op() -> Callable[..., list[torch.Tensor]] | None:
     """``torch.ops.marco.logit_stats(logits, temps, k)`` -> ``[lse, lse of logits / temps, top-k values,
     top-k ids]`` where the library loaded (see :func:`decode_attention_op` and :func:`logit_stats_reference`)."""
@@ -195,6 +217,13 @@ def rotary_op() -> Callable[..., torch.Tensor] | None:
     """``torch.ops.marco.rotary(x, cos, sin)``: transformers' rotary embedding of one token a row, to the bit
     (see decode_attention.cpp), where the library loaded (see :func:`decode_attention_op`)."""
     return torch.ops.marco.rotary if decode_attention_op() is not None else None
+
+
+def rotary_write_op() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.marco.rotary_write(qkv, cos, sin, keys, values, lens, heads, kv_heads)`` -> the rotated queries,
+    with the rotated keys and the values written into each row's slot column ``lens[r]``: :func:`rotary_op` and
+    :func:`write_column_op` in one call, to the bit (see decode_attention.cpp), where the library loaded."""
+    return torch.ops.marco.rotary_write if decode_attention_op() is not None else None
 
 
 # RMSNorm classes whose forward is exactly :func:`rms_norm_reference` (Gemma's 1 + w is not)

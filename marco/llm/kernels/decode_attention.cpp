@@ -24,6 +24,15 @@
 #include <limits>
 #include <vector>
 
+// torch's vectorised exp (Sleef, exported by libtorch_cpu), for silu_mul to round as F.silu does
+extern "C" {
+#if defined(__AVX512F__)
+__m512 Sleef_expf16_u10(__m512);
+#elif defined(__AVX2__)
+__m256 Sleef_expf8_u10(__m256);
+#endif
+}
+
 namespace {
 
 constexpr int64_t BLOCK = 32;
@@ -956,6 +965,57 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
+// The fused q/k/v projection's step in one op: the queries rotated into a new [n, heads, dim], the keys rotated
+// straight into column lens[r] of each row's key slot and the values copied into its value slot, as rotary() and
+// write_column() do apart (the same rotary_head, so the same bits): four ops and a temporary a layer fewer.
+// qkv [n, (heads + 2 kv_heads) dim] (rows may be strided), keys and values [rows >= n, kv_heads, cols, dim].
+template <typename T>
+void rotary_write_rows(const T* qkv, int64_t ld, const T* cos, const T* sin, const int64_t* lens, T* q, T* keys,
+                       T* values, int64_t n, int64_t heads, int64_t kv_heads, int64_t cols, int64_t dim) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = qkv + r * ld;
+      const T* c = cos + r * dim;
+      const T* s = sin + r * dim;
+      for (int64_t h = 0; h < heads; ++h) rotary_head(row + h * dim, c, s, q + (r * heads + h) * dim, dim);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at = ((r * kv_heads + h) * cols + lens[r]) * dim;
+        rotary_head(row + (heads + h) * dim, c, s, keys + at, dim);
+        std::memcpy(values + at, row + (heads + kv_heads + h) * dim, dim * sizeof(T));
+      }
+    }
+  });
+}
+
+at::Tensor rotary_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor keys,
+                        at::Tensor values, const at::Tensor& lens, int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.sizes() == keys.sizes() && values.is_contiguous(),
+              "keys, values: [rows, kv_heads, cols, dim], contiguous, the same shape");
+  const int64_t n = qkv.size(0), cols = keys.size(2), dim = keys.size(3);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (heads + 2 * kv_heads) * dim && dim % 2 == 0,
+              "qkv: [n, (heads + 2 kv_heads) dim] with contiguous rows and an even head dim");
+  TORCH_CHECK(keys.size(0) >= n && keys.size(1) == kv_heads, "keys: at least n rows of kv_heads heads");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == n && cos.size(1) == dim &&
+              cos.is_contiguous() && sin.is_contiguous(), "cos, sin [n, dim], contiguous");
+  TORCH_CHECK(qkv.scalar_type() == cos.scalar_type() && cos.scalar_type() == sin.scalar_type() &&
+              keys.scalar_type() == qkv.scalar_type() && values.scalar_type() == qkv.scalar_type(), "one dtype");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == n, "lens: [n] int64");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(lp[r] >= 0 && lp[r] < cols, "a row's column is outside the buffer");
+  at::Tensor q = at::empty({n, heads, dim}, qkv.options());
+  if (qkv.scalar_type() == at::kBFloat16) {
+    using B = c10::BFloat16;
+    rotary_write_rows(qkv.data_ptr<B>(), qkv.stride(0), cos.data_ptr<B>(), sin.data_ptr<B>(), lp, q.data_ptr<B>(),
+                      keys.data_ptr<B>(), values.data_ptr<B>(), n, heads, kv_heads, cols, dim);
+  } else {
+    TORCH_CHECK(qkv.scalar_type() == at::kFloat, "float32 or bfloat16");
+    rotary_write_rows(qkv.data_ptr<float>(), qkv.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), lp,
+                      q.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), n, heads, kv_heads, cols,
+                      dim);
+  }
+  return q;
+}
+
 // Llama's RMSNorm in one pass a row: y = w * (x / sqrt(mean(x^2) + eps)), the mean in float32; in bfloat16 the
 // normalised x is rounded to bfloat16 before the weight multiplies it, as transformers' LlamaRMSNorm does.
 // Eight small ops a norm (casts, pow, mean, rsqrt, two muls) cost more in dispatch than in arithmetic at a
@@ -996,6 +1056,47 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
+// The gated MLP's middle: silu(gate) * up, from the fused [gate | up] projection [n, 2I] to [n, I] in one pass.
+// Each element is computed as torch's float32 CPU kernels compute it (silu: x / (1 + exp(-x)) with Sleef's
+// exp, vectors of the width torch's dispatch uses for this build's instruction set, then a separate multiply),
+// so it equals F.silu(gate) * up to the bit where torch runs the same vector width. Two ops and a [n, I]
+// temporary a layer cost more in dispatch and memory than in arithmetic at a decode step's few rows.
+void silu_mul_row(const float* gate, const float* up, float* out, int64_t width) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f), sign = _mm512_set1_ps(-0.f);
+  for (; i + 16 <= width; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_castps_si512(sign))));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+  }
+#elif defined(__AVX2__)
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= width; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(g, sign));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < width; ++i) {  // torch's scalar tail
+    const float s = gate[i] / (1.f + std::exp(-gate[i]));
+    out[i] = s * up[i];
+  }
+}
+
+at::Tensor silu_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0 && gu.stride(1) == 1, "gu: [n, 2I] with contiguous rows");
+  TORCH_CHECK(gu.scalar_type() == at::kFloat, "silu_mul: float32 (bfloat16 takes F.silu(gate) * up)");
+  const int64_t n = gu.size(0), width = gu.size(1) / 2, ld = gu.stride(0);
+  at::Tensor out = at::empty({n, width}, gu.options());
+  const float* src = gu.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * ld, src + r * ld + width, dst + r * width, width);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(marco, lib) {
@@ -1006,6 +1107,8 @@ TORCH_LIBRARY(marco, lib) {
   lib.def("write_column(Tensor(a!) buf, Tensor x, Tensor lens) -> ()");
   lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  lib.def("silu_mul(Tensor gu) -> Tensor");
+  lib.def("rotary_write(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor lens, int heads, int kv_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(marco, CPU, lib) {
@@ -1016,4 +1119,6 @@ TORCH_LIBRARY_IMPL(marco, CPU, lib) {
   lib.impl("write_column", &write_column);
   lib.impl("rms_norm", &rms_norm);
   lib.impl("rotary", &rotary);
+  lib.impl("silu_mul", &silu_mul);
+  lib.impl("rotary_write", &rotary_write);
 }

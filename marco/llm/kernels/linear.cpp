@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -44,10 +45,11 @@ template <typename T>
 using Tile = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, const char*, int64_t);
 
 // x [rows, k] times the panels of a weight [out, k] (NC columns a panel, `steps` panel rows) into y [rows, out],
-// with tiles[n] taking n rows (n <= MROWS).
+// with tiles[n] taking n rows (n <= MROWS). `res` (float32 only), where given: y = res + x w^T, each tile's block
+// added while it is in L1; the same sums as torch's `res + linear(x)`, one float32 add each.
 template <typename T, int64_t NC, int64_t MROWS>
 void run_panels(const T* x, int64_t rows, int64_t k, int64_t steps, const T* panels, int64_t out, T* y,
-                const Tile<T>* tiles) {
+                const Tile<T>* tiles, const T* res = nullptr) {
   const int64_t n_panels = (out + NC - 1) / NC;
   // Only a panel's first tile reads it from memory, faster than memory delivers. So the tiles of each panel
   // share out the next panel's cache lines as prefetches, `chunk` lines a tile.
@@ -64,6 +66,15 @@ void run_panels(const T* x, int64_t rows, int64_t k, int64_t steps, const T* pan
       for (int64_t r = 0, t = 0; r < rows; r += MROWS, ++t) {
         const int64_t n = std::min(MROWS, rows - r);
         tiles[n](x + r * k, k, panel, steps, y + r * out + p * NC, out, width, next + t * chunk * 64, every);
+        if constexpr (std::is_same_v<T, float>) {
+          if (res != nullptr) {
+            for (int64_t i = r; i < r + n; ++i) {
+              float* yr = y + i * out + p * NC;
+              const float* rr = res + i * out + p * NC;
+              for (int64_t j = 0; j < width; ++j) yr[j] = rr[j] + yr[j];
+            }
+          }
+        }
       }
     }
   });
@@ -170,8 +181,9 @@ constexpr int64_t MF = 1;
 constexpr Tile<float> kTiles[MF + 1] = {nullptr, nullptr};
 #endif
 
-void multiply(const float* x, int64_t rows, int64_t k, const float* panels, int64_t out, float* y) {
-  if constexpr (kAvailable) run_panels<float, NF, MF>(x, rows, k, k, panels, out, y, kTiles);
+void multiply(const float* x, int64_t rows, int64_t k, const float* panels, int64_t out, float* y,
+              const float* res = nullptr) {
+  if constexpr (kAvailable) run_panels<float, NF, MF>(x, rows, k, k, panels, out, y, kTiles, res);
 }
 
 constexpr int64_t NB = 32;  // bfloat16: output columns per panel (2 vectors of 16 float32 accumulators)
@@ -287,13 +299,8 @@ at::Tensor pack_panels(const at::Tensor& w) {
   return padded.view({n_panels, NF, k}).transpose(1, 2).contiguous();
 }
 
-at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t out) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == panels.scalar_type() &&
-              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "linear_panels: x must be a 2-d float32 or bfloat16 [rows, in], in the panels' dtype");
-  if (x.scalar_type() == at::kBFloat16) {
-    return linear_panels_bf16(x, panels, out);
-  }
+// float32 checks and the product, plus `res` [rows, out] where defined
+at::Tensor linear_panels_f32(const at::Tensor& x, const at::Tensor& panels, int64_t out, const at::Tensor& res) {
   TORCH_CHECK(kAvailable, "linear_panels in float32 needs AVX2 and FMA or AVX-512 (this build has neither)");
   TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.size(2) == NF && panels.is_contiguous(),
               "linear_panels: panels must come from pack_panels");
@@ -303,13 +310,37 @@ at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t 
               "linear_panels: out=", out, " does not match ", panels.size(0), " panels");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(panels.data_ptr<float>()) % 64 == 0, "linear_panels: panels not 64-byte aligned");
   const at::Tensor xc = x.contiguous();
+  at::Tensor rc;
+  if (res.defined()) {
+    TORCH_CHECK(res.scalar_type() == at::kFloat && res.dim() == 2 && res.size(0) == rows && res.size(1) == out,
+                "linear_panels_add: residual must be float32 [rows, out] = [", rows, ", ", out, "]");
+    rc = res.contiguous();
+  }
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows && out && k) {
-    multiply(xc.data_ptr<float>(), rows, k, panels.data_ptr<float>(), out, y.data_ptr<float>());
+    multiply(xc.data_ptr<float>(), rows, k, panels.data_ptr<float>(), out, y.data_ptr<float>(),
+             rc.defined() ? rc.data_ptr<float>() : nullptr);
   } else if (rows && out) {
-    y.zero_();
+    if (rc.defined()) y.copy_(rc); else y.zero_();
   }
   return y;
+}
+
+at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t out) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == panels.scalar_type() &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "linear_panels: x must be a 2-d float32 or bfloat16 [rows, in], in the panels' dtype");
+  if (x.scalar_type() == at::kBFloat16) {
+    return linear_panels_bf16(x, panels, out);
+  }
+  return linear_panels_f32(x, panels, out, at::Tensor());
+}
+
+// res + x w^T in one pass (the decode step's residual adds after the o and down projections); float32 only
+at::Tensor linear_panels_add(const at::Tensor& x, const at::Tensor& panels, int64_t out, const at::Tensor& res) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat,
+              "linear_panels_add: x and the panels must be float32 (bfloat16 adds outside)");
+  return linear_panels_f32(x, panels, out, res);
 }
 
 }  // namespace
@@ -317,9 +348,11 @@ at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t 
 TORCH_LIBRARY_FRAGMENT(marco, lib) {
   lib.def("pack_panels(Tensor w) -> Tensor");
   lib.def("linear_panels(Tensor x, Tensor panels, int out) -> Tensor");
+  lib.def("linear_panels_add(Tensor x, Tensor panels, int out, Tensor res) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(marco, CPU, lib) {
   lib.impl("pack_panels", &pack_panels);
   lib.impl("linear_panels", &linear_panels);
+  lib.impl("linear_panels_add", &linear_panels_add);
 }
