@@ -161,3 +161,15 @@ def test_linear_panels_bench_runs_the_search_both_ways() -> None:
     assert set(runs) == {"onednn", "panels"} and all(int(t) > 0 for t in runs.values()), report[-5000:]
     ratio = re.search(r"^panels_vs_onednn: ([\d.]+) \(", out.stdout, re.M)
     assert ratio and float(ratio[1]) > 0, report[-5000:]
+
+
+@pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
+def test_fused_ops_bench_runs_the_search_both_ways_to_the_same_tokens() -> None:
+    out = bench("fused_ops.py", "--problems", "1", "--rounds", "1", "--budget", "128", "--threads", "2")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    runs = dict(re.findall(r"^(apart|fused)\s+(\d+) tokens in .* fast step\s+[\d.]+ ms", out.stdout, re.M))
+    assert set(runs) == {"apart", "fused"} and int(runs["apart"]) > 0, report[-5000:]
+    assert runs["apart"] == runs["fused"], report[-5000:]  # equal to the bit: the same tokens
+    ratio = re.search(r"^fused_vs_apart: ([\d.]+) \(", out.stdout, re.M)
+    assert ratio and float(ratio[1]) > 0, report[-5000:]

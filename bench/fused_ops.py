@@ -1,0 +1,94 @@
+"""The product's MCTS batch with the decode step's small ops fused against apart, side by side in one process.
+
+On packed weights the decode step rotates the queries and keys and writes the keys and values into their slots
+in one op (``rotary_write``, four ops a layer otherwise); in float32 it also adds the residual inside the o and
+down products (``linear_panels_add``: each tile's block added while it is in cache) and computes the MLP's
+``silu(gate) * up`` in one pass (``silu_mul``), four more ops a layer that each wrote a temporary. At SmolLM2's
+30 layers that is about 180 fewer ops a step. Each is equal to the bit to the ops it replaces, so the two runs
+generate the same tokens. This runs the same search each way in alternation (the machine's speed drifts between
+runs), from an empty prefix cache each time, and prints tokens/s and the time a fast step took. First it times
+the decode step alone both ways, alternating, at the search's mean width (58 rows, 323 columns of context, random
+keys and values): a steadier measure than whole searches on a machine whose speed drifts.
+
+Last lines: ``step_apart_vs_fused: X`` (the step alone, median time apart / fused) and ``fused_vs_apart: X``
+(the search's tokens/s fused / apart, mean over rounds).
+
+Usage: python bench/fused_ops.py [--problems 64] [--rounds 1] [--budget 1024] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.mcts_batch import search_from_cold, side_by_side_setup, timed_into  # noqa: E402
+from marco.llm.decode_step import LlamaDecode  # noqa: E402
+
+
+def main() -> None:
+    args, task, problems, config, hf = side_by_side_setup(__doc__, 1, "apart/fused pairs", dtype="float32")
+    if hf.fast_decoder() is None:
+        raise SystemExit("the fast decode step does not apply here (no native kernels)")
+    decoders = {"apart": LlamaDecode(hf.model, fuse=False), "fused": LlamaDecode(hf.model)}
+    if decoders["fused"]._silu_mul is None:
+        raise SystemExit("nothing to fuse here: the weights are not packed (see marco.llm.decode_step.weight_format)")
+    step_ratio = time_steps(hf.model, decoders)
+    spent = {"step": 0.0}
+    results: dict[str, list[tuple[float, float, int]]] = {w: [] for w in decoders}
+    for _ in range(args.rounds):
+        for label, decoder in decoders.items():
+            hf._fast = timed_into(spent, "step", decoder)  # what fast_decoder() returns
+            spent["step"] = 0.0
+            fast = hf.fast_steps
+            tokens, wall, _ = search_from_cold(hf, task, problems, config)
+            ms = 1000 * spent["step"] / max(1, hf.fast_steps - fast)
+            results[label].append((tokens / wall, ms, tokens))
+            print(f"{label:<5} {tokens} tokens in {wall:6.1f} s = {tokens / wall:6.1f} tokens/s · fast step "
+                  f"{ms:5.1f} ms · load {os.getloadavg()[0]:.1f}", flush=True)
+    ratios = [f[0] / a[0] for a, f in zip(results["apart"], results["fused"])]
+    steps = [a[1] / f[1] for a, f in zip(results["apart"], results["fused"])]
+    print(f"{args.problems} problems · {args.threads} threads · float32 · weights {decoders['fused'].weights} · "
+          f"tokens: {', '.join(f'{w} {r[2]}' for w, rs in results.items() for r in rs)}")
+    print(f"fast step apart/fused per round: {', '.join(f'{a:.3f}' for a in steps)}")
+    print(f"step_apart_vs_fused: {step_ratio:.3f}")
+    print(f"fused_vs_apart: {sum(ratios) / len(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})")
+
+
+def time_steps(model: torch.nn.Module, decoders: dict[str, LlamaDecode], rows: int = 58, context: int = 323,
+               rounds: int = 12, steps: int = 4) -> float:
+    """The decode step alone at ``rows`` rows of ``context`` columns, each way in alternation: prints the median
+    ms a step of each and returns apart / fused."""
+    config = model.config
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = (rows, kv_heads, context + 8, dim)
+    slots = SimpleNamespace(keys=[torch.randn(shape, generator=g).to(model.dtype) for _ in range(config.num_hidden_layers)],
+                            values=[torch.randn(shape, generator=g).to(model.dtype) for _ in range(config.num_hidden_layers)])
+    tokens = torch.randint(0, config.vocab_size, (rows,), generator=g)
+    positions = torch.full((rows,), context, dtype=torch.long)
+    times: dict[str, list[float]] = {label: [] for label in decoders}
+    outputs = {label: d(tokens, positions, slots) for label, d in decoders.items()}  # warm-up
+    same = torch.equal(outputs["apart"], outputs["fused"])
+    for _ in range(rounds):
+        for label, d in decoders.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                d(tokens, positions, slots)
+            times[label].append((time.perf_counter() - t) / steps)
+    ms = {label: 1000 * statistics.median(v) for label, v in times.items()}
+    print(f"the step alone at {rows} rows, {context} columns: apart {ms['apart']:.1f} ms, fused {ms['fused']:.1f} ms "
+          f"(median of {rounds}) · the same logits: {same} · load {os.getloadavg()[0]:.1f}", flush=True)
+    return ms["apart"] / ms["fused"]
+
+
+if __name__ == "__main__":
+    main()
