@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mcts_batch import search_from_cold, side_by_side_setup, timed_into  # noqa: E402
+from bench.mcts_batch import alternate_searches, side_by_side_setup, timed_into  # noqa: E402
 from marco.llm.decode_step import LlamaDecode  # noqa: E402
 
 
@@ -42,17 +42,8 @@ def main() -> None:
         raise SystemExit("nothing to fuse here: the weights are not packed (see marco.llm.decode_step.weight_format)")
     step_ratio = time_steps(hf.model, decoders)
     spent = {"step": 0.0}
-    results: dict[str, list[tuple[float, float, int]]] = {w: [] for w in decoders}
-    for _ in range(args.rounds):
-        for label, decoder in decoders.items():
-            hf._fast = timed_into(spent, "step", decoder)  # what fast_decoder() returns
-            spent["step"] = 0.0
-            fast = hf.fast_steps
-            tokens, wall, _ = search_from_cold(hf, task, problems, config)
-            ms = 1000 * spent["step"] / max(1, hf.fast_steps - fast)
-            results[label].append((tokens / wall, ms, tokens))
-            print(f"{label:<5} {tokens} tokens in {wall:6.1f} s = {tokens / wall:6.1f} tokens/s · fast step "
-                  f"{ms:5.1f} ms · load {os.getloadavg()[0]:.1f}", flush=True)
+    steps = {label: timed_into(spent, "step", d) for label, d in decoders.items()}
+    results = alternate_searches(hf, task, problems, config, steps, args.rounds, spent, "step", "decode")
     ratios = [f[0] / a[0] for a, f in zip(results["apart"], results["fused"])]
     steps = [a[1] / f[1] for a, f in zip(results["apart"], results["fused"])]
     print(f"{args.problems} problems · {args.threads} threads · float32 · weights {decoders['fused'].weights} · "

@@ -19,14 +19,12 @@ Usage: python bench/linear_panels.py [--problems 64] [--rounds 1] [--budget 1024
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mcts_batch import search_from_cold, side_by_side_setup, timed_into  # noqa: E402
+from bench.mcts_batch import alternate_searches, side_by_side_setup, timed_into  # noqa: E402
 from marco.llm.decode_step import LlamaDecode  # noqa: E402
 from marco.llm.kernels import linear_panels_op  # noqa: E402
 
@@ -41,17 +39,9 @@ def main() -> None:
 
     for d in decoders.values():
         d.linear = timed_into(spent, "linear", d.linear)
-    results: dict[str, list[tuple[float, float, int]]] = {w: [] for w in decoders}
-    for _ in range(args.rounds):
-        for label, decoder in decoders.items():
-            hf._fast = decoder  # what fast_decoder() returns
-            spent["linear"] = 0.0
-            fast = hf.fast_steps
-            tokens, wall, _ = search_from_cold(hf, task, problems, config)
-            ms = 1000 * spent["linear"] / max(1, hf.fast_steps - fast)
-            results[label].append((tokens / wall, ms, tokens))
-            print(f"{label:<7} {tokens} tokens in {wall:6.1f} s = {tokens / wall:6.1f} tokens/s · products "
-                  f"{ms:5.1f} ms a step · load {os.getloadavg()[0]:.1f}", flush=True)
+        if d._add is not None:  # the o and down products with their residual adds
+            d._add = timed_into(spent, "linear", d._add)
+    results = alternate_searches(hf, task, problems, config, decoders, args.rounds, spent, "linear", "products")
     ratios = [p[0] / o[0] for o, p in zip(results["onednn"], results["panels"])]
     products = [o[1] / p[1] for o, p in zip(results["onednn"], results["panels"])]
     print(f"{args.problems} problems · {args.threads} threads · {hf.model.dtype} · tokens: "

@@ -73,3 +73,25 @@ def search_from_cold(backend: Any, task: Any, problems: list[Any], config: Searc
     t = time.perf_counter()
     driver.run(problems)
     return driver.stats.generated_tokens, time.perf_counter() - t, backend.decode_steps - steps
+
+
+def alternate_searches(
+    hf: Any, task: Any, problems: list[Any], config: SearchConfig, steps: dict[str, Any], rounds: int,
+    spent: dict[str, float], key: str, what: str,
+) -> dict[str, list[tuple[float, float, int]]]:
+    """The batch from cold with each of ``steps`` (label -> the decode step for ``hf.fast_decoder()`` to return)
+    in turn, ``rounds`` times (the machine's speed drifts between runs): label -> [(tokens/s, ms of
+    ``spent[key]`` a fast step, tokens)]. Prints each run as ``label N tokens in S s = T tokens/s · what M ms
+    a step · load L``."""
+    results: dict[str, list[tuple[float, float, int]]] = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            hf._fast = step
+            spent[key] = 0.0
+            fast = hf.fast_steps
+            tokens, wall, _ = search_from_cold(hf, task, problems, config)
+            ms = 1000 * spent[key] / max(1, hf.fast_steps - fast)
+            results[label].append((tokens / wall, ms, tokens))
+            print(f"{label:<7} {tokens} tokens in {wall:6.1f} s = {tokens / wall:6.1f} tokens/s · {what} "
+                  f"{ms:5.1f} ms a step · load {os.getloadavg()[0]:.1f}", flush=True)
+    return results

@@ -122,11 +122,15 @@ def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time:
             spent["LM head" if w is fast.lm_head else "projections"] += time.perf_counter() - t0
 
     fast.linear = linear
+    if fast._add is not None:  # the o and down products with their residual adds (float32 panels)
+        fast._add = timed("projections", fast._add)
     fast._attend = timed("attention kernel", fast._attend)
     if fast._attend_shared is not None:
         fast._attend_shared = timed("attention kernel", fast._attend_shared)
     fast._norm = timed("norms", fast._norm)
-    fast._write = timed("column writes", fast._write)
+    for name in ("_write", "_rope", "_rope_write"):  # apart, or fused into one op
+        if getattr(fast, name) is not None:
+            setattr(fast, name, timed("rotary and column writes", getattr(fast, name)))
     hf._fast = timed("fast", fast)  # the backend calls whatever fast_decoder() returns
     hf.fast_decoder = lambda: hf._fast
     hf._prefill = timed("prefill", prefill)
@@ -136,11 +140,11 @@ def profile_fast(hf: Any, task: Any, problems: list[Any], config: Any, gen_time:
     print(f"{len(problems)} problems · {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s · "
           f"{hf.decoded_rows / steps:.1f} rows per step · mean context {hf.attended_tokens / max(1, hf.decoded_rows):.0f}"
           f" · {threads} threads · load {os.getloadavg()[0]:.1f} · weights {fast.weights}")
-    inside = ("projections", "LM head", "attention kernel", "norms", "column writes")
+    inside = ("projections", "LM head", "attention kernel", "norms", "rotary and column writes")
     rest = spent["fast"] - sum(spent[k] for k in inside)
     for label, sec in (("fast decode steps", spent["fast"]),
                        *((f"  {k}", spent[k]) for k in inside),
-                       ("  the rest (RoPE, residuals, SiLU, embedding)", rest),
+                       ("  the rest (residuals, SiLU, embedding)", rest),
                        ("prefill forwards", spent["prefill"]),
                        ("decode loop outside the forwards", gen_time[0] - spent["fast"] - spent["prefill"]),
                        ("search outside generation", wall - gen_time[0])):
