@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mcts_batch import alternate_searches, side_by_side_setup, timed_into  # noqa: E402
+from bench.mcts_batch import alternate_searches, pair_ratios, side_by_side_setup, timed_into  # noqa: E402
 from marco.llm.decode_step import LlamaDecode  # noqa: E402
 
 
@@ -44,11 +44,10 @@ def main() -> None:
     spent = {"step": 0.0}
     steps = {label: timed_into(spent, "step", d) for label, d in decoders.items()}
     results = alternate_searches(hf, task, problems, config, steps, args.rounds, spent, "step", "decode")
-    ratios = [f[0] / a[0] for a, f in zip(results["apart"], results["fused"])]
-    steps = [a[1] / f[1] for a, f in zip(results["apart"], results["fused"])]
+    ratios, step_ratios, tokens = pair_ratios(results, "apart", "fused")
     print(f"{args.problems} problems · {args.threads} threads · float32 · weights {decoders['fused'].weights} · "
-          f"tokens: {', '.join(f'{w} {r[2]}' for w, rs in results.items() for r in rs)}")
-    print(f"fast step apart/fused per round: {', '.join(f'{a:.3f}' for a in steps)}")
+          f"tokens: {tokens}")
+    print(f"fast step apart/fused per round: {', '.join(f'{a:.3f}' for a in step_ratios)}")
     print(f"step_apart_vs_fused: {step_ratio:.3f}")
     print(f"fused_vs_apart: {sum(ratios) / len(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})")
 

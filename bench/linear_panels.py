@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mcts_batch import alternate_searches, side_by_side_setup, timed_into  # noqa: E402
+from bench.mcts_batch import alternate_searches, pair_ratios, side_by_side_setup, timed_into  # noqa: E402
 from marco.llm.decode_step import LlamaDecode  # noqa: E402
 from marco.llm.kernels import linear_panels_op  # noqa: E402
 
@@ -42,10 +42,8 @@ def main() -> None:
         if d._add is not None:  # the o and down products with their residual adds
             d._add = timed_into(spent, "linear", d._add)
     results = alternate_searches(hf, task, problems, config, decoders, args.rounds, spent, "linear", "products")
-    ratios = [p[0] / o[0] for o, p in zip(results["onednn"], results["panels"])]
-    products = [o[1] / p[1] for o, p in zip(results["onednn"], results["panels"])]
-    print(f"{args.problems} problems · {args.threads} threads · {hf.model.dtype} · tokens: "
-          f"{', '.join(f'{w} {r[2]}' for w, rs in results.items() for r in rs)}")
+    ratios, products, tokens = pair_ratios(results, "onednn", "panels")
+    print(f"{args.problems} problems · {args.threads} threads · {hf.model.dtype} · tokens: {tokens}")
     print(f"products oneDNN/panels per round: {', '.join(f'{a:.2f}' for a in products)}")
     print(f"panels_vs_onednn: {sum(ratios) / len(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})")
 

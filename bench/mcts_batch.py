@@ -95,3 +95,14 @@ def alternate_searches(
             print(f"{label:<7} {tokens} tokens in {wall:6.1f} s = {tokens / wall:6.1f} tokens/s · {what} "
                   f"{ms:5.1f} ms a step · load {os.getloadavg()[0]:.1f}", flush=True)
     return results
+
+
+def pair_ratios(
+    results: dict[str, list[tuple[float, float, int]]], base: str, new: str,
+) -> tuple[list[float], list[float], str]:
+    """From :func:`alternate_searches`' results, per round: tokens/s ``new / base``, ms a step ``base / new``,
+    and the runs' token counts as one line's text."""
+    speed = [n[0] / b[0] for b, n in zip(results[base], results[new])]
+    step = [b[1] / n[1] for b, n in zip(results[base], results[new])]
+    tokens = ", ".join(f"{label} {r[2]}" for label, rs in results.items() for r in rs)
+    return speed, step, tokens
