@@ -126,6 +126,17 @@ def test_logit_stats_bench_times_both_and_they_agree() -> None:
     assert re.search(r"^native_vs_torch_at_3_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
 
 
+def test_logit_stats_bench_times_the_kernel_against_a_git_revision() -> None:
+    """``--base REV``: the revision's kernel built apart and timed in processes of its own, alternating with this
+    checkout's."""
+    out = bench("logit_stats.py", "--rows", "3", "--reps", "2", "--base", "HEAD", "--rounds", "1")
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report[-5000:]
+    row = re.search(r"^\s+3\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out.stdout, re.M)
+    assert row and float(row[1]) > 0 and float(row[2]) > 0, report[-5000:]
+    assert re.search(r"^native_after_vs_before_at_3_rows: [\d.]+$", out.stdout, re.M), report[-5000:]
+
+
 def test_prefill_groups_bench_runs_fewer_padded_tokens() -> None:
     out = bench("prefill_groups.py", "--problems", "8", "--rounds", "1")
     report = out.stdout + out.stderr

@@ -107,25 +107,31 @@ def test_fast_steps_give_the_models_own_outputs_on_a_tiny_llama(tiny_llama, dtyp
             assert x.top_ids == y.top_ids
 
 
-@pytest.mark.parametrize("packing", ["panels", "1"])
-def test_fused_residual_adds_and_silu_mul_change_no_output(tiny_llama, packing, monkeypatch) -> None:
-    """float32: the rotary embedding and slot writes as one op, the residual adds inside the o and down products
+@pytest.mark.parametrize(("dtype", "packing"), [
+    (torch.float32, "panels"), (torch.float32, "1"), (torch.bfloat16, "panels"), (torch.bfloat16, "1"),
+])
+def test_fused_residual_adds_and_silu_mul_change_no_output(tiny_llama, dtype, packing, monkeypatch) -> None:
+    """The rotary embedding and slot writes as one op, the residual adds inside the o and down products
     (panels) and ``silu(gate) * up`` as one op (packed, fused gate and up) give the unfused step's tokens and
-    log-probabilities to the bit."""
-    if packing == "panels" and not PANELS or packing == "1" and not ONEDNN:
-        pytest.skip(f"no {packing} weights here")
+    log-probabilities to the bit, in float32 and in bfloat16 (its roundings after the product and after the
+    add, and silu's before the multiply, as torch's ops round)."""
+    bf16 = dtype == torch.bfloat16
+    if packing == "panels" and not (PANELS_BF16 if bf16 else PANELS) or packing == "1" and not (
+            PACKED_HERE if bf16 else ONEDNN):
+        pytest.skip(f"no {packing} weights in {dtype} here")
     monkeypatch.setenv(PANELS_ENV, "1" if packing == "panels" else "0")
     if packing == "panels":
         monkeypatch.delenv(PACK_ENV, raising=False)
     else:
         monkeypatch.setenv(PACK_ENV, packing)
-    b = tiny_backend(tiny_llama)
+    model = copy.deepcopy(tiny_llama).to(dtype) if bf16 else tiny_llama
+    b = tiny_backend(model)
     fused = b.fast_decoder()
     assert fused is not None and fused._silu_mul is not None and fused._rope_write is not None
     assert (fused._add is not None) == (packing == "panels")
     reqs = requests(3)
     want, _ = run(b, reqs, True)
-    b._fast = LlamaDecode(tiny_llama, fuse=False)
+    b._fast = LlamaDecode(model, fuse=False)
     assert b._fast._silu_mul is None and b._fast._add is None and b._fast._rope_write is None
     got, steps = run(b, reqs, True)
     assert steps > 0

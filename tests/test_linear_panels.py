@@ -81,19 +81,26 @@ def test_wrong_inputs_say_what_is_wrong() -> None:
         torch.ops.marco.linear_panels(torch.randn(2, 8).bfloat16(), panels, 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16)])
 @pytest.mark.parametrize("rows", [1, 6, 7, 13, 58])
 @pytest.mark.parametrize(("fan_in", "fan_out"), [(40, 17), (576, 576), (1536, 576), (33, 47)])
-def test_the_residual_add_equals_adding_after_the_product_to_the_bit(rows: int, fan_in: int, fan_out: int) -> None:
+def test_the_residual_add_equals_adding_after_the_product_to_the_bit(
+    rows: int, fan_in: int, fan_out: int, dtype: torch.dtype,
+) -> None:
     """``linear_panels_add(x, p, out, res)`` adds each tile's block to the residual while it is in cache: the same
-    float32 sum as torch's ``res + linear_panels(x, p, out)``, whatever the rows, tails and panel tails."""
+    sum as torch's ``res + linear_panels(x, p, out)``, whatever the rows, tails and panel tails (bfloat16: the
+    product rounded, then the sum)."""
+    fan_in += fan_in % 2 if dtype == torch.bfloat16 else 0  # bfloat16 panels take pairs of inputs
     g = torch.Generator().manual_seed(rows + fan_in + fan_out)
     x, w = torch.randn(rows, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5
-    res = torch.randn(rows, fan_out, generator=g) * 10
+    x, w = x.to(dtype), w.to(dtype)
+    res = (torch.randn(rows, fan_out, generator=g) * 10).to(dtype)
     panels = torch.ops.marco.pack_panels(w)
     got = torch.ops.marco.linear_panels_add(x, panels, fan_out, res)
+    assert got.dtype == dtype
     assert torch.equal(got, res + torch.ops.marco.linear_panels(x, panels, fan_out))
     # a strided residual (a slice) is read as the values it holds
-    wide = torch.randn(rows, fan_out + 3, generator=g)
+    wide = torch.randn(rows, fan_out + 3, generator=g).to(dtype)
     assert torch.equal(torch.ops.marco.linear_panels_add(x, panels, fan_out, wide[:, :fan_out]),
                        wide[:, :fan_out] + torch.ops.marco.linear_panels(x, panels, fan_out))
 
@@ -102,8 +109,12 @@ def test_the_residual_add_says_what_is_wrong() -> None:
     panels = torch.ops.marco.pack_panels(torch.randn(32, 8))
     with pytest.raises(RuntimeError, match=r"residual must be float32 \[rows, out\] = \[2, 32\]"):
         torch.ops.marco.linear_panels_add(torch.randn(2, 8), panels, 32, torch.randn(3, 32))
-    with pytest.raises(RuntimeError, match="must be float32"):
+    with pytest.raises(RuntimeError, match="in the panels' dtype"):
         torch.ops.marco.linear_panels_add(torch.randn(2, 8).bfloat16(), panels, 32, torch.randn(2, 32))
+    if linear_panels_op(torch.bfloat16) is not None:
+        bf = torch.ops.marco.pack_panels(torch.randn(32, 8).bfloat16())
+        with pytest.raises(RuntimeError, match=r"residual must be bfloat16 \[rows, out\]"):
+            torch.ops.marco.linear_panels_add(torch.randn(2, 8).bfloat16(), bf, 32, torch.randn(2, 32))
     empty = torch.ops.marco.pack_panels(torch.randn(32, 0))
     res = torch.randn(2, 32)
     assert torch.equal(torch.ops.marco.linear_panels_add(torch.randn(2, 0), empty, 32, res), res)

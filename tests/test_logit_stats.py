@@ -37,6 +37,50 @@ def test_it_equals_torchs_logsumexp_and_topk(vocab: int, k: int) -> None:
     assert torch.equal(ids[1], torch.arange(k))
 
 
+@pytest.mark.parametrize("shape", ["peaked", "flat_tail", "sorted_up", "few_finite"])
+def test_the_top_k_is_exact_whatever_the_spread(shape: str) -> None:
+    """The top-k comes from the blocks with the highest maxima: spreads that put many or few of the top logits
+    in one block, and a row with fewer finite logits than k."""
+    g = torch.Generator().manual_seed(len(shape))
+    rows, vocab, k = 6, 49152, 256
+    if shape == "peaked":  # a search's logits: a few likely tokens, a long tail
+        x = torch.randn(rows, vocab, generator=g) * 2 - 10
+        x[:, torch.randint(0, vocab, (20,), generator=g)] += 15
+    elif shape == "flat_tail":  # the top 256 all in the first few blocks
+        x = torch.randn(rows, vocab, generator=g) * 0.01
+        x[:, :300] += 5
+    elif shape == "sorted_up":  # the top 256 in the last blocks, the first blocks' maxima lowest
+        x = torch.arange(vocab, dtype=torch.float32).repeat(rows, 1) / 1000
+    else:
+        x = torch.full((rows, vocab), float("-inf"))
+        x[:, 100:150] = torch.randn(rows, 50, generator=g)
+    temps = torch.full((rows,), 0.7)
+    _, _, values, ids = logit_stats_op()(x, temps, k)
+    want = x.topk(k, dim=-1)
+    assert torch.equal(values, want.values)
+    assert torch.equal(values, torch.gather(x, 1, ids))
+    assert all(len(set(r)) == k for r in ids.tolist())  # no id twice
+
+
+def test_bfloat16_logits_give_what_their_float32_copy_gives() -> None:
+    """The decode step's bfloat16 logits go in as they are: widened exactly inside the pass, no float32 copy."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 49152, generator=g) * 3).to(torch.bfloat16)  # bfloat16 logits tie often
+    temps = torch.tensor([1.0, 0.7, 1.3, 0.5, 2.0, 0.9, 1.1])
+    got, want = logit_stats_op()(x, temps, 256), logit_stats_op()(x.float(), temps, 256)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_nan_logits_neither_crash_nor_repeat_an_id() -> None:
+    x = torch.randn(3, 5000)
+    x[0, ::3] = float("nan")
+    x[1] = float("nan")
+    _, _, values, ids = logit_stats_op()(x, torch.ones(3), 256)
+    assert all(len(set(r)) == 256 for r in ids.tolist())
+    assert torch.equal(values[2], x[2].topk(256).values)
+
+
 def test_the_sampler_draws_the_same_tokens_from_it_as_from_torchs_topk() -> None:
     """Both of the sampler's paths: rows whose top 256 hold top_p, and rows drawn again from a wider list."""
     g = torch.Generator().manual_seed(5)

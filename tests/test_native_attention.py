@@ -88,19 +88,22 @@ def test_rows_sharing_their_first_columns_read_them_once_with_the_same_results(o
 
 
 @needs_compiler
-@pytest.mark.parametrize(("rows", "width"), [(58, 1536), (1, 13), (5, 24), (0, 8)])
-def test_silu_mul_is_the_mlps_silu_times_up_to_the_bit(op, rows, width):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "width"), [(58, 1536), (1, 13), (5, 24), (3, 100), (0, 8)])
+def test_silu_mul_is_the_mlps_silu_times_up_to_the_bit(op, rows, width, dtype):
     """``silu_mul`` on a fused [gate | up] projection (strided rows, vector widths and scalar tails) equals
-    ``F.silu(gate) * up``: torch's own exp and rounding, not merely close; extreme gates included."""
+    ``F.silu(gate) * up``: torch's own exp and rounding, not merely close; extreme gates included. In bfloat16
+    silu is rounded to bfloat16 before the multiply, as the two ops round."""
     g = torch.Generator().manual_seed(rows + width)
     gu = (torch.randn(rows, 2 * width + 5, generator=g) * 6)[:, : 2 * width]  # a slice: rows not contiguous
     if rows:
         gu[0, :4] = torch.tensor([0.0, -0.0, 120.0, -120.0])[: min(4, width)][None]
+    gu = gu.to(dtype)
     got = torch.ops.marco.silu_mul(gu)
-    assert got.shape == (rows, width)
+    assert got.shape == (rows, width) and got.dtype == dtype
     assert torch.equal(got, torch.nn.functional.silu(gu[:, :width]) * gu[:, width:])
-    with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.marco.silu_mul(gu.bfloat16())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.marco.silu_mul(gu.double())
     with pytest.raises(RuntimeError, match=r"\[n, 2I\]"):
         torch.ops.marco.silu_mul(torch.randn(2, 7))
 

@@ -233,9 +233,9 @@ class LlamaDecode:
 
     def __init__(self, model: torch.nn.Module, weights: str | None = None, fuse: bool = True) -> None:
         """``weights``: one of :data:`WEIGHT_FORMATS`, else :func:`weight_format` decides. ``fuse``: the rotary
-        embedding and the slot writes of a fused q/k/v output as one op; in float32 also the residual adds into
-        the o and down products (panels) and the MLP's ``silu(gate) * up`` as one op (fused gate and up); each
-        equal to the bit to the ops it replaces. False runs those ops apart (for benchmarks)."""
+        embedding and the slot writes of a fused q/k/v output as one op; also the residual adds into the o and
+        down products (panels) and the MLP's ``silu(gate) * up`` as one op (fused gate and up); each equal to
+        the bit to the ops it replaces, in float32 and bfloat16. False runs those ops apart (for benchmarks)."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"LlamaDecode cannot run this model: {reason}")
@@ -284,9 +284,8 @@ class LlamaDecode:
         self._write = write_column_op()
         self._rope = rotary_op()
         self._rope_write = rotary_write_op() if fuse and self.packed else None
-        fuse = fuse and self.dtype == torch.float32
-        self._add = linear_panels_add_op() if fuse and self.weights == "panels" else None
-        self._silu_mul = silu_mul_op() if fuse and self.packed else None
+        self._add = linear_panels_add_op(self.dtype) if fuse and self.weights == "panels" else None
+        self._silu_mul = silu_mul_op() if fuse and self.packed and self.dtype in (torch.float32, torch.bfloat16) else None
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[rows, head_dim]`` at ``positions``, from a table the model's rotary module made."""

@@ -401,18 +401,18 @@ class HFBackend:
             # the log-sum-exp of the scaled logits: the native pass's (_Top.lse_scaled), else computed here
             lse = getattr(top, "lse_scaled", None)
             if lse is None:
-                scaled = logits / temps[act][:, None]
+                scaled = logits.float() / temps[act][:, None]
                 lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
             cand_p, cand_i = torch.exp(top.values / temps[act][:, None] - lse), top.indices
         else:
-            scaled = logits / temps[act][:, None]
+            scaled = logits.float() / temps[act][:, None]
             cand_p, cand_i = torch.softmax(scaled, dim=-1).topk(min(self.SAMPLE_CANDIDATES[0], vocab), dim=-1)
         drawn = self._nucleus_draw(cand_p, cand_i, top_p, u)
         short = torch.nonzero(cand_p.sum(-1) < top_p[:, 0]).flatten()
         probs = torch.zeros(0)
         if len(short):  # rows whose top candidates hold less than top_p: their whole distribution
-            probs = torch.empty_like(logits)  # only the rows in `short` are ever read
-            probs[short] = torch.softmax(logits[short] / temps[act][short, None], dim=-1)
+            probs = torch.empty(logits.shape, device=logits.device)  # only the rows in `short` are ever read
+            probs[short] = torch.softmax(logits[short].float() / temps[act][short, None], dim=-1)
         for k in self.SAMPLE_CANDIDATES[1:]:
             if not len(short):
                 break
@@ -639,12 +639,13 @@ class _DecodeBatch:
         b, device = self.b, self.device
         assert self.logits is not None
         rows = self.rows
-        logits = self.logits.float()
-        k = min(b.SAMPLE_CANDIDATES[0], logits.shape[-1])
+        k = min(b.SAMPLE_CANDIDATES[0], self.logits.shape[-1])
         temps = torch.tensor([max(r.req.temperature, 1e-6) for r in rows], device=device)
         # one top-k of the raw logits serves both the top-5 log-probabilities and the sampler's candidates
         # (the order of logits is that of log-probabilities, and of probabilities at any temperature)
         stats = logit_stats_op() if device.type == "cpu" and b.native_attention else None
+        # the native pass reads bfloat16 logits as they are (widened exactly); float32 where torch's ops run
+        logits = self.logits if stats is not None else self.logits.float()
         if stats is not None:  # one native pass a row: both log-sum-exps and the top-k
             lse_raw, lse_t, values, indices = stats(logits.contiguous(), temps, k)
             lse, top = lse_raw[:, None], _Top(values, indices, lse_t[:, None])
@@ -662,7 +663,7 @@ class _DecodeBatch:
             next_tok = b._sample(logits, next_tok, act, sampled, temps, top_ps, [r.gen for r in rows], top=top)
         if fed:
             next_tok[fed] = torch.tensor([rows[i].feed[0] for i in fed], dtype=next_tok.dtype, device=device)
-        lp = logits.gather(1, next_tok[:, None])[:, 0] - lse[:, 0]
+        lp = logits.gather(1, next_tok[:, None])[:, 0].float() - lse[:, 0]
         is_eos = torch.isin(next_tok, self.eos)
         tok_l, lp_l, tlp_l, tid_l, eos_l = next_tok.tolist(), lp.tolist(), tlp.tolist(), tid.tolist(), is_eos.tolist()
         keep: list[int] = []

@@ -169,24 +169,32 @@ def linear_panels_op(dtype: torch.dtype = torch.float32) -> Callable[[torch.Tens
 
 
 @functools.lru_cache(maxsize=None)
-def linear_panels_add_op() -> Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor] | None:
-    """``torch.ops.marco.linear_panels_add(x, panels, out, res)`` = ``res + linear_panels(x, panels, out)`` in
-    float32, the residual added to each tile while it is in cache (one float32 add per output, as torch's),
-    where the float32 panels are available (:func:`linear_panels_op`); checked once against the two ops."""
-    if linear_panels_op(torch.float32) is None:
+def linear_panels_add_op(
+    dtype: torch.dtype = torch.float32,
+) -> Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor] | None:
+    """``torch.ops.marco.linear_panels_add(x, panels, out, res)`` = ``res + linear_panels(x, panels, out)``, the
+    residual added to each tile while it is in cache (one float32 add per output, as torch's; in bfloat16 the
+    product rounded to bfloat16 first and the sum rounded again, as torch's bfloat16 add), where the panels are
+    available in ``dtype`` (:func:`linear_panels_op`); checked once against the two ops, else None."""
+    if linear_panels_op(dtype) is None:
         return None
     g = torch.Generator().manual_seed(1)
-    x, w, res = torch.randn(9, 40, generator=g), torch.randn(37, 40, generator=g), torch.randn(9, 37, generator=g)
+    x, w, res = (torch.randn(shape, generator=g).to(dtype) for shape in ((9, 40), (37, 40), (9, 37)))
     panels = torch.ops.marco.pack_panels(w)
-    if not torch.equal(torch.ops.marco.linear_panels_add(x, panels, 37, res), res + torch.ops.marco.linear_panels(x, panels, 37)):
-        log.info("linear_panels_add unavailable: self-check failed")
+    try:
+        got = torch.ops.marco.linear_panels_add(x, panels, 37, res)
+    except RuntimeError as e:  # a library built before the op took this dtype
+        log.info("linear_panels_add unavailable in %s (%s)", dtype, e)
+        return None
+    if not torch.equal(got, res + torch.ops.marco.linear_panels(x, panels, 37)):
+        log.info("linear_panels_add unavailable in %s: self-check failed", dtype)
         return None
     return torch.ops.marco.linear_panels_add
 
 
 def silu_mul_op() -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``torch.ops.marco.silu_mul(gu)`` = ``F.silu(gu[:, :I]) * gu[:, I:]`` for float32 ``gu`` [n, 2I], in one
-    pass (see decode_attention.cpp), where the library loaded (see :func:`decode_attention_op`)."""
+    """``torch.ops.marco.silu_mul(gu)`` = ``F.silu(gu[:, :I]) * gu[:, I:]`` for float32 or bfloat16 ``gu``
+    [n, 2I], in one pass (see decode_attention.cpp), where the library loaded (see :func:`decode_attention_op`)."""
     return torch.ops.marco.silu_mul if decode_attention_op() is not None else None
 
 

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -753,68 +754,132 @@ at::Tensor decode_attention_shared(const at::Tensor& q, const at::Tensor& k, con
   return out;
 }
 
-// One pass a row over a decode step's next-token logits [rows, vocab] (float32): the log-sum-exp of the raw
-// logits, the log-sum-exp of the logits divided by the row's temperature, and the row's k largest logits with
-// their ids, largest first (ties: the lower id first). The sampler's probabilities and the top-5
-// log-probabilities are these values less a log-sum-exp; torch's logsumexp, division and topk made three
+// One pass a row over a decode step's next-token logits [rows, vocab] (float32, or bfloat16 widened exactly): the
+// log-sum-exp of the raw logits, the log-sum-exp of the logits divided by the row's temperature, and the row's k
+// largest logits with their ids, largest first (ties: the lower id first). The sampler's probabilities and the
+// top-5 log-probabilities are these values less a log-sum-exp; torch's logsumexp, division and topk made three
 // passes (and topk a slow one) over ~13 MB of logits a step at 64 rows.
 struct Cand {
   float v;
   int64_t i;
 };
-// heap order: the root is the candidate to drop first (the smallest value; among equals the higher id)
-inline bool drop_first(const Cand& a, const Cand& b) { return a.v < b.v || (a.v == b.v && a.i > b.i); }
+// the order of the top-k: the larger value first; among equals the lower id
+inline bool better(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
 
-inline void sift_down(Cand* h, int64_t n, int64_t at) {
-  for (;;) {
-    int64_t c = 2 * at + 1;
-    if (c >= n) return;
-    if (c + 1 < n && drop_first(h[c + 1], h[c])) ++c;
-    if (!drop_first(h[c], h[at])) return;
-    std::swap(h[c], h[at]);
-    at = c;
+constexpr int64_t STAT_BLOCK = 64;  // logits per block: the top-k is found among the blocks with the k highest maxima
+
+// One row's top-k, largest first (ties: the lower id first), given the maximum of each block of STAT_BLOCK
+// logits. The k-th largest block maximum is a floor: k distinct logits (the maxima) reach it, so the top-k is
+// among the logits that reach it, and only blocks whose maximum reaches it hold any. That is a few hundred
+// candidates for k = 256 of 49k, where a heap of 256 sifted thousands of times (4x the time of the whole pass).
+void top_k_row(const float* x, int64_t vocab, const float* bmax, int64_t blocks, int64_t k, std::vector<float>& scratch,
+               std::vector<Cand>& cand, float* values, int64_t* ids) {
+  float floor_v;
+  if (k <= blocks) {
+    scratch.assign(bmax, bmax + blocks);
+    for (float& v : scratch)  // NaN breaks the ordering nth_element needs
+      if (std::isnan(v)) v = -std::numeric_limits<float>::infinity();
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    floor_v = scratch[k - 1];
+  } else {
+    floor_v = -std::numeric_limits<float>::infinity();
+  }
+  cand.clear();
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!(bmax[b] >= floor_v)) continue;
+    const int64_t lo = b * STAT_BLOCK, hi = std::min(vocab, lo + STAT_BLOCK);
+    int64_t j = lo;
+#if defined(__AVX2__)
+    const __m256 fv = _mm256_set1_ps(floor_v);
+    for (; j + 8 <= hi; j += 8) {
+      int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), fv, _CMP_GE_OQ));
+      while (bits) {
+        const int64_t c = j + __builtin_ctz(bits);
+        bits &= bits - 1;
+        cand.push_back({x[c], c});
+      }
+    }
+#endif
+    for (; j < hi; ++j)
+      if (x[j] >= floor_v) cand.push_back({x[j], j});
+  }
+  // NaN logits reach no floor: where they leave fewer than k candidates, they fill in as -inf, lowest ids first
+  for (int64_t c = 0; static_cast<int64_t>(cand.size()) < k && c < vocab; ++c)
+    if (std::isnan(x[c])) cand.push_back({-std::numeric_limits<float>::infinity(), c});
+  if (static_cast<int64_t>(cand.size()) > k)
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
+  std::sort(cand.begin(), cand.begin() + k, better);
+  for (int64_t j = 0; j < k; ++j) {
+    values[j] = cand[j].v;
+    ids[j] = cand[j].i;
   }
 }
 
 std::vector<at::Tensor> logit_stats(const at::Tensor& logits, const at::Tensor& temps, int64_t k) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
-              "logits: [rows, vocab] float32, contiguous");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() &&
+              (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
+              "logits: [rows, vocab] float32 or bfloat16, contiguous");
   TORCH_CHECK(temps.dim() == 1 && temps.is_contiguous() && temps.scalar_type() == at::kFloat &&
               temps.numel() == logits.size(0), "temps: [rows] float32");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= vocab, "1 <= k <= vocab");
-  at::Tensor lse = at::empty({rows}, logits.options());
-  at::Tensor lse_t = at::empty({rows}, logits.options());
-  at::Tensor values = at::empty({rows, k}, logits.options());
-  at::Tensor ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
-  const float* xp = logits.data_ptr<float>();
+  const bool bf16 = logits.scalar_type() == at::kBFloat16;
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({rows}, f32);
+  at::Tensor lse_t = at::empty({rows}, f32);
+  at::Tensor values = at::empty({rows, k}, f32);
+  at::Tensor ids = at::empty({rows, k}, f32.dtype(at::kLong));
   const float* tp = temps.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   float* ltp = lse_t.data_ptr<float>();
   float* vp = values.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
+  const int64_t blocks = (vocab + STAT_BLOCK - 1) / STAT_BLOCK;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Cand> heap(k);
+    std::vector<float> row_f(bf16 ? vocab : 0), bmax(blocks), scratch;
+    std::vector<Cand> cand;
     for (int64_t r = begin; r < end; ++r) {
-      const float* x = xp + r * vocab;
+      const float* x;
+      if (bf16) {  // widened exactly (a shift of the bits) into a float32 row that stays in cache
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()) + r * vocab;
+        int64_t j = 0;
+#if defined(__AVX2__)
+        for (; j + 8 <= vocab; j += 8)
+          _mm256_storeu_ps(row_f.data() + j, _mm256_castsi256_ps(_mm256_slli_epi32(
+              _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))), 16)));
+#endif
+        for (; j < vocab; ++j) {
+          const uint32_t bits = static_cast<uint32_t>(src[j]) << 16;
+          std::memcpy(&row_f[j], &bits, 4);
+        }
+        x = row_f.data();
+      } else {
+        x = logits.data_ptr<float>() + r * vocab;
+      }
       const float inv_t = 1.f / tp[r];
       float m = -std::numeric_limits<float>::infinity();
+      for (int64_t b = 0; b < blocks; ++b) {  // each block's maximum, and the row's
+        const int64_t lo = b * STAT_BLOCK, hi = std::min(vocab, lo + STAT_BLOCK);
+        float bm = -std::numeric_limits<float>::infinity();
+        int64_t j = lo;
+#if defined(__AVX2__)
+        if (hi - lo == STAT_BLOCK) {
+          __m256 mv[4];
+          for (int u = 0; u < 4; ++u)
+            mv[u] = _mm256_max_ps(_mm256_loadu_ps(x + j + 8 * u), _mm256_loadu_ps(x + j + 32 + 8 * u));
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(mv[0], mv[1]), _mm256_max_ps(mv[2], mv[3])));
+          for (float v : lanes) bm = std::max(bm, v);
+          j = hi;
+        }
+#endif
+        for (; j < hi; ++j) bm = std::max(bm, x[j]);
+        bmax[b] = bm;
+        m = std::max(m, bm);
+      }
+      const float mt = m * inv_t;
       int64_t j = 0;
       double s1 = 0.0, st = 0.0;  // the partial sums' last additions in double: ~1e-7 of the log-sum-exp
-#if defined(__AVX2__) && defined(__FMA__)
-      {
-        __m256 mv[4];
-        for (auto& a : mv) a = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-        for (; j + 32 <= vocab; j += 32)
-          for (int u = 0; u < 4; ++u) mv[u] = _mm256_max_ps(mv[u], _mm256_loadu_ps(x + j + 8 * u));
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(mv[0], mv[1]), _mm256_max_ps(mv[2], mv[3])));
-        for (float v : lanes) m = std::max(m, v);
-      }
-#endif
-      for (; j < vocab; ++j) m = std::max(m, x[j]);
-      const float mt = m * inv_t;
-      j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
       {
         const __m256 mb = _mm256_set1_ps(m), mtb = _mm256_set1_ps(mt), ib = _mm256_set1_ps(inv_t);
@@ -837,36 +902,7 @@ std::vector<at::Tensor> logit_stats(const at::Tensor& logits, const at::Tensor& 
       }
       lp[r] = m + static_cast<float>(std::log(s1));
       ltp[r] = mt + static_cast<float>(std::log(st));
-      for (int64_t c = 0; c < k; ++c) heap[c] = {x[c], c};
-      for (int64_t c = k / 2 - 1; c >= 0; --c) sift_down(heap.data(), k, c);
-      float floor_v = heap[0].v;
-      j = k;
-#if defined(__AVX2__) && defined(__FMA__)
-      for (; j + 8 <= vocab; j += 8) {  // most blocks of 8 hold nothing above the heap's floor
-        int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(floor_v), _CMP_GT_OQ));
-        while (bits) {
-          const int64_t c = j + __builtin_ctz(bits);
-          bits &= bits - 1;
-          if (x[c] > floor_v) {
-            heap[0] = {x[c], c};
-            sift_down(heap.data(), k, 0);
-            floor_v = heap[0].v;
-          }
-        }
-      }
-#endif
-      for (; j < vocab; ++j) {
-        if (x[j] > floor_v) {  // a later equal value has the higher id: it never displaces the root
-          heap[0] = {x[j], j};
-          sift_down(heap.data(), k, 0);
-          floor_v = heap[0].v;
-        }
-      }
-      std::sort(heap.begin(), heap.end(), [](const Cand& a, const Cand& b) { return drop_first(b, a); });
-      for (int64_t j = 0; j < k; ++j) {
-        vp[r * k + j] = heap[j].v;
-        ip[r * k + j] = heap[j].i;
-      }
+      top_k_row(x, vocab, bmax.data(), blocks, k, scratch, cand, vp + r * k, ip + r * k);
     }
   });
   return {lse, lse_t, values, ids};
@@ -1065,14 +1101,15 @@ void silu_mul_row(const float* gate, const float* up, float* out, int64_t width)
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m512 one = _mm512_set1_ps(1.f), sign = _mm512_set1_ps(-0.f);
-  for (; i + 16 <= width; i += 16) {
+  // torch's loop takes vectors two at a time and leaves the rest to its scalar loop: so does this one
+  for (const int64_t vec_end = width - width % 32; i < vec_end; i += 16) {
     const __m512 g = _mm512_loadu_ps(gate + i);
     const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_castps_si512(sign))));
     _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
   }
 #elif defined(__AVX2__)
   const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-  for (; i + 8 <= width; i += 8) {
+  for (const int64_t vec_end = width - width % 16; i < vec_end; i += 8) {
     const __m256 g = _mm256_loadu_ps(gate + i);
     const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(g, sign));
     _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
@@ -1084,11 +1121,53 @@ void silu_mul_row(const float* gate, const float* up, float* out, int64_t width)
   }
 }
 
+#if defined(__AVX512F__)
+// float32 to bfloat16 as torch's AVX-512 vector kernels round (to nearest even; NaN 0xffff)
+inline __m256i round_bf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_set1_epi32(0xffff), r);
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
+// silu_mul_row in bfloat16, as torch computes F.silu(gate) * up there: silu in float32 (Sleef's exp on torch's
+// vectors of 2 x 16 lanes; its scalar loop, std::exp, for the last width % 64 of a row), rounded to bfloat16;
+// then the product of the two bfloat16 values in float32, rounded again.
+void silu_mul_row_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out, int64_t width) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f), sign = _mm512_set1_ps(-0.f);
+  for (const int64_t vec_end = width - width % 64; i < vec_end; i += 16) {
+    const __m512 g = load16(gate + i);
+    const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_castps_si512(sign))));
+    const __m256i s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
+    const __m512 sw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), round_bf16(_mm512_mul_ps(sw, load16(up + i))));
+  }
+#endif
+  for (; i < width; ++i) {  // torch's scalar tail
+    const float g = static_cast<float>(gate[i]);
+    const c10::BFloat16 s = g / (1.f + std::exp(-g));
+    out[i] = static_cast<float>(s) * static_cast<float>(up[i]);
+  }
+}
+
 at::Tensor silu_mul(const at::Tensor& gu) {
   TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0 && gu.stride(1) == 1, "gu: [n, 2I] with contiguous rows");
-  TORCH_CHECK(gu.scalar_type() == at::kFloat, "silu_mul: float32 (bfloat16 takes F.silu(gate) * up)");
   const int64_t n = gu.size(0), width = gu.size(1) / 2, ld = gu.stride(0);
   at::Tensor out = at::empty({n, width}, gu.options());
+  if (gu.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* src = gu.data_ptr<c10::BFloat16>();
+    c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        silu_mul_row_bf16(src + r * ld, src + r * ld + width, dst + r * width, width);
+    });
+    return out;
+  }
+  TORCH_CHECK(gu.scalar_type() == at::kFloat, "silu_mul: float32 or bfloat16");
   const float* src = gu.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {

@@ -44,9 +44,29 @@ namespace {
 template <typename T>
 using Tile = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, const char*, int64_t);
 
+#if defined(__AVX512BF16__)
+// y = bfloat16(float(r) + float(y)) for n values: torch's bfloat16 add (both widened, one float32 add, rounded to
+// nearest even; NaN as torch's vector kernels write it, 0xffff)
+inline void add_bf16(uint16_t* y, const uint16_t* r, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const auto widen = [&](const uint16_t* p) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+    };
+    const __m512 sum = _mm512_add_ps(widen(r + j), widen(y + j));
+    const __m512i bits = _mm512_castps_si512(sum);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(sum, sum, _CMP_ORD_Q), _mm512_set1_epi32(0xffff), rounded);
+    _mm256_mask_storeu_epi16(y + j, live, _mm512_cvtepi32_epi16(rounded));
+  }
+}
+#endif
+
 // x [rows, k] times the panels of a weight [out, k] (NC columns a panel, `steps` panel rows) into y [rows, out],
-// with tiles[n] taking n rows (n <= MROWS). `res` (float32 only), where given: y = res + x w^T, each tile's block
-// added while it is in L1; the same sums as torch's `res + linear(x)`, one float32 add each.
+// with tiles[n] taking n rows (n <= MROWS). `res`, where given: y = res + x w^T, each tile's block added while it
+// is in L1; the same sums as torch's `res + linear(x)`: one float32 add each, in bfloat16 of the product already
+// rounded to bfloat16, the sum rounded again (add_bf16).
 template <typename T, int64_t NC, int64_t MROWS>
 void run_panels(const T* x, int64_t rows, int64_t k, int64_t steps, const T* panels, int64_t out, T* y,
                 const Tile<T>* tiles, const T* res = nullptr) {
@@ -66,12 +86,16 @@ void run_panels(const T* x, int64_t rows, int64_t k, int64_t steps, const T* pan
       for (int64_t r = 0, t = 0; r < rows; r += MROWS, ++t) {
         const int64_t n = std::min(MROWS, rows - r);
         tiles[n](x + r * k, k, panel, steps, y + r * out + p * NC, out, width, next + t * chunk * 64, every);
-        if constexpr (std::is_same_v<T, float>) {
-          if (res != nullptr) {
-            for (int64_t i = r; i < r + n; ++i) {
-              float* yr = y + i * out + p * NC;
-              const float* rr = res + i * out + p * NC;
+        if (res != nullptr) {
+          for (int64_t i = r; i < r + n; ++i) {
+            T* yr = y + i * out + p * NC;
+            const T* rr = res + i * out + p * NC;
+            if constexpr (std::is_same_v<T, float>) {
               for (int64_t j = 0; j < width; ++j) yr[j] = rr[j] + yr[j];
+            } else {
+#if defined(__AVX512BF16__)
+              add_bf16(yr, rr, width);
+#endif
             }
           }
         }
@@ -243,12 +267,13 @@ constexpr Tile<uint16_t> kTilesBf16[MB + 1] = {
     nullptr, tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>, tile_bf16<5>, tile_bf16<6>,
     tile_bf16<7>, tile_bf16<8>, tile_bf16<9>, tile_bf16<10>, tile_bf16<11>, tile_bf16<12>};
 
-void multiply_bf16(const uint16_t* x, int64_t rows, int64_t k, const uint16_t* panels, int64_t out, uint16_t* y) {
-  run_panels<uint16_t, NB, MB>(x, rows, k, k / 2, panels, out, y, kTilesBf16);
+void multiply_bf16(const uint16_t* x, int64_t rows, int64_t k, const uint16_t* panels, int64_t out, uint16_t* y,
+                   const uint16_t* res = nullptr) {
+  run_panels<uint16_t, NB, MB>(x, rows, k, k / 2, panels, out, y, kTilesBf16, res);
 }
 #else
 constexpr bool kAvailableBf16 = false;
-void multiply_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
+void multiply_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, const uint16_t* = nullptr) {}
 #endif
 
 at::Tensor pack_panels_bf16(const at::Tensor& w) {
@@ -264,7 +289,8 @@ at::Tensor pack_panels_bf16(const at::Tensor& w) {
   return padded.view({n_panels, NB, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& panels, int64_t out) {
+// bfloat16 checks and the product, plus `res` [rows, out] where defined
+at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& panels, int64_t out, const at::Tensor& res) {
   TORCH_CHECK(kAvailableBf16, "linear_panels in bfloat16 needs AVX512-BF16 (this build has none)");
   TORCH_CHECK(panels.dim() == 4 && panels.size(2) == NB && panels.size(3) == 2 && panels.is_contiguous(),
               "linear_panels: panels must come from pack_panels");
@@ -275,10 +301,19 @@ at::Tensor linear_panels_bf16(const at::Tensor& x, const at::Tensor& panels, int
               "linear_panels: out=", out, " does not match ", panels.size(0), " panels");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(panels.data_ptr()) % 64 == 0, "linear_panels: panels not 64-byte aligned");
   const at::Tensor xc = x.contiguous();
+  at::Tensor rc;
+  if (res.defined()) {
+    TORCH_CHECK(res.scalar_type() == at::kBFloat16 && res.dim() == 2 && res.size(0) == rows && res.size(1) == out,
+                "linear_panels_add: residual must be bfloat16 [rows, out] = [", rows, ", ", out, "]");
+    rc = res.contiguous();
+  }
   at::Tensor y = at::empty({rows, out}, x.options());
-  if (rows && out) {
+  if (rows && out && k) {
     multiply_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), rows, k,
-                  reinterpret_cast<const uint16_t*>(panels.data_ptr()), out, reinterpret_cast<uint16_t*>(y.data_ptr()));
+                  reinterpret_cast<const uint16_t*>(panels.data_ptr()), out, reinterpret_cast<uint16_t*>(y.data_ptr()),
+                  rc.defined() ? reinterpret_cast<const uint16_t*>(rc.data_ptr()) : nullptr);
+  } else if (rows && out) {
+    if (rc.defined()) y.copy_(rc); else y.zero_();
   }
   return y;
 }
@@ -331,15 +366,19 @@ at::Tensor linear_panels(const at::Tensor& x, const at::Tensor& panels, int64_t 
               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "linear_panels: x must be a 2-d float32 or bfloat16 [rows, in], in the panels' dtype");
   if (x.scalar_type() == at::kBFloat16) {
-    return linear_panels_bf16(x, panels, out);
+    return linear_panels_bf16(x, panels, out, at::Tensor());
   }
   return linear_panels_f32(x, panels, out, at::Tensor());
 }
 
-// res + x w^T in one pass (the decode step's residual adds after the o and down projections); float32 only
+// res + x w^T in one pass (the decode step's residual adds after the o and down projections)
 at::Tensor linear_panels_add(const at::Tensor& x, const at::Tensor& panels, int64_t out, const at::Tensor& res) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat,
-              "linear_panels_add: x and the panels must be float32 (bfloat16 adds outside)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == panels.scalar_type() &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "linear_panels_add: x must be a 2-d float32 or bfloat16 [rows, in], in the panels' dtype");
+  if (x.scalar_type() == at::kBFloat16) {
+    return linear_panels_bf16(x, panels, out, res);
+  }
   return linear_panels_f32(x, panels, out, res);
 }
 
