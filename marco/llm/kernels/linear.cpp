@@ -83,8 +83,10 @@ void run_panels(const T* x, int64_t rows, int64_t k, int64_t steps, const T* pan
       // past the last panel: prefetching an address does not fault, and the next line is never read
       const char* next = reinterpret_cast<const char*>(panel + k * NC);
       const int64_t width = std::min(NC, out - p * NC);
-      for (int64_t r = 0, t = 0; r < rows; r += MROWS, ++t) {
-        const int64_t n = std::min(MROWS, rows - r);
+      // the rows split evenly over the fewest tiles: 61 rows as 5 x 10 + 11, not 5 x 12 + 1, whose 1-row tile
+      // waits on one FMA chain a column vector (latency, not throughput) for most of a full tile's time
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t r = t * rows / n_tiles, n = (t + 1) * rows / n_tiles - r;
         tiles[n](x + r * k, k, panel, steps, y + r * out + p * NC, out, width, next + t * chunk * 64, every);
         if (res != nullptr) {
           for (int64_t i = r; i < r + n; ++i) {
