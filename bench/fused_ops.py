@@ -1,11 +1,12 @@
 """The product's MCTS batch with the decode step's small ops fused against apart, side by side in one process.
 
 On packed weights the decode step rotates the queries and keys and writes the keys and values into their slots
-in one op (``rotary_write``, four ops a layer otherwise); in float32 it also adds the residual inside the o and
-down products (``linear_panels_add``: each tile's block added while it is in cache) and computes the MLP's
+in one op (``rotary_write``, four ops a layer otherwise); it also adds the residual inside the o and down
+products (``linear_panels_add``: each tile's block added while it is in cache) and computes the MLP's
 ``silu(gate) * up`` in one pass (``silu_mul``), four more ops a layer that each wrote a temporary. At SmolLM2's
-30 layers that is about 180 fewer ops a step. Each is equal to the bit to the ops it replaces, so the two runs
-generate the same tokens. This runs the same search each way in alternation (the machine's speed drifts between
+30 layers that is about 180 fewer ops a step. Each is equal to the bit to the ops it replaces (float32 and
+bfloat16), so the two runs generate the same tokens. The model runs in the dtype the product picks for this CPU
+(``auto``: bfloat16 where it has AVX512-BF16 or AMX). This runs the same search each way in alternation (the machine's speed drifts between
 runs), from an empty prefix cache each time, and prints tokens/s and the time a fast step took. First it times
 the decode step alone both ways, alternating, at the search's mean width (58 rows, 323 columns of context, random
 keys and values): a steadier measure than whole searches on a machine whose speed drifts.
@@ -34,7 +35,7 @@ from marco.llm.decode_step import LlamaDecode  # noqa: E402
 
 
 def main() -> None:
-    args, task, problems, config, hf = side_by_side_setup(__doc__, 1, "apart/fused pairs", dtype="float32")
+    args, task, problems, config, hf = side_by_side_setup(__doc__, 1, "apart/fused pairs")
     if hf.fast_decoder() is None:
         raise SystemExit("the fast decode step does not apply here (no native kernels)")
     decoders = {"apart": LlamaDecode(hf.model, fuse=False), "fused": LlamaDecode(hf.model)}
@@ -45,7 +46,7 @@ def main() -> None:
     steps = {label: timed_into(spent, "step", d) for label, d in decoders.items()}
     results = alternate_searches(hf, task, problems, config, steps, args.rounds, spent, "step", "decode")
     ratios, step_ratios, tokens = pair_ratios(results, "apart", "fused")
-    print(f"{args.problems} problems · {args.threads} threads · float32 · weights {decoders['fused'].weights} · "
+    print(f"{args.problems} problems · {args.threads} threads · {str(hf.model.dtype).removeprefix('torch.')} · weights {decoders['fused'].weights} · "
           f"tokens: {tokens}")
     print(f"fast step apart/fused per round: {', '.join(f'{a:.3f}' for a in step_ratios)}")
     print(f"step_apart_vs_fused: {step_ratio:.3f}")
