@@ -1133,8 +1133,8 @@ inline __m256i round_bf16(__m512 x) {
 #endif
 
 // silu_mul_row in bfloat16, as torch computes F.silu(gate) * up there: silu in float32 (Sleef's exp on torch's
-// vectors of 2 x 16 lanes; its scalar loop, std::exp, for the last width % 64 of a row), rounded to bfloat16;
-// then the product of the two bfloat16 values in float32, rounded again.
+// blocks of two vectors, 64 lanes with AVX-512 and 32 with AVX2; its scalar loop, std::exp, for the rest of a
+// row), rounded to bfloat16; then the product of the two bfloat16 values in float32, rounded again.
 void silu_mul_row_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out, int64_t width) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -1145,6 +1145,23 @@ void silu_mul_row_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::
     const __m256i s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
     const __m512 sw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), round_bf16(_mm512_mul_ps(sw, load16(up + i))));
+  }
+#elif defined(__AVX2__)
+  const auto widen = [](__m128i b) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)); };
+  const auto load8 = [&](const c10::BFloat16* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+  const auto round8 = [](__m256 x) {  // as torch's AVX2 vector kernels round: to nearest even, NaN 0xffff
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), r, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  };
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (const int64_t vec_end = width - width % 32; i < vec_end; i += 8) {  // torch's blocks: 2 x 16 bfloat16
+    const __m256 g = load8(gate + i);
+    const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(g, sign));
+    const __m256 sw = widen(round8(_mm256_div_ps(g, _mm256_add_ps(one, e))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), round8(_mm256_mul_ps(sw, load8(up + i))));
   }
 #endif
   for (; i < width; ++i) {  // torch's scalar tail
