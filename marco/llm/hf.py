@@ -644,8 +644,11 @@ class _DecodeBatch:
         # one top-k of the raw logits serves both the top-5 log-probabilities and the sampler's candidates
         # (the order of logits is that of log-probabilities, and of probabilities at any temperature)
         stats = logit_stats_op() if device.type == "cpu" and b.native_attention else None
-        # the native pass reads bfloat16 logits as they are (widened exactly); float32 where torch's ops run
-        logits = self.logits if stats is not None else self.logits.float()
+        # the native pass reads float32 and bfloat16 logits as they are (bfloat16 widened exactly); other dtypes,
+        # and torch's ops, take a float32 copy
+        logits = self.logits
+        if stats is None or logits.dtype not in (torch.float32, torch.bfloat16):
+            logits = logits.float()
         if stats is not None:  # one native pass a row: both log-sum-exps and the top-k
             lse_raw, lse_t, values, indices = stats(logits.contiguous(), temps, k)
             lse, top = lse_raw[:, None], _Top(values, indices, lse_t[:, None])
