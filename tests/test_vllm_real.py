@@ -295,7 +295,9 @@ def test_marco_solve_on_vllm_prints_json_and_exits(tmp_path) -> None:
         pytest.fail(f"marco solve did not exit (children {left}); stdout: {out[-500:]!r}; stderr: {err[-1500:]}")
     assert proc.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])  # stdout holds the JSON only (vLLM logs to stderr)
-    assert result["nodes"] > 2 and result["tokens"] > 0
+    # the root and at least one child: a search's samples may share their first action, and twins merge into
+    # one child (this search made 2 nodes in one run of the suite here and more in others)
+    assert result["nodes"] >= 2 and result["tokens"] > 0
     # nothing of it may live on (the old code left the engine core running for good); multiprocessing's
     # resource tracker takes a moment to notice that its clients are gone
     deadline = time.monotonic() + 20

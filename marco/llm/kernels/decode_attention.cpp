@@ -1097,23 +1097,29 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // exp, vectors of the width torch's dispatch uses for this build's instruction set, then a separate multiply),
 // so it equals F.silu(gate) * up to the bit where torch runs the same vector width. Two ops and a [n, I]
 // temporary a layer cost more in dispatch and memory than in arithmetic at a decode step's few rows.
+#if defined(__AVX512F__)
+// torch's vectorised silu, x / (1 + exp(-x)), on 16 lanes
+inline __m512 silu16(__m512 g) {
+  const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g),
+                                                                         _mm512_castps_si512(_mm512_set1_ps(-0.f)))));
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+#elif defined(__AVX2__)
+inline __m256 silu8(__m256 g) {
+  const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(g, _mm256_set1_ps(-0.f)));
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+#endif
+
 void silu_mul_row(const float* gate, const float* up, float* out, int64_t width) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f), sign = _mm512_set1_ps(-0.f);
   // torch's loop takes vectors two at a time and leaves the rest to its scalar loop: so does this one
-  for (const int64_t vec_end = width - width % 32; i < vec_end; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + i);
-    const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_castps_si512(sign))));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
-  }
+#if defined(__AVX512F__)
+  for (const int64_t vec_end = width - width % 32; i < vec_end; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(silu16(_mm512_loadu_ps(gate + i)), _mm512_loadu_ps(up + i)));
 #elif defined(__AVX2__)
-  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-  for (const int64_t vec_end = width - width % 16; i < vec_end; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(g, sign));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
-  }
+  for (const int64_t vec_end = width - width % 16; i < vec_end; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
 #endif
   for (; i < width; ++i) {  // torch's scalar tail
     const float s = gate[i] / (1.f + std::exp(-gate[i]));
@@ -1138,11 +1144,8 @@ inline __m256i round_bf16(__m512 x) {
 void silu_mul_row_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out, int64_t width) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f), sign = _mm512_set1_ps(-0.f);
   for (const int64_t vec_end = width - width % 64; i < vec_end; i += 16) {
-    const __m512 g = load16(gate + i);
-    const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_castps_si512(sign))));
-    const __m256i s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
+    const __m256i s = round_bf16(silu16(load16(gate + i)));
     const __m512 sw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), round_bf16(_mm512_mul_ps(sw, load16(up + i))));
   }
@@ -1156,11 +1159,8 @@ void silu_mul_row_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::
     r = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), r, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q)));
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   };
-  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
   for (const int64_t vec_end = width - width % 32; i < vec_end; i += 8) {  // torch's blocks: 2 x 16 bfloat16
-    const __m256 g = load8(gate + i);
-    const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(g, sign));
-    const __m256 sw = widen(round8(_mm256_div_ps(g, _mm256_add_ps(one, e))));
+    const __m256 sw = widen(round8(silu8(load8(gate + i))));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), round8(_mm256_mul_ps(sw, load8(up + i))));
   }
 #endif
