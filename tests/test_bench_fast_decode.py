@@ -163,24 +163,28 @@ def test_shared_columns_bench_reads_fewer_columns_for_the_same_tokens() -> None:
     assert re.search(r"^shared_vs_own_columns: [\d.]+ \(", out.stdout, re.M), report[-5000:]
 
 
-@pytest.mark.skipif(linear_panels_op() is None, reason="no AVX2/FMA panel kernel here")
-def test_linear_panels_bench_runs_the_search_both_ways() -> None:
-    out = bench("linear_panels.py", "--problems", "1", "--rounds", "1", "--budget", "128", "--threads", "2")
+def search_both_ways(script: str, labels: tuple[str, str], timed: str) -> tuple[dict[str, str], str, str]:
+    """Run a bench that searches one problem one way and the other (``bench/mcts_batch.alternate_searches``):
+    ``(tokens per label, the ratio line's value, the report)``."""
+    out = bench(script, "--problems", "1", "--rounds", "1", "--budget", "128", "--threads", "2")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
-    runs = dict(re.findall(r"^(onednn|panels)\s+(\d+) tokens in .* products\s+[\d.]+ ms a step", out.stdout, re.M))
+    pattern = rf"^({labels[0]}|{labels[1]})\s+(\d+) tokens in .* {timed}\s+[\d.]+ ms a step"
+    ratio = re.search(rf"^{labels[1]}_vs_{labels[0]}: ([\d.]+) \(", out.stdout, re.M)
+    assert ratio, report[-5000:]
+    return dict(re.findall(pattern, out.stdout, re.M)), ratio[1], report
+
+
+@pytest.mark.skipif(linear_panels_op() is None, reason="no AVX2/FMA panel kernel here")
+def test_linear_panels_bench_runs_the_search_both_ways() -> None:
+    runs, ratio, report = search_both_ways("linear_panels.py", ("onednn", "panels"), "products")
     assert set(runs) == {"onednn", "panels"} and all(int(t) > 0 for t in runs.values()), report[-5000:]
-    ratio = re.search(r"^panels_vs_onednn: ([\d.]+) \(", out.stdout, re.M)
-    assert ratio and float(ratio[1]) > 0, report[-5000:]
+    assert float(ratio) > 0, report[-5000:]
 
 
 @pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 def test_fused_ops_bench_runs_the_search_both_ways_to_the_same_tokens() -> None:
-    out = bench("fused_ops.py", "--problems", "1", "--rounds", "1", "--budget", "128", "--threads", "2")
-    report = out.stdout + out.stderr
-    assert out.returncode == 0, report[-5000:]
-    runs = dict(re.findall(r"^(apart|fused)\s+(\d+) tokens in .* decode\s+[\d.]+ ms a step", out.stdout, re.M))
+    runs, ratio, report = search_both_ways("fused_ops.py", ("apart", "fused"), "decode")
     assert set(runs) == {"apart", "fused"} and int(runs["apart"]) > 0, report[-5000:]
     assert runs["apart"] == runs["fused"], report[-5000:]  # equal to the bit: the same tokens
-    ratio = re.search(r"^fused_vs_apart: ([\d.]+) \(", out.stdout, re.M)
-    assert ratio and float(ratio[1]) > 0, report[-5000:]
+    assert float(ratio) > 0, report[-5000:]

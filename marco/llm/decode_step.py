@@ -285,7 +285,7 @@ class LlamaDecode:
         self._rope = rotary_op()
         self._rope_write = rotary_write_op() if fuse and self.packed else None
         self._add = linear_panels_add_op(self.dtype) if fuse and self.weights == "panels" else None
-        self._silu_mul = silu_mul_op() if fuse and self.packed and self.dtype in (torch.float32, torch.bfloat16) else None
+        self._silu_mul = silu_mul_op() if fuse and self.packed else None
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[rows, head_dim]`` at ``positions``, from a table the model's rotary module made."""
