@@ -161,8 +161,8 @@ def test_packing_follows_the_setting_and_the_size_limit(tiny_llama, monkeypatch)
 
 @pytest.mark.skipif(not PANELS, reason="no AVX2/FMA panel kernel here")
 def test_the_panel_kernel_is_taken_by_a_fixed_rule_of_dtype_and_cpu(tiny_llama, monkeypatch) -> None:
-    """float32 on every CPU with the kernel (AVX2 and FMA, or AVX-512); bfloat16 on AVX512-BF16 CPUs without AMX
-    (where this build has the bfloat16 path). A fixed rule, not a timing: a given CPU always multiplies with the same kernel (the same
+    """float32 on every CPU with the kernel (AVX2 and FMA, or AVX-512); bfloat16 on AVX512-BF16 CPUs, AMX ones
+    included (where this build has the bfloat16 path). A fixed rule, not a timing: a given CPU always multiplies with the same kernel (the same
     rounding)."""
     from marco.llm import decode_step
 
@@ -181,8 +181,8 @@ def test_the_panel_kernel_is_taken_by_a_fixed_rule_of_dtype_and_cpu(tiny_llama, 
     assert panels_wanted(tiny_llama) and not panels_wanted(bf16)
     cpu("avx512f", "avx512_bf16")
     assert panels_wanted(tiny_llama) and panels_wanted(bf16) == PANELS_BF16
-    cpu("avx512f", "avx512_bf16", "amx_bf16")  # AMX's tiles are faster than any vector kernel in bfloat16
-    assert not panels_wanted(bf16) and panels_wanted(tiny_llama)
+    cpu("avx512f", "avx512_bf16", "amx_bf16")  # there the kernel multiplies on AMX's tiles
+    assert panels_wanted(bf16) == PANELS_BF16 and panels_wanted(tiny_llama)
     monkeypatch.setenv(PANELS_ENV, "1")  # asked for: on any CPU with the kernel, whatever the size
     assert panels_wanted(tiny_llama, limit=1000) and panels_wanted(bf16, limit=1000) == PANELS_BF16
     monkeypatch.setenv(PANELS_ENV, "0")

@@ -1,6 +1,6 @@
 """marco/llm/kernels/linear.cpp: products on weights packed into panels (the decode step's kernel: float32 on
 AVX2 CPUs in 16-column panels and on AVX-512 CPUs in 32-column panels; bfloat16 on AVX512-BF16 CPUs, 32-column
-panels of input pairs) equal ``F.linear`` within their dtype's rounding, whatever the shapes, and a row's result
+panels of input pairs, multiplied on AMX's tiles where the CPU has them and the input size is a multiple of 32) equal ``F.linear`` within their dtype's rounding, whatever the shapes, and a row's result
 never depends on the other rows of the batch or on the thread count."""
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads(dtype: torch.
     full = torch.ops.marco.linear_panels(x, panels, 1536)
     perm = torch.randperm(61, generator=g)
     assert torch.equal(torch.ops.marco.linear_panels(x[perm], panels, 1536), full[perm])
-    for i in (0, 5, 6, 11, 12, 60):  # every tile height's first and last rows, in both dtypes
+    # every tile height's first and last rows, in both dtypes; on AMX, blocks of 16 rows in pairs and a last one
+    for i in (0, 5, 6, 11, 12, 15, 16, 31, 32, 47, 48, 60):
         assert torch.equal(torch.ops.marco.linear_panels(x[i : i + 1], panels, 1536), full[i : i + 1])
     threads = torch.get_num_threads()
     try:
@@ -121,7 +122,7 @@ def test_the_residual_add_says_what_is_wrong() -> None:
 
 
 @BF16
-@pytest.mark.parametrize("rows", [1, 11, 12, 13, 58, 129])
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 16, 33, 58, 64, 129])
 @pytest.mark.parametrize(("fan_in", "fan_out"), [(2, 1), (34, 15), (64, 32), (40, 33), (576, 100), (96, 960)])
 def test_bfloat16_products_match_f_linear_within_one_bfloat16_step(rows: int, fan_in: int, fan_out: int) -> None:
     g = torch.Generator().manual_seed(rows * 1000 + fan_in + fan_out)

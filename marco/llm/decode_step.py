@@ -128,10 +128,10 @@ def panels_wanted(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> bool
 
     float32: wherever the kernel builds (AVX2 and FMA, or AVX-512); it runs the layers' products 1.1-1.3x faster
     than oneDNN's prepacked sgemm at a search's rows on an AVX2 EPYC and 1.4-1.5x on an AVX-512 Xeon. bfloat16:
-    where the CPU has AVX512-BF16 but no AMX; there it runs them 1.16-1.24x faster than oneDNN's prepacked
-    bfloat16 matmul at 16-90 rows (``bench/packed_linear.py``). With AMX the BLAS choice of
-    :func:`pack_weights_wanted` stays for bfloat16: AMX's tiles multiply it several times faster than vector
-    instructions. A fixed rule rather than a timing, so a given CPU always gets the same kernel and the same
+    where the CPU has AVX512-BF16; without AMX its vector tiles run them 1.16-1.24x faster than oneDNN's
+    prepacked bfloat16 matmul at 16-90 rows (``bench/packed_linear.py``), and with AMX its AMX tiles 1.2-1.5x
+    faster at 16-64 rows (oneDNN's AMX kernels spend the time on blocking meant for larger products). A fixed
+    rule rather than a timing, so a given CPU always gets the same kernel and the same
     rounding. ``MARCO_LINEAR_PANELS`` (1/0)
     decides where set; ``MARCO_PACKED_WEIGHTS=1`` (oneDNN) or ``0`` (no copies) rules it out."""
     if model.dtype not in (torch.float32, torch.bfloat16):
@@ -152,7 +152,7 @@ def _panels_fit_cpu(dtype: torch.dtype) -> bool:
     if dtype != torch.bfloat16:
         return True  # float32: whichever vector path the kernel built with
     flags = local_cpu_flags()
-    return "avx512_bf16" in flags and "amx_bf16" not in flags
+    return "avx512_bf16" in flags  # AMX CPUs have it too, and the kernel multiplies on their tiles
 
 
 def weight_format(model: torch.nn.Module, limit: int = PACK_LIMIT_BYTES) -> str:
