@@ -17,8 +17,8 @@
 //                     vectors and each row's pair of x, 24 vdpbf16ps; outputs rounded to bfloat16 once at the end.
 //   bfloat16, AMX:    where the build has AMX-BF16 and the input size is a multiple of 32, the same panels feed
 //                     AMX's tiles instead (multiply_amx): 2 blocks of 16 rows x the panel's 2 halves of 16
-//                     columns, float32 sums rounded once; 1.3-1.7x oneDNN's AMX matmul on the layers' shapes at
-//                     16-64 rows on a 2-core Xeon (bench/packed_linear.py).
+//                     columns, float32 sums rounded once; on a 2-core Xeon 1.1-1.2x oneDNN's AMX matmul on the
+//                     layers' shapes at 61-64 rows with the weights streaming from memory, 1.3-1.7x from cache.
 // The panel (36-196 KB at SmolLM2's shapes) stays in L2 for the row tiles after the first, which streams it
 // from memory; x stays in L1/L2. At a search's 16-90 rows the bfloat16 path ran SmolLM2's layer products
 // 1.16-1.24x faster than oneDNN's prepacked bfloat16 matmul on an AVX512-BF16 EPYC (Zen 4), with the same
@@ -316,7 +316,7 @@ void multiply_amx(const uint16_t* x, int64_t rows, int64_t k, const uint16_t* pa
   const auto block = [&](int64_t b) { return b < full ? x + b * 16 * k : tail.data(); };
   // Tiles stall on memory where they load a panel's weights the first time, and the pairs of row blocks after
   // the first find them in L2. So every step of every pair asks for its share of the lines (k of them) of the
-  // panel after next, and memory streams while the tiles multiply (the next panel's: 1.05-1.1x slower at 64 rows).
+  // panel after next, and memory streams while the tiles multiply (the next panel's: 1.08x slower at 64 rows).
   const int64_t pairs = (blocks + 1) / 2, per_step = (k + pairs * steps - 1) / (pairs * steps);
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
     configure_tiles();
