@@ -179,12 +179,13 @@ def linear_panels_add_op(
     if linear_panels_op(dtype) is None:
         return None
     g = torch.Generator().manual_seed(1)
-    x, w, res = (torch.randn(shape, generator=g).to(dtype) for shape in ((9, 40), (37, 40), (9, 37)))
-    panels = torch.ops.marco.pack_panels(w)
-    got = torch.ops.marco.linear_panels_add(x, panels, 37, res)
-    if not torch.equal(got, res + torch.ops.marco.linear_panels(x, panels, 37)):
-        log.info("linear_panels_add unavailable in %s: self-check failed", dtype)
-        return None
+    for fan_in in (40, 64):  # on AMX CPUs, bfloat16 inputs of a multiple of 32 take the tiles, others the vectors
+        x, w, res = (torch.randn(shape, generator=g).to(dtype) for shape in ((9, fan_in), (37, fan_in), (9, 37)))
+        panels = torch.ops.marco.pack_panels(w)
+        got = torch.ops.marco.linear_panels_add(x, panels, 37, res)
+        if not torch.equal(got, res + torch.ops.marco.linear_panels(x, panels, 37)):
+            log.info("linear_panels_add unavailable in %s: self-check failed", dtype)
+            return None
     return torch.ops.marco.linear_panels_add
 
 

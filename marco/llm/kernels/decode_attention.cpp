@@ -254,15 +254,20 @@ inline __m512 products(const __m512* q, const float* k) {
   return products<W>(q, kw);
 }
 
+// asks for one column of keys or values (DIM values from `column`) into L1 (_MM_HINT_T0) or L2 (_MM_HINT_T1)
+template <_mm_hint HINT, int64_t DIM, typename T>
+inline void prefetch_column(const T* column) {
+  for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(column) + b, HINT);
+}
+
 // cn columns of keys or values (base: the first) as float32 into wide (in float32 a copy: aligned rows in L1
 // for all the queries); the next block's first `ahead` columns are asked for meanwhile, column by column (a
 // burst of requests at the block's start fills the core's miss buffers and stalls it)
 template <int64_t DIM, typename T>
 inline void widen_block(const T* base, int64_t cn, int64_t ahead, float (*wide)[DIM]) {
   for (int64_t j = 0; j < cn; ++j) {
-    if (j < ahead)
-      for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(base + (BLOCK + j) * DIM) + b);
+    if (j < ahead) prefetch_column<_MM_HINT_T0, DIM>(base + (BLOCK + j) * DIM);
     for (int64_t w = 0; w < DIM / 16; ++w) _mm512_store_ps(wide[j] + w * 16, load16(base + j * DIM + w * 16));
   }
 }
@@ -354,12 +359,9 @@ inline void attend_columns_avx512_few(const T* kbase, const T* vbase, int64_t c_
     int64_t j = 0;
     for (; j + 4 <= cn; j += 4) {
       __m512 d[GMAX][4];
-      for (int64_t c = 0; c < 4 && j + c < ahead; ++c)
-        for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(kbase + (c0 + BLOCK + j + c) * DIM) + b);
+      for (int64_t c = 0; c < 4 && j + c < ahead; ++c) prefetch_column<_MM_HINT_T0, DIM>(kbase + (c0 + BLOCK + j + c) * DIM);
       for (int64_t c = 0; c < 4 && j + c < ahead2; ++c)
-        for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(kbase + (c0 + 2 * BLOCK + j + c) * DIM) + b, _MM_HINT_T1);
+        prefetch_column<_MM_HINT_T1, DIM>(kbase + (c0 + 2 * BLOCK + j + c) * DIM);
       for (int64_t c = 0; c < 4; ++c) {
         __m512 kw[W];
         for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j + c) * DIM + w * 16);
@@ -378,12 +380,8 @@ inline void attend_columns_avx512_few(const T* kbase, const T* vbase, int64_t c_
       for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_mul_ps(acc[g][w], c);
     }
     for (int64_t jj = 0; jj < cn; ++jj) {
-      if (jj < ahead)
-        for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(vbase + (c0 + BLOCK + jj) * DIM) + b);
-      if (jj < ahead2)
-        for (int64_t b = 0; b < DIM * static_cast<int64_t>(sizeof(T)); b += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(vbase + (c0 + 2 * BLOCK + jj) * DIM) + b, _MM_HINT_T1);
+      if (jj < ahead) prefetch_column<_MM_HINT_T0, DIM>(vbase + (c0 + BLOCK + jj) * DIM);
+      if (jj < ahead2) prefetch_column<_MM_HINT_T1, DIM>(vbase + (c0 + 2 * BLOCK + jj) * DIM);
       __m512 vw[W];
       for (int64_t w = 0; w < W; ++w) vw[w] = load16(vbase + (c0 + jj) * DIM + w * 16);
       for (int64_t g = 0; g < nq; ++g) {
