@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // torch's vectorised exp (Sleef, exported by libtorch_cpu), for silu_mul to round as F.silu does
@@ -189,9 +190,10 @@ std::vector<RowGroup> row_groups(int64_t rows, const int64_t* sp, const int64_t*
 
 #if defined(__AVX512F__)
 // The same computation with AVX-512 for bfloat16 and float32 (T), head_dim 64 or 128, at most 8 query heads per
-// KV head: a key or value row is read (in bfloat16 widened to float32: a shift of the bits) 16 lanes at a time,
-// a score is 16-lane FMAs and one horizontal sum, and a query's weighted sum of values stays in registers over
-// a block. The generic loops above spend most of their time in per-element conversions and scalar reductions.
+// KV head: a score is 16 lanes of products and one horizontal sum, and a query's weighted sum of values stays in
+// registers over a block. Float32 (and bfloat16 without AVX512-BF16): float32 FMAs, bfloat16 keys and values
+// widened 32 at a time (load_head). Bfloat16 with AVX512-BF16: vdpbf16ps on the keys and values as stored
+// (dot_bf16). The generic loops above spend most of their time in per-element conversions and scalar reductions.
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
@@ -199,12 +201,41 @@ inline __m512 load16(const c10::BFloat16* p) {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+// A head's DIM values as DIM / 16 float32 vectors, two at a time from each 32 values. For float32 the natural
+// order. For bfloat16, one 64-byte load per 32 values: the even ones (a shift) and the odd ones (a mask), half
+// the instructions of widening 16 at a time. The attention kernel holds queries, keys, values and sums in this
+// order throughout and writes a bfloat16 result back in the natural one (store_head).
+inline void load_pair(const float* p, __m512& a, __m512& b) {
+  a = _mm512_loadu_ps(p);
+  b = _mm512_loadu_ps(p + 16);
+}
 
-inline void store16(c10::BFloat16* p, __m512 x) {  // rounded to nearest even, as c10::BFloat16 does
-  alignas(64) float o[16];
-  _mm512_store_ps(o, x);
-  for (int64_t i = 0; i < 16; ++i) p[i] = static_cast<c10::BFloat16>(o[i]);
+inline void load_pair(const c10::BFloat16* p, __m512& a, __m512& b) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+template <int64_t W, typename T>
+inline void load_head(const T* p, __m512* x) {
+  for (int64_t w = 0; w < W; w += 2) load_pair(p + w * 16, x[w], x[w + 1]);
+}
+
+// x (W vectors in load_head's order for T), each lane times f, to p in the natural order
+template <int64_t W>
+inline void store_head(float* p, const float* x, float f) {
+  for (int64_t w = 0; w < W; ++w) _mm512_storeu_ps(p + w * 16, _mm512_mul_ps(_mm512_load_ps(x + w * 16), _mm512_set1_ps(f)));
+}
+
+template <int64_t W>
+inline void store_head(c10::BFloat16* p, const float* x, float f) {  // rounded to nearest even, as c10::BFloat16 does
+  alignas(64) float o[W * 16];
+  for (int64_t w = 0; w < W; ++w) _mm512_store_ps(o + w * 16, _mm512_mul_ps(_mm512_load_ps(x + w * 16), _mm512_set1_ps(f)));
+  for (int64_t w = 0; w < W; w += 2)
+    for (int64_t i = 0; i < 16; ++i) {
+      p[w * 16 + 2 * i] = static_cast<c10::BFloat16>(o[w * 16 + i]);
+      p[w * 16 + 2 * i + 1] = static_cast<c10::BFloat16>(o[(w + 1) * 16 + i]);
+    }
 }
 
 inline __mmask16 tail_mask(int64_t left) {
@@ -254,6 +285,85 @@ inline __m512 products(const __m512* q, const float* k) {
   return products<W>(q, kw);
 }
 
+// Scores with vdpbf16ps where the CPU has AVX512-BF16 and the keys are bfloat16: a query's products with a key
+// column as stored, each product exact in float32 and summed in pairs, where the FMAs would first widen every key
+// (a third of the kernel's instructions on a Zen 4). Either way a score is the 16 lanes' sum times the scale.
+template <typename T>
+constexpr bool dot_bf16() {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<T, c10::BFloat16>;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+// a query held in load_head's order (bfloat16 values widened: exact) back to its bfloat16 pairs as stored
+template <int64_t W>
+inline void pack_query(const float* q, __m512bh* qb) {
+  for (int64_t w = 0; w < W; w += 2) {
+    const __m512i even = _mm512_castps_si512(_mm512_load_ps(q + w * 16));
+    const __m512i odd = _mm512_castps_si512(_mm512_load_ps(q + (w + 1) * 16));
+    qb[w / 2] = reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_srli_epi32(even, 16), odd));
+  }
+}
+
+template <int64_t W>
+inline void load_keys(const c10::BFloat16* p, __m512bh* kb) {
+  for (int64_t w = 0; w < W / 2; ++w) kb[w] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p + w * 32));
+}
+
+template <int64_t W>
+inline __m512 products(const __m512bh* q, const __m512bh* k) {
+  __m512 x = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[0], k[0]);
+  for (int64_t w = 1; w < W / 2; ++w) x = _mm512_dpbf16_ps(x, q[w], k[w]);
+  return x;
+}
+
+// The weighted values the same way: a pair of columns a vdpbf16ps, their two probabilities rounded to bfloat16
+// (as flash attention rounds them before its products with the values; the sums stay float32, and the softmax's
+// running sum adds the probabilities unrounded). The values of columns j and j + 1 (p1 null: zeros) as W
+// vectors of pairs, one dimension's two values a dword, in "pair order": vector 2c + h, lane 4L + t holds
+// dimension 32c + 8L + 4h + t (unpacking within 128-bit lanes); store_head_pairs writes a sum back in order.
+template <int64_t W>
+inline void value_pairs(const c10::BFloat16* p0, const c10::BFloat16* p1, __m512i* x) {
+  for (int64_t c = 0; c < W / 2; ++c) {
+    const __m512i a = _mm512_loadu_si512(p0 + c * 32);
+    const __m512i b = p1 != nullptr ? _mm512_loadu_si512(p1 + c * 32) : _mm512_setzero_si512();
+    x[2 * c] = _mm512_unpacklo_epi16(a, b);
+    x[2 * c + 1] = _mm512_unpackhi_epi16(a, b);
+  }
+}
+
+// cn (<= 32) probabilities as bfloat16 pairs: dword i holds columns 2i and 2i + 1 (zero past cn)
+inline void probability_pairs(const float* s, int64_t cn, uint32_t* out) {
+  const __m512 lo = _mm512_maskz_loadu_ps(tail_mask(cn), s);
+  const __m512 hi = cn > 16 ? _mm512_maskz_loadu_ps(tail_mask(cn - 16), s + 16) : _mm512_setzero_ps();
+  _mm512_storeu_si512(out, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+// sum += the probabilities of pairs [0, pairs) (pp) times their value pairs (vp: W vectors a pair)
+template <int64_t W>
+inline void add_value_pairs(__m512* sum, const uint32_t* pp, const __m512i* vp, int64_t pairs) {
+  for (int64_t i = 0; i < pairs; ++i) {
+    const __m512bh p = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp[i])));
+    for (int64_t w = 0; w < W; ++w) sum[w] = _mm512_dpbf16_ps(sum[w], p, reinterpret_cast<__m512bh>(vp[i * W + w]));
+  }
+}
+#endif
+
+// x (W vectors in value_pairs' order), each lane times f, to p in the natural order, rounded to bfloat16
+template <int64_t W>
+inline void store_head_pairs(c10::BFloat16* p, const float* x, float f) {
+  alignas(64) float o[W * 16];
+  for (int64_t w = 0; w < W; ++w) _mm512_store_ps(o + w * 16, _mm512_mul_ps(_mm512_load_ps(x + w * 16), _mm512_set1_ps(f)));
+  for (int64_t c = 0; c < W / 2; ++c)
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t lane = 0; lane < 16; ++lane)
+        p[32 * c + 8 * (lane / 4) + 4 * h + lane % 4] = static_cast<c10::BFloat16>(o[(2 * c + h) * 16 + lane]);
+}
+
+
 // asks for one column of keys or values (DIM values from `column`) into L1 (_MM_HINT_T0) or L2 (_MM_HINT_T1)
 template <_mm_hint HINT, int64_t DIM, typename T>
 inline void prefetch_column(const T* column) {
@@ -261,14 +371,26 @@ inline void prefetch_column(const T* column) {
     _mm_prefetch(reinterpret_cast<const char*>(column) + b, HINT);
 }
 
+// columns [j, j + n) of the block after the one at c0 into L1, and of the block after that into L2, those before
+// c_end (base: the KV head's column 0)
+template <int64_t DIM, typename T>
+inline void prefetch_columns(const T* base, int64_t c0, int64_t c_end, int64_t j, int64_t n) {
+  for (int64_t c = j; c < j + n; ++c) {
+    if (c0 + BLOCK + c < c_end) prefetch_column<_MM_HINT_T0, DIM>(base + (c0 + BLOCK + c) * DIM);
+    if (c0 + 2 * BLOCK + c < c_end) prefetch_column<_MM_HINT_T1, DIM>(base + (c0 + 2 * BLOCK + c) * DIM);
+  }
+}
+
 // cn columns of keys or values (base: the first) as float32 into wide (in float32 a copy: aligned rows in L1
 // for all the queries); the next block's first `ahead` columns are asked for meanwhile, column by column (a
 // burst of requests at the block's start fills the core's miss buffers and stalls it)
 template <int64_t DIM, typename T>
-inline void widen_block(const T* base, int64_t cn, int64_t ahead, float (*wide)[DIM]) {
+inline void widen_block(const T* head, int64_t c0, int64_t c_end, int64_t cn, float (*wide)[DIM]) {
   for (int64_t j = 0; j < cn; ++j) {
-    if (j < ahead) prefetch_column<_MM_HINT_T0, DIM>(base + (BLOCK + j) * DIM);
-    for (int64_t w = 0; w < DIM / 16; ++w) _mm512_store_ps(wide[j] + w * 16, load16(base + j * DIM + w * 16));
+    prefetch_columns<DIM>(head, c0, c_end, j, 1);
+    __m512 x[DIM / 16];
+    load_head<DIM / 16>(head + (c0 + j) * DIM, x);
+    for (int64_t w = 0; w < DIM / 16; ++w) _mm512_store_ps(wide[j] + w * 16, x[w]);
   }
 }
 
@@ -294,96 +416,176 @@ inline float block_softmax(float* s, int64_t cn, float& m, float& l) {
   return correction;
 }
 
-// Columns [c_begin, c_end) of one KV head (kbase and vbase at its column 0) for nq queries (qv: scaled, float32),
-// with the online softmax's running max m, sum l and weighted values acc carried over from whatever columns the
-// queries saw before. Each block's keys, then its values, are widened to float32 once into `wide`
-// for all nq queries (the widening is a third of the work with a KV head's 3 queries); a query's weighted sum
-// stays in registers over the block. A query's arithmetic does not depend on nq or on the other queries.
+// Columns [c_begin, c_end) of one KV head (kbase and vbase at its column 0) for nq queries (qv: float32 in
+// load_head's order, unscaled: a score is scaled after its sum), with the online softmax's running max m, sum l
+// and weighted values acc carried over from whatever columns the queries saw before. Each block's keys, then its
+// values, are widened to float32 once into `wide` for all nq queries (the widening is a third of the work with a
+// KV head's 3 queries), or with dot_bf16 the keys read as stored and the values made into pairs once; a query's
+// weighted sum stays in registers over the block. A query's arithmetic does not depend on nq or on the other
+// queries.
 template <int64_t DIM, typename T>
 inline void attend_columns_avx512(const T* kbase, const T* vbase, int64_t c_begin,
-                                  int64_t c_end, int64_t nq, const float (*qv)[DIM], float (*acc)[DIM], float* m,
-                                  float* l, float (*s)[BLOCK], float (*wide)[DIM]) {
+                                  int64_t c_end, int64_t nq, const float (*qv)[DIM], float scale, float (*acc)[DIM],
+                                  float* m, float* l, float (*s)[BLOCK], float (*wide)[DIM]) {
   constexpr int64_t W = DIM / 16;
   float correction[QMAX_AVX512];
+  const __m128 scale4 = _mm_set1_ps(scale);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BLOCK) {
     const int64_t cn = std::min(BLOCK, c_end - c0);
-    const int64_t ahead = std::min(BLOCK, std::max<int64_t>(c_end - c0 - BLOCK, 0));
-    widen_block<DIM, T>(kbase + c0 * DIM, cn, ahead, wide);
-    for (int64_t g = 0; g < nq; ++g) {
-      __m512 qg[W];
-      for (int64_t w = 0; w < W; ++w) qg[w] = _mm512_load_ps(qv[g] + w * 16);
-      int64_t j = 0;
-      for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
-        __m512 d[4];
-        for (int64_t c = 0; c < 4; ++c) d[c] = products<W>(qg, wide[j + c]);
-        _mm_storeu_ps(&s[g][j], sum4(d));
+    if constexpr (dot_bf16<T>()) {
+#if defined(__AVX512BF16__)
+      // the keys as stored, each query reading the block from L1; the first query's pass asks for the next
+      // block's keys into L1 and the one after's into L2, column by column
+      for (int64_t g = 0; g < nq; ++g) {
+        __m512bh qg[W / 2];
+        pack_query<W>(qv[g], qg);
+        int64_t j = 0;
+        for (; j + 4 <= cn; j += 4) {  // four columns at a time: their four horizontal sums share shuffles
+          __m512 d[4];
+          if (g == 0) prefetch_columns<DIM>(kbase, c0, c_end, j, 4);
+          for (int64_t c = 0; c < 4; ++c) {
+            __m512bh kb[W / 2];
+            load_keys<W>(kbase + (c0 + j + c) * DIM, kb);
+            d[c] = products<W>(qg, kb);
+          }
+          _mm_storeu_ps(&s[g][j], _mm_mul_ps(sum4(d), scale4));
+        }
+        for (; j < cn; ++j) {
+          __m512bh kb[W / 2];
+          if (g == 0) prefetch_columns<DIM>(kbase, c0, c_end, j, 1);
+          load_keys<W>(kbase + (c0 + j) * DIM, kb);
+          s[g][j] = _mm512_reduce_add_ps(products<W>(qg, kb)) * scale;
+        }
+        correction[g] = block_softmax(s[g], cn, m[g], l[g]);
       }
-      for (; j < cn; ++j) s[g][j] = _mm512_reduce_add_ps(products<W>(qg, wide[j]));
-      correction[g] = block_softmax(s[g], cn, m[g], l[g]);
+#endif
+    } else {
+      widen_block<DIM, T>(kbase, c0, c_end, cn, wide);
+      for (int64_t g = 0; g < nq; ++g) {
+        __m512 qg[W];
+        for (int64_t w = 0; w < W; ++w) qg[w] = _mm512_load_ps(qv[g] + w * 16);
+        int64_t j = 0;
+        for (; j + 4 <= cn; j += 4) {
+          __m512 d[4];
+          for (int64_t c = 0; c < 4; ++c) d[c] = products<W>(qg, wide[j + c]);
+          _mm_storeu_ps(&s[g][j], _mm_mul_ps(sum4(d), scale4));
+        }
+        for (; j < cn; ++j) s[g][j] = _mm512_reduce_add_ps(products<W>(qg, wide[j])) * scale;
+        correction[g] = block_softmax(s[g], cn, m[g], l[g]);
+      }
     }
-    widen_block<DIM, T>(vbase + c0 * DIM, cn, ahead, wide);
-    for (int64_t g = 0; g < nq; ++g) {
-      __m512 a[W];
-      const __m512 c = _mm512_set1_ps(correction[g]);
-      for (int64_t w = 0; w < W; ++w) a[w] = _mm512_mul_ps(_mm512_load_ps(acc[g] + w * 16), c);
-      for (int64_t j = 0; j < cn; ++j) {
-        const __m512 p = _mm512_set1_ps(s[g][j]);
-        for (int64_t w = 0; w < W; ++w) a[w] = _mm512_fmadd_ps(p, _mm512_load_ps(wide[j] + w * 16), a[w]);
+    if constexpr (dot_bf16<T>()) {
+#if defined(__AVX512BF16__)
+      // the block's value pairs once into `wide` (BLOCK / 2 pairs x W vectors fit its BLOCK x DIM floats)
+      __m512i* vp = reinterpret_cast<__m512i*>(wide);
+      const int64_t pairs = (cn + 1) / 2;
+      for (int64_t i = 0; i < pairs; ++i) {
+        prefetch_columns<DIM>(vbase, c0, c_end, 2 * i, 2);
+        value_pairs<W>(vbase + (c0 + 2 * i) * DIM, 2 * i + 1 < cn ? vbase + (c0 + 2 * i + 1) * DIM : nullptr,
+                       vp + i * W);
       }
-      for (int64_t w = 0; w < W; ++w) _mm512_store_ps(acc[g] + w * 16, a[w]);
+      for (int64_t g = 0; g < nq; ++g) {
+        alignas(64) uint32_t pp[BLOCK / 2];
+        probability_pairs(s[g], cn, pp);
+        __m512 a[W];
+        const __m512 c = _mm512_set1_ps(correction[g]);
+        for (int64_t w = 0; w < W; ++w) a[w] = _mm512_mul_ps(_mm512_load_ps(acc[g] + w * 16), c);
+        add_value_pairs<W>(a, pp, vp, pairs);
+        for (int64_t w = 0; w < W; ++w) _mm512_store_ps(acc[g] + w * 16, a[w]);
+      }
+#endif
+    } else {
+      widen_block<DIM, T>(vbase, c0, c_end, cn, wide);
+      for (int64_t g = 0; g < nq; ++g) {
+        __m512 a[W];
+        const __m512 c = _mm512_set1_ps(correction[g]);
+        for (int64_t w = 0; w < W; ++w) a[w] = _mm512_mul_ps(_mm512_load_ps(acc[g] + w * 16), c);
+        for (int64_t j = 0; j < cn; ++j) {
+          const __m512 p = _mm512_set1_ps(s[g][j]);
+          for (int64_t w = 0; w < W; ++w) a[w] = _mm512_fmadd_ps(p, _mm512_load_ps(wide[j] + w * 16), a[w]);
+        }
+        for (int64_t w = 0; w < W; ++w) _mm512_store_ps(acc[g] + w * 16, a[w]);
+      }
     }
   }
 }
 
-// attend_columns_avx512 for the few queries of one row (nq <= 8): keys and values widened in registers, not
-// stored, as the widening is shared by only nq queries. The same arithmetic, so the same results, query by query.
+// attend_columns_avx512 for the few queries of one row (nq <= 8): keys and values widened (or paired) in
+// registers, not stored, as that is shared by only nq queries. The same arithmetic, so the same results, query by
+// query.
 // The next block's columns are asked for into L1 and the one after into L2 (on a 2-core AMX Xeon the kernel
 // read 17 GB/s where the machine streams 25: a block of 32 columns is one 4 KB page, where the hardware's
 // prefetchers stop).
 template <int64_t DIM, typename T>
 inline void attend_columns_avx512_few(const T* kbase, const T* vbase, int64_t c_begin,
-                                      int64_t c_end, int64_t nq, const float (*qf)[DIM], float (*accf)[DIM], float* m,
-                                      float* l, float (*s)[BLOCK]) {
+                                      int64_t c_end, int64_t nq, const float (*qf)[DIM], float scale,
+                                      float (*accf)[DIM], float* m, float* l, float (*s)[BLOCK]) {
   constexpr int64_t W = DIM / 16;
   constexpr int64_t GMAX = 8;
+  constexpr bool DOT = dot_bf16<T>();
+  // the query as float32 vectors, or (DOT) as bfloat16 pairs in the first W / 2 of them
   __m512 qv[GMAX][W], acc[GMAX][W];
-  for (int64_t g = 0; g < nq; ++g)
-    for (int64_t w = 0; w < W; ++w) {
-      qv[g][w] = _mm512_load_ps(qf[g] + w * 16);
-      acc[g][w] = _mm512_load_ps(accf[g] + w * 16);
+  for (int64_t g = 0; g < nq; ++g) {
+    if constexpr (DOT) {
+#if defined(__AVX512BF16__)
+      pack_query<W>(qf[g], reinterpret_cast<__m512bh*>(qv[g]));
+#endif
+    } else {
+      for (int64_t w = 0; w < W; ++w) qv[g][w] = _mm512_load_ps(qf[g] + w * 16);
     }
+    for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_load_ps(accf[g] + w * 16);
+  }
+  const __m128 scale4 = _mm_set1_ps(scale);
+  // a query's 16 lanes of products with the key column at p
+  auto column = [&](const T* p, __m512* d, int64_t stride) {
+    if constexpr (DOT) {
+#if defined(__AVX512BF16__)
+      __m512bh kb[W / 2];
+      load_keys<W>(p, kb);
+      for (int64_t g = 0; g < nq; ++g) d[g * stride] = products<W>(reinterpret_cast<const __m512bh*>(qv[g]), kb);
+#endif
+    } else {
+      __m512 kw[W];
+      load_head<W>(p, kw);
+      for (int64_t g = 0; g < nq; ++g) d[g * stride] = products<W>(qv[g], kw);
+    }
+  };
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BLOCK) {
     const int64_t cn = std::min(BLOCK, c_end - c0);
-    const int64_t ahead = std::min(BLOCK, std::max<int64_t>(c_end - c0 - BLOCK, 0));
-    const int64_t ahead2 = std::min(BLOCK, std::max<int64_t>(c_end - c0 - 2 * BLOCK, 0));
     int64_t j = 0;
     for (; j + 4 <= cn; j += 4) {
       __m512 d[GMAX][4];
-      for (int64_t c = 0; c < 4 && j + c < ahead; ++c) prefetch_column<_MM_HINT_T0, DIM>(kbase + (c0 + BLOCK + j + c) * DIM);
-      for (int64_t c = 0; c < 4 && j + c < ahead2; ++c)
-        prefetch_column<_MM_HINT_T1, DIM>(kbase + (c0 + 2 * BLOCK + j + c) * DIM);
-      for (int64_t c = 0; c < 4; ++c) {
-        __m512 kw[W];
-        for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j + c) * DIM + w * 16);
-        for (int64_t g = 0; g < nq; ++g) d[g][c] = products<W>(qv[g], kw);
-      }
-      for (int64_t g = 0; g < nq; ++g) _mm_storeu_ps(&s[g][j], sum4(d[g]));
+      prefetch_columns<DIM>(kbase, c0, c_end, j, 4);
+      for (int64_t c = 0; c < 4; ++c) column(kbase + (c0 + j + c) * DIM, &d[0][c], 4);
+      for (int64_t g = 0; g < nq; ++g) _mm_storeu_ps(&s[g][j], _mm_mul_ps(sum4(d[g]), scale4));
     }
     for (; j < cn; ++j) {
-      __m512 kw[W];
-      for (int64_t w = 0; w < W; ++w) kw[w] = load16(kbase + (c0 + j) * DIM + w * 16);
-      for (int64_t g = 0; g < nq; ++g) s[g][j] = _mm512_reduce_add_ps(products<W>(qv[g], kw));
+      __m512 d[GMAX];
+      column(kbase + (c0 + j) * DIM, d, 1);
+      for (int64_t g = 0; g < nq; ++g) s[g][j] = _mm512_reduce_add_ps(d[g]) * scale;
     }
     for (int64_t g = 0; g < nq; ++g) {
       const float correction = block_softmax(s[g], cn, m[g], l[g]);
       const __m512 c = _mm512_set1_ps(correction);
       for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_mul_ps(acc[g][w], c);
     }
+    if constexpr (DOT) {
+#if defined(__AVX512BF16__)
+      alignas(64) uint32_t pp[GMAX][BLOCK / 2];
+      for (int64_t g = 0; g < nq; ++g) probability_pairs(s[g], cn, pp[g]);
+      for (int64_t jj = 0; jj < cn; jj += 2) {
+        prefetch_columns<DIM>(vbase, c0, c_end, jj, 2);
+        __m512i vp[W];
+        value_pairs<W>(vbase + (c0 + jj) * DIM, jj + 1 < cn ? vbase + (c0 + jj + 1) * DIM : nullptr, vp);
+        for (int64_t g = 0; g < nq; ++g) add_value_pairs<W>(acc[g], pp[g] + jj / 2, vp, 1);
+      }
+#endif
+      continue;
+    }
     for (int64_t jj = 0; jj < cn; ++jj) {
-      if (jj < ahead) prefetch_column<_MM_HINT_T0, DIM>(vbase + (c0 + BLOCK + jj) * DIM);
-      if (jj < ahead2) prefetch_column<_MM_HINT_T1, DIM>(vbase + (c0 + 2 * BLOCK + jj) * DIM);
+      prefetch_columns<DIM>(vbase, c0, c_end, jj, 1);
       __m512 vw[W];
-      for (int64_t w = 0; w < W; ++w) vw[w] = load16(vbase + (c0 + jj) * DIM + w * 16);
+      load_head<W>(vbase + (c0 + jj) * DIM, vw);
       for (int64_t g = 0; g < nq; ++g) {
         const __m512 p = _mm512_set1_ps(s[g][jj]);
         for (int64_t w = 0; w < W; ++w) acc[g][w] = _mm512_fmadd_ps(p, vw[w], acc[g][w]);
@@ -409,7 +611,7 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  const __m512 fscale = _mm512_set1_ps(static_cast<float>(scale));
+  const float fscale = static_cast<float>(scale);
   const int64_t tasks = static_cast<int64_t>(groups.size()) * kv_heads;
 
   std::atomic<int64_t> next{0};
@@ -440,9 +642,10 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const int64_t r = grp.rows[i];
         for (int64_t g = 0; g < group; ++g) {
           const int64_t x = i * group + g;
+          __m512 qw[W];
+          load_head<W>(qp + (r * heads + h * group + g) * DIM, qw);
           for (int64_t w = 0; w < W; ++w) {
-            const __m512 qw = load16(qp + (r * heads + h * group + g) * DIM + w * 16);
-            _mm512_store_ps(qv[x] + w * 16, _mm512_mul_ps(qw, fscale));
+            _mm512_store_ps(qv[x] + w * 16, qw[w]);
             _mm512_store_ps(acc[x] + w * 16, _mm512_setzero_ps());
           }
           m[x] = -std::numeric_limits<float>::infinity();
@@ -453,19 +656,21 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       const T* kl = kp + (lead * kv_heads + h) * cols * DIM;
       const T* vl = vp + (lead * kv_heads + h) * cols * DIM;
       if (count == 1)
-        attend_columns_avx512_few<DIM, T>(kl, vl, 0, grp.split, group, qv, acc, m, l, s);
+        attend_columns_avx512_few<DIM, T>(kl, vl, 0, grp.split, group, qv, fscale, acc, m, l, s);
       else
-        attend_columns_avx512<DIM, T>(kl, vl, 0, grp.split, count * group, qv, acc, m, l, s, wide);
+        attend_columns_avx512<DIM, T>(kl, vl, 0, grp.split, count * group, qv, fscale, acc, m, l, s, wide);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t r = grp.rows[i];
         const int64_t n = std::min(lp[r] + 1, cols);
         const int64_t x = i * group;
         attend_columns_avx512_few<DIM, T>(kp + (r * kv_heads + h) * cols * DIM, vp + (r * kv_heads + h) * cols * DIM,
-                                          grp.split, n, group, qv + x, acc + x, m + x, l + x, s + x);
+                                          grp.split, n, group, qv + x, fscale, acc + x, m + x, l + x, s + x);
         for (int64_t g = 0; g < group; ++g) {
-          const __m512 inv = _mm512_set1_ps(l[x + g] > 0.f ? 1.f / l[x + g] : 0.f);
-          T* og = op + (r * heads + h * group + g) * DIM;
-          for (int64_t w = 0; w < W; ++w) store16(og + w * 16, _mm512_mul_ps(_mm512_load_ps(acc[x + g] + w * 16), inv));
+          const float inv = l[x + g] > 0.f ? 1.f / l[x + g] : 0.f;
+          if constexpr (dot_bf16<T>())
+            store_head_pairs<W>(op + (r * heads + h * group + g) * DIM, acc[x + g], inv);
+          else
+            store_head<W>(op + (r * heads + h * group + g) * DIM, acc[x + g], inv);
         }
       }
     }
