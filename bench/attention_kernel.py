@@ -6,6 +6,10 @@ values stream from memory, as in a real step), 512 allocated columns, row length
 search's contexts). Best of ``--reps`` 30-layer passes each, alternating. Prints milliseconds, the keys and
 values actually read per second, and the largest difference between the two paths.
 
+``--shared`` adds a search's own layout (``decode_attention_shared``): rows in groups of three (a request's
+samples) whose first 180-299 columns are one prompt, read once for the group, then 0-149 columns of each
+row's own. With ``--base`` it is timed beside the plain rows (``bfloat16/64/shared``).
+
 Last line: ``vector_vs_portable_at_R_rows`` (portable time / vector time, the first ``--rows`` and dtype).
 
 ``--base REV`` compares instead the vector path of this checkout's kernel with the one of git revision REV
@@ -13,8 +17,8 @@ Last line: ``vector_vs_portable_at_R_rows`` (portable time / vector time, the fi
 the same ops, so each is timed in its own process, alternating, ``--rounds`` times, on the same seeded data.
 Last line: ``vector_after_vs_before_at_R_rows`` (REV's time / this checkout's, median over rounds).
 
-Usage: python bench/attention_kernel.py [--rows 36,64] [--dtype float32,bfloat16] [--threads all CPUs]
-       python bench/attention_kernel.py --base HEAD [--rounds 3] [--rows 64] [--dtype bfloat16]
+Usage: python bench/attention_kernel.py [--rows 36,64] [--dtype float32,bfloat16] [--threads all CPUs] [--shared]
+       python bench/attention_kernel.py --base HEAD [--rounds 3] [--rows 64] [--dtype bfloat16] [--shared]
 """
 
 from __future__ import annotations
@@ -63,7 +67,22 @@ def inputs(rows: int, dtype: torch.dtype, seed: int = 0):  # type: ignore[no-unt
     return torch.randn(rows, HEADS, DIM, generator=g).to(dtype), ks, vs, torch.randint(150, 455, (rows,), generator=g)
 
 
-def time_library(library: str, rows: list[int], dtypes: list[str], reps: int) -> dict[str, float]:
+def shared_layout(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lens, src, split)`` of a search's rows: groups of three sharing a 180-299-column prompt, then 0-149
+    columns of their own (the columns the shared rows copy hold the same values in the timing: only the
+    lead row's are read)."""
+    g = torch.Generator().manual_seed(seed + rows)
+    split = torch.randint(180, 300, ((rows + 2) // 3,), generator=g).repeat_interleave(3)[:rows]
+    return split + torch.randint(0, 150, (rows,), generator=g), torch.arange(rows) // 3 * 3, split
+
+
+def shared_bytes(lens: torch.Tensor, src: torch.Tensor, split: torch.Tensor, element: int) -> int:
+    """Bytes of keys and values one layer of ``decode_attention_shared`` reads."""
+    lead = src == torch.arange(len(src))
+    return (int(split[lead].sum()) + int((lens + 1 - split).sum())) * KV_HEADS * DIM * 2 * element
+
+
+def time_library(library: str, rows: list[int], dtypes: list[str], reps: int, shared: bool = False) -> dict[str, float]:
     """(In a process of its own) the vector path's best 30-layer time of ``library`` per dtype and rows."""
     torch.ops.load_library(library)
     op = torch.ops.marco.decode_attention
@@ -72,6 +91,10 @@ def time_library(library: str, rows: list[int], dtypes: list[str], reps: int) ->
         for r in rows:
             q, ks, vs, lens = inputs(r, getattr(torch, name))
             out[f"{name}/{r}"] = best_ms(lambda: [op(q, ks[i], vs[i], lens, 0.125) for i in range(LAYERS)], reps)
+            if shared:
+                slens, src, split = shared_layout(r)
+                out[f"{name}/{r}/shared"] = best_ms(lambda: [torch.ops.marco.decode_attention_shared(
+                    q, ks[i], vs[i], slens, src, split, 0.125) for i in range(LAYERS)], reps)
     return out
 
 
@@ -80,13 +103,14 @@ def compare_with(base: str, args: argparse.Namespace) -> None:
     print(f"decode attention, vector path: {base} (before) against this checkout (after), {LAYERS} layers, "
           f"{args.threads} threads, load {os.getloadavg()[0]:.1f}")
     times = compare(__file__, SOURCE.name, base, ["--rows", args.rows, "--dtype", args.dtype, "--threads",
-                                                  str(args.threads), "--reps", str(args.reps)], args.rounds)
-    print(f"{'dtype':<10}{'rows':>5}{'before ms':>11}{'after ms':>10}{'ratio':>7}")
+                                                  str(args.threads), "--reps", str(args.reps),
+                                                  *(["--shared"] if args.shared else [])], args.rounds)
+    print(f"{'dtype':<10}{'rows':>12}{'before ms':>11}{'after ms':>10}{'ratio':>7}")
     first = None
     for key in times["before"]:
-        name, rows = key.split("/")
+        name, rows = key.split("/", 1)
         ratio = median_ratio(times, key)
-        print(f"{name:<10}{rows:>5}{min(times['before'][key]):>11.1f}{min(times['after'][key]):>10.1f}{ratio:>7.2f}")
+        print(f"{name:<10}{rows:>12}{min(times['before'][key]):>11.1f}{min(times['after'][key]):>10.1f}{ratio:>7.2f}")
         first = ratio if first is None else first
     print(f"load {os.getloadavg()[0]:.1f}")
     print(f"vector_after_vs_before_at_{args.rows.split(',')[0]}_rows: {first:.3f}")
@@ -100,12 +124,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--base", help="compare with the kernel of this git revision instead of the portable loops")
     ap.add_argument("--rounds", type=int, default=3, help="alternating before/after processes (with --base)")
+    ap.add_argument("--shared", action="store_true",
+                    help="also the search's layout: groups of three rows reading their shared prompt once")
     ap.add_argument("--time", help=argparse.SUPPRESS)  # internal: time one library, print JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.time:
         print(json.dumps(time_library(args.time, [int(r) for r in args.rows.split(",")], args.dtype.split(","),
-                                      args.reps)))
+                                      args.reps, args.shared)))
         return
     if args.base:
         compare_with(args.base, args)
@@ -129,6 +155,12 @@ def main() -> None:
             ratio = a / b
             first = ratio if first is None else first
             print(f"{name:<10}{rows:>5}{a:>13.1f}{b:>11.1f}{ratio:>7.2f}{read / b / 1e6:>7.1f}  {diff:.2g}")
+            if args.shared:  # the search's layout: no portable counterpart, the vector path alone
+                slens, src, split = shared_layout(rows)
+                ms = best_ms(lambda: [torch.ops.marco.decode_attention_shared(
+                    q, ks[i], vs[i], slens, src, split, 0.125) for i in range(LAYERS)], args.reps)
+                read = shared_bytes(slens, src, split, ks[0].element_size()) * LAYERS
+                print(f"{name:<10}{rows:>5} shared prompts in groups of 3: {ms:.1f} ms, {read / ms / 1e6:.1f} GB/s")
     print(f"vector_vs_portable_at_{args.rows.split(',')[0]}_rows: {first:.3f}")
 
 

@@ -73,11 +73,13 @@ def test_packed_linear_bench_gives_the_same_outputs(dtype: str) -> None:
 
 @pytest.mark.skipif(decode_attention_op() is None, reason="the native kernels did not build here")
 def test_attention_kernel_bench_times_both_paths_and_they_agree() -> None:
-    out = bench("attention_kernel.py", "--rows", "4", "--dtype", "float32,bfloat16", "--reps", "1")
+    out = bench("attention_kernel.py", "--rows", "4", "--dtype", "float32,bfloat16", "--reps", "1", "--shared")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     rows = re.findall(r"^(float32|bfloat16)\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+  (\S+)$", out.stdout, re.M)
     assert [r[0] for r in rows] == ["float32", "bfloat16"], report[-5000:]
+    shared = re.findall(r"^(float32|bfloat16)\s+4 shared prompts in groups of 3: ([\d.]+) ms, ([\d.]+) GB/s$", out.stdout, re.M)
+    assert [r[0] for r in shared] == ["float32", "bfloat16"] and all(float(r[1]) > 0 for r in shared), report[-5000:]
     assert float(rows[0][4]) <= 1e-5 and float(rows[1][4]) <= 2e-2  # the kernel's stated tolerances
     ratio = re.search(r"^vector_vs_portable_at_4_rows: ([\d.]+)$", out.stdout, re.M)
     assert ratio and float(ratio[1]) == pytest.approx(float(rows[0][1]) / float(rows[0][2]), rel=0.1)
@@ -87,11 +89,13 @@ def test_attention_kernel_bench_times_both_paths_and_they_agree() -> None:
 def test_attention_kernel_bench_compares_with_a_git_revisions_kernel() -> None:
     """--base REV builds REV's kernel source into a library of its own and times both in separate processes."""
     out = bench("attention_kernel.py", "--base", "HEAD", "--rows", "4", "--dtype", "float32", "--reps", "1",
-                "--rounds", "1")
+                "--rounds", "1", "--shared")
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-5000:]
     row = re.search(r"^float32\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out.stdout, re.M)
     assert row and float(row[1]) > 0 and float(row[2]) > 0, report[-5000:]
+    shared = re.search(r"^float32\s+4/shared\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out.stdout, re.M)
+    assert shared and float(shared[1]) > 0 and float(shared[2]) > 0, report[-5000:]
     ratio = re.search(r"^vector_after_vs_before_at_4_rows: ([\d.]+)$", out.stdout, re.M)
     assert ratio and float(ratio[1]) == pytest.approx(float(row[3]), abs=0.01)
     bad = bench("attention_kernel.py", "--base", "no-such-revision", "--rows", "4")
