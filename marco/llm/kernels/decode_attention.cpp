@@ -523,12 +523,15 @@ inline void attend_columns_avx512_few(const T* kbase, const T* vbase, int64_t c_
   constexpr int64_t W = DIM / 16;
   constexpr int64_t GMAX = 8;
   constexpr bool DOT = dot_bf16<T>();
-  // the query as float32 vectors, or (DOT) as bfloat16 pairs in the first W / 2 of them
+  // the queries as float32 vectors, or (DOT) as bfloat16 pairs
   __m512 qv[GMAX][W], acc[GMAX][W];
+#if defined(__AVX512BF16__)
+  __m512bh qb[GMAX][W / 2];
+#endif
   for (int64_t g = 0; g < nq; ++g) {
     if constexpr (DOT) {
 #if defined(__AVX512BF16__)
-      pack_query<W>(qf[g], reinterpret_cast<__m512bh*>(qv[g]));
+      pack_query<W>(qf[g], qb[g]);
 #endif
     } else {
       for (int64_t w = 0; w < W; ++w) qv[g][w] = _mm512_load_ps(qf[g] + w * 16);
@@ -542,7 +545,7 @@ inline void attend_columns_avx512_few(const T* kbase, const T* vbase, int64_t c_
 #if defined(__AVX512BF16__)
       __m512bh kb[W / 2];
       load_keys<W>(p, kb);
-      for (int64_t g = 0; g < nq; ++g) d[g * stride] = products<W>(reinterpret_cast<const __m512bh*>(qv[g]), kb);
+      for (int64_t g = 0; g < nq; ++g) d[g * stride] = products<W>(qb[g], kb);
 #endif
     } else {
       __m512 kw[W];
