@@ -82,6 +82,13 @@ def shared_bytes(lens: torch.Tensor, src: torch.Tensor, split: torch.Tensor, ele
     return (int(split[lead].sum()) + int((lens + 1 - split).sum())) * KV_HEADS * DIM * 2 * element
 
 
+def shared_ms(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], layout: tuple, reps: int) -> float:
+    """Best 30-layer time of ``decode_attention_shared`` over ``layout`` (:func:`shared_layout`)."""
+    lens, src, split = layout
+    return best_ms(lambda: [torch.ops.marco.decode_attention_shared(q, ks[i], vs[i], lens, src, split, 0.125)
+                            for i in range(LAYERS)], reps)
+
+
 def time_library(library: str, rows: list[int], dtypes: list[str], reps: int, shared: bool = False) -> dict[str, float]:
     """(In a process of its own) the vector path's best 30-layer time of ``library`` per dtype and rows."""
     torch.ops.load_library(library)
@@ -92,9 +99,7 @@ def time_library(library: str, rows: list[int], dtypes: list[str], reps: int, sh
             q, ks, vs, lens = inputs(r, getattr(torch, name))
             out[f"{name}/{r}"] = best_ms(lambda: [op(q, ks[i], vs[i], lens, 0.125) for i in range(LAYERS)], reps)
             if shared:
-                slens, src, split = shared_layout(r)
-                out[f"{name}/{r}/shared"] = best_ms(lambda: [torch.ops.marco.decode_attention_shared(
-                    q, ks[i], vs[i], slens, src, split, 0.125) for i in range(LAYERS)], reps)
+                out[f"{name}/{r}/shared"] = shared_ms(q, ks, vs, shared_layout(r), reps)
     return out
 
 
@@ -156,10 +161,9 @@ def main() -> None:
             first = ratio if first is None else first
             print(f"{name:<10}{rows:>5}{a:>13.1f}{b:>11.1f}{ratio:>7.2f}{read / b / 1e6:>7.1f}  {diff:.2g}")
             if args.shared:  # the search's layout: no portable counterpart, the vector path alone
-                slens, src, split = shared_layout(rows)
-                ms = best_ms(lambda: [torch.ops.marco.decode_attention_shared(
-                    q, ks[i], vs[i], slens, src, split, 0.125) for i in range(LAYERS)], args.reps)
-                read = shared_bytes(slens, src, split, ks[0].element_size()) * LAYERS
+                layout = shared_layout(rows)
+                ms = shared_ms(q, ks, vs, layout, args.reps)
+                read = shared_bytes(*layout, ks[0].element_size()) * LAYERS
                 print(f"{name:<10}{rows:>5} shared prompts in groups of 3: {ms:.1f} ms, {read / ms / 1e6:.1f} GB/s")
     print(f"vector_vs_portable_at_{args.rows.split(',')[0]}_rows: {first:.3f}")
 

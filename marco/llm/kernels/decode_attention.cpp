@@ -363,7 +363,6 @@ inline void store_head_pairs(c10::BFloat16* p, const float* x, float f) {
         p[32 * c + 8 * (lane / 4) + 4 * h + lane % 4] = static_cast<c10::BFloat16>(o[(2 * c + h) * 16 + lane]);
 }
 
-
 // asks for one column of keys or values (DIM values from `column`) into L1 (_MM_HINT_T0) or L2 (_MM_HINT_T1)
 template <_mm_hint HINT, int64_t DIM, typename T>
 inline void prefetch_column(const T* column) {
@@ -381,9 +380,10 @@ inline void prefetch_columns(const T* base, int64_t c0, int64_t c_end, int64_t j
   }
 }
 
-// cn columns of keys or values (base: the first) as float32 into wide (in float32 a copy: aligned rows in L1
-// for all the queries); the next block's first `ahead` columns are asked for meanwhile, column by column (a
-// burst of requests at the block's start fills the core's miss buffers and stalls it)
+// cn columns of keys or values (head: the KV head's column 0; c0: the block's first) as float32 into wide (in
+// float32 a copy: aligned rows in L1 for all the queries); the next blocks' columns are asked for meanwhile,
+// column by column (prefetch_columns: a burst of requests at the block's start fills the core's miss buffers
+// and stalls it)
 template <int64_t DIM, typename T>
 inline void widen_block(const T* head, int64_t c0, int64_t c_end, int64_t cn, float (*wide)[DIM]) {
   for (int64_t j = 0; j < cn; ++j) {
@@ -630,12 +630,11 @@ void run_avx512_groups(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       // values into L2 meanwhile: the block prefetches inside a task start only from its second block
       if (following < tasks) {
         const int64_t fr = groups[following / kv_heads].rows[0], fh = following % kv_heads;
-        const char* fk = reinterpret_cast<const char*>(kp + (fr * kv_heads + fh) * cols * DIM);
-        const char* fv = reinterpret_cast<const char*>(vp + (fr * kv_heads + fh) * cols * DIM);
-        const int64_t bytes = std::min<int64_t>(BLOCK, lp[fr] + 1) * DIM * static_cast<int64_t>(sizeof(T));
-        for (int64_t b = 0; b < bytes; b += 64) {
-          _mm_prefetch(fk + b, _MM_HINT_T1);
-          _mm_prefetch(fv + b, _MM_HINT_T1);
+        const T* fk = kp + (fr * kv_heads + fh) * cols * DIM;
+        const T* fv = vp + (fr * kv_heads + fh) * cols * DIM;
+        for (int64_t c = 0; c < std::min<int64_t>(BLOCK, lp[fr] + 1); ++c) {
+          prefetch_column<_MM_HINT_T1, DIM>(fk + c * DIM);
+          prefetch_column<_MM_HINT_T1, DIM>(fv + c * DIM);
         }
       }
       const RowGroup& grp = groups[task / kv_heads];
